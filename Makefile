@@ -1,0 +1,46 @@
+# Two commands for a new user: `make run` and `make test`. Everything else is a step of those.
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+COMPAT := .compat-1.6.3
+UNAME  := $(shell uname -s)
+DEMO   := .cache/demo
+
+.PHONY: setup run test test-fast compat clean
+
+setup: $(STAMP)
+
+# macOS: plain pip, mlx-openai-server from its normal dependency.
+# Linux: MLX's CPU build and the CPU torch; mlx-openai-server 1.6.3 resolves its
+# dependencies, then 1.8.1 (what macOS users get) is laid over it without mflux,
+# which only the image paths need. torchvision goes: PyPI's build is for CUDA
+# torch and breaks transformers' imports beside the CPU torch.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(UNAME),Darwin)
+	$(BIN)/pip install -e ".[test]"
+else
+	$(BIN)/pip install torch==2.13.0 torchvision==0.28.0 "mlx[cpu]" mlx-openai-server==1.6.3 "xxhash<4"
+	$(BIN)/pip install --no-deps mlx-openai-server==1.8.1
+	$(BIN)/pip uninstall -y torchvision
+	$(BIN)/pip install -e ".[test]"
+endif
+	touch $(STAMP)
+
+# The 1.6.3 handler package alone, laid in front of site-packages for the compat run.
+$(COMPAT)/.installed: $(STAMP)
+	rm -rf $(COMPAT)
+	$(BIN)/pip install -q --no-deps --target $(COMPAT) mlx-openai-server==1.6.3
+	touch $@
+
+run: setup
+	$(BIN)/python -m mlx_hub.demo --cache $(DEMO)
+
+test: setup $(COMPAT)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
+
+clean:
+	rm -rf $(VENV) $(COMPAT) .cache .pytest_cache build *.egg-info

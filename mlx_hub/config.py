@@ -1,0 +1,354 @@
+"""hub.yaml: its schema, where it is found, and errors a user can act on.
+
+Every rejection names the file, the entry (model or group name, else its index)
+and the field, because a hub.yaml with a dozen models is unreadable from a bare
+pydantic traceback. The hub never writes this file; it only reads it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_HOME = Path("~/mlx-openai-server-hub")
+DEFAULT_CONFIG_NAME = "hub.yaml"
+CONFIG_ENV = "MLX_HUB_CONFIG"
+
+MODEL_TYPES = ("lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+# strict: YAML's "8000" (a string) is a mistake worth naming, not something to coerce.
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ConfigError(ValueError):
+    """hub.yaml is unusable; ``problems`` holds one line per thing to fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _normalize_level(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _check_slug(value: str) -> str:
+    if not SLUG_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use letters, digits, '-' and '_', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelConfig(_Strict):
+    """One model entry. Server options are handed to the upstream handler."""
+
+    name: str
+    model_path: str
+    port: Port | None = None
+    host: str | None = None
+    jit_enabled: bool = False
+    auto_unload_minutes: Annotated[float, Field(gt=0)] | None = None
+    group: str | None = None
+    default: bool = False
+    log_file: str | None = None
+    no_log_file: bool = False
+    log_level: LogLevel | None = None
+    # server options, passed through to mlx-openai-server's handler
+    model_type: Literal[
+        "lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"
+    ] = "lm"
+    context_length: Annotated[int, Field(ge=1)] = 32768
+    max_concurrency: Annotated[int, Field(ge=1)] = 1
+    queue_timeout: Annotated[float, Field(gt=0)] = 300
+    queue_size: Annotated[int, Field(ge=1)] = 100
+    quantize: int = 8
+    config_name: str | None = None
+    lora_paths: list[str] | None = None
+    lora_scales: list[float] | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    message_converter: str | None = None
+    trust_remote_code: bool = False
+    chat_template_file: str | None = None
+    disable_auto_resize: bool = False
+    debug: bool = False
+
+    _check_name = field_validator("name", "group")(
+        lambda v: None if v is None else _check_slug(v)
+    )
+    _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    @field_validator("auto_unload_minutes")
+    @classmethod
+    def _needs_jit(cls, value: float | None, info: Any) -> float | None:
+        if value is not None and not info.data.get("jit_enabled", False):
+            raise ValueError("auto_unload_minutes needs jit_enabled: true on the same model")
+        return value
+
+    def same_runtime(self, other: ModelConfig) -> bool:
+        """True when a reload can leave this model's port and weights untouched."""
+        return self.model_dump() == other.model_dump()
+
+
+class GroupConfig(_Strict):
+    """Caps how many members hold weights at once."""
+
+    name: str
+    max_loaded: Annotated[int, Field(strict=True, ge=1)] | None = None
+    idle_unload_trigger_min: Annotated[float, Field(gt=0)] | None = None
+
+    _check_name = field_validator("name")(_check_slug)
+
+
+class HubConfig(_Strict):
+    """The whole hub.yaml."""
+
+    host: str = "0.0.0.0"
+    port: Port = 8000
+    model_starting_port: Port = 47850
+    log_level: LogLevel = "INFO"
+    log_path: str = str(DEFAULT_HOME / "logs")
+    enable_status_page: bool = True
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+    groups: list[GroupConfig] = Field(default_factory=list)
+
+    _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    def model(self, name: str) -> ModelConfig:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def group(self, name: str | None) -> GroupConfig | None:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        return None
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.log_path)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def default_config_path() -> Path:
+    return (DEFAULT_HOME / DEFAULT_CONFIG_NAME).expanduser()
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the config path: ``--config``, ``$MLX_HUB_CONFIG``, ``./hub.yaml``, home.
+
+    An explicit path (flag or variable) that does not exist is an error rather
+    than a silent fall-through, so a typo never starts a different hub.
+    """
+    for source, value in (("--config", explicit), (f"${CONFIG_ENV}", os.environ.get(CONFIG_ENV))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError([f"{path}: config file named by {source} does not exist"])
+            return path.resolve()
+    searched = [Path.cwd() / DEFAULT_CONFIG_NAME, default_config_path()]
+    for path in searched:
+        if path.is_file():
+            return path.resolve()
+    raise ConfigError(
+        [
+            "no hub.yaml found; looked in "
+            + " and ".join(str(p) for p in searched)
+            + f". Pass --config PATH, set ${CONFIG_ENV}, or copy hub.yaml.example there."
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Names the place an error sits, as a person reads hub.yaml."""
+
+    file: str
+    raw: dict[str, Any]
+
+    def entry(self, loc: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+        if len(loc) >= 2 and loc[0] in ("models", "groups") and isinstance(loc[1], int):
+            section, index = loc[0], loc[1]
+            items = self.raw.get(section) or []
+            label = f"{section}[{index}]"
+            if index < len(items) and isinstance(items[index], dict) and items[index].get("name"):
+                label = f"{section[:-1]} '{items[index]['name']}' ({label})"
+            return label, loc[2:]
+        return "hub", loc
+
+    def line(self, loc: tuple[Any, ...], message: str) -> str:
+        entry, rest = self.entry(loc)
+        field = ".".join(str(p) for p in rest) or "(entry)"
+        return f"{self.file}: {entry}: field '{field}': {message}"
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    if len(loc) >= 3 and loc[0] == "models":
+        return list(ModelConfig.model_fields)
+    if len(loc) >= 3 and loc[0] == "groups":
+        return list(GroupConfig.model_fields)
+    return list(HubConfig.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        hint = difflib.get_close_matches(key, _known_fields(loc), n=1, cutoff=0.6)
+        suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"unknown option{suffix}"
+    if kind == "missing":
+        return "is required"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if "input" in error and kind not in ("model_type", "list_type", "dict_type"):
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
+    """Rules that span entries: unique names, group references, port collisions."""
+    problems: list[str] = []
+
+    def seen_twice(section: str, names: list[str]) -> None:
+        counts: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            counts.setdefault(name, []).append(i)
+        for name, idxs in counts.items():
+            for i in idxs[1:]:
+                problems.append(
+                    where.line((section, i, "name"), f"duplicate name '{name}' (first at index {idxs[0]})")
+                )
+
+    seen_twice("models", [m.name for m in cfg.models])
+    seen_twice("groups", [g.name for g in cfg.groups])
+
+    group_names = {g.name for g in cfg.groups}
+    for i, entry in enumerate(cfg.models):
+        if entry.group is not None and entry.group not in group_names:
+            known = ", ".join(sorted(group_names)) or "none defined"
+            problems.append(
+                where.line(("models", i, "group"), f"unknown group '{entry.group}' (groups: {known})")
+            )
+
+    claimed: dict[int, str] = {cfg.port: "the hub controller (port)"}
+    for i, entry in enumerate(cfg.models):
+        if entry.port is None:
+            continue
+        if entry.port in claimed:
+            problems.append(
+                where.line(("models", i, "port"), f"port {entry.port} is already used by {claimed[entry.port]}")
+            )
+        else:
+            claimed[entry.port] = f"model '{entry.name}'"
+
+    for i, group in enumerate(cfg.groups):
+        if group.idle_unload_trigger_min is None:
+            continue
+        if group.max_loaded is None:
+            problems.append(
+                where.line(("groups", i, "idle_unload_trigger_min"), "needs max_loaded on the same group")
+            )
+        not_jit = [m.name for m in cfg.models if m.group == group.name and not m.jit_enabled]
+        if not_jit:
+            problems.append(
+                where.line(
+                    ("groups", i, "idle_unload_trigger_min"),
+                    "needs every member to set jit_enabled: true; not set on " + ", ".join(not_jit),
+                )
+            )
+    return problems
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    """A model_path is a local folder when it is written as one or exists as one.
+
+    Anything else (``mlx-community/Qwen3-4B``) is a Hugging Face repo id and is
+    passed through untouched for mlx-lm to resolve from its cache.
+    """
+    if value.startswith(("~", "/", "./", "../")) or value in (".", ".."):
+        return True
+    return (base / value).exists()
+
+
+def _resolve_paths(cfg: HubConfig, base: Path) -> HubConfig:
+    models = []
+    for entry in cfg.models:
+        updates: dict[str, Any] = {}
+        if _looks_local(entry.model_path, base):
+            updates["model_path"] = _resolve(entry.model_path, base)
+        for key in ("log_file", "chat_template_file"):
+            value = getattr(entry, key)
+            if value:
+                updates[key] = _resolve(value, base)
+        if entry.lora_paths:
+            updates["lora_paths"] = [_resolve(p, base) for p in entry.lora_paths]
+        # model_copy(update=) keeps model_fields_set, which the engine reads to
+        # tell options a user wrote from defaults.
+        models.append(entry.model_copy(update=updates))
+    return cfg.model_copy(update={"models": models, "log_path": _resolve(cfg.log_path, base)})
+
+
+def parse_config(data: Any, *, source: str = "hub.yaml", base_dir: Path | None = None) -> HubConfig:
+    """Validate an already-parsed document; relative paths resolve against ``base_dir``."""
+    if data is None:
+        raise ConfigError([f"{source}: the file is empty; it needs at least a 'models' list"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of options, not {type(data).__name__}"])
+    where = _Where(source, data)
+    try:
+        cfg = HubConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([where.line(tuple(e["loc"]), _describe(e)) for e in exc.errors()]) from None
+    problems = _cross_checks(cfg, where)
+    if problems:
+        raise ConfigError(problems)
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def load_config(path: str | os.PathLike[str]) -> HubConfig:
+    """Read, validate and resolve one hub.yaml file."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read config file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{file}{where}: not valid YAML: {problem}"]) from None
+    return parse_config(data, source=str(file), base_dir=file.resolve().parent)

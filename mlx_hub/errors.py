@@ -1,0 +1,57 @@
+"""Errors the hub raises to its callers, each knowing its HTTP status and OpenAI error type.
+
+The web layers render every one of these the same way (an OpenAI-style
+``{"error": {...}}`` envelope), so the Python API and HTTP speak one language.
+"""
+
+from __future__ import annotations
+
+
+class HubError(RuntimeError):
+    status: int = 500
+    error_type: str = "server_error"
+    code: str = "hub_error"
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, model: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.model = model
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": "model" if self.model else None,
+                "code": self.code,
+            }
+        }
+
+
+class UnknownModelError(HubError, KeyError):
+    status, error_type, code = 404, "invalid_request_error", "model_not_found"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class NotRunningError(HubError):
+    status, error_type, code = 409, "invalid_request_error", "model_not_started"
+
+
+class NotLoadedError(HubError):
+    status, error_type, code = 503, "service_unavailable", "model_not_loaded"
+
+
+class ModelLoadError(HubError):
+    status, error_type, code = 503, "service_unavailable", "model_load_failed"
+
+
+class PortStartError(HubError):
+    status, error_type, code = 409, "server_error", "port_unavailable"
+
+
+class CapacityError(HubError):
+    status, error_type, code = 429, "rate_limit_exceeded", "group_at_capacity"
+    retry_after = 5.0

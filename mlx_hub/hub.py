@@ -1,0 +1,522 @@
+"""The hub: many models in one process, each on its own port, loaded when needed.
+
+``Hub`` owns one ``ModelSlot`` per hub.yaml entry and every transition between
+their states. All of it runs on one asyncio loop; inference runs on the
+upstream handlers' own threads, so the loop stays free to serve HTTP, and the
+state below needs no locks beyond ordering awaits carefully: a check and the
+state change it justifies always happen with no ``await`` between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from . import engine, policy
+from .config import HubConfig, ModelConfig, load_config, parse_config
+from .errors import (
+    CapacityError,
+    HubError,
+    ModelLoadError,
+    NotLoadedError,
+    NotRunningError,
+    PortStartError,
+    UnknownModelError,
+)
+from .ports import PortBook, PortError
+from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
+
+log = logging.getLogger(__name__)
+
+ConfigSource = HubConfig | dict[str, Any] | str | os.PathLike[str]
+
+
+def _as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
+    if isinstance(source, HubConfig):
+        return source, None
+    if isinstance(source, dict):
+        return parse_config(source, source="<dict>"), None
+    path = Path(source).expanduser().resolve()
+    return load_config(path), path
+
+
+class Hub:
+    """Serve every model in a hub.yaml from this process.
+
+    Use ``async with Hub.from_config("hub.yaml") as hub:`` or call ``start()``
+    and ``shutdown()`` yourself. Every public coroutine returns the reference
+    hub's status word (``loaded``, ``already_loaded``, ``started``, ...) and
+    raises a ``HubError`` subclass that knows its HTTP status.
+    """
+
+    def __init__(self, config: HubConfig, *, config_path: Path | None = None, reap_interval: float = 1.0):
+        self.config = config
+        self.config_path = config_path
+        self.reap_interval = reap_interval
+        self.slots: dict[str, ModelSlot] = {}
+        self.started_at: float | None = None
+        self._change = asyncio.Event()
+        self._memory_lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def from_config(cls, source: ConfigSource, **kwargs: Any) -> Hub:
+        """Build from a ``HubConfig``, a dict shaped like hub.yaml, or a path to one."""
+        config, path = _as_config(source)
+        return cls(config, config_path=path, **kwargs)
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, names: Iterable[str] | None = None) -> list[str]:
+        """Register every model, then start the ``default: true`` ones (or ``names``).
+
+        A model that fails to start is marked failed and reported in status;
+        the others start regardless. Returns the names that started.
+        """
+        if self.started_at is None:
+            ports = PortBook.for_config(self.config).assign(self.config)
+            for entry in self.config.models:
+                self.slots[entry.name] = ModelSlot(entry, ports[entry.name], self._host(entry))
+            self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
+            self.started_at = time.time()
+        wanted = list(names) if names is not None else [m.name for m in self.config.models if m.default]
+        for name in wanted:
+            self._slot(name)  # unknown names fail before anything starts
+        return await self._start_many(wanted)
+
+    async def _start_many(self, names: list[str]) -> list[str]:
+        started = []
+        for name in names:
+            try:
+                await self.start_model(name)
+                started.append(name)
+            except HubError as exc:
+                log.error("model '%s' did not start: %s", name, exc)
+        return started
+
+    async def shutdown(self) -> None:
+        """Stop every model (letting requests finish), free memory, close every port."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await asyncio.gather(*(self.stop_model(name) for name in list(self.slots)), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        self.started_at = None
+        self.slots.clear()
+
+    # --------------------------------------------------------------- models
+
+    async def start_model(self, name: str) -> str:
+        """Open the model's port; load it now unless it is JIT. ``started`` or ``already_running``.
+
+        A load failure leaves the port open, answering 503 with the error, and
+        raises ``ModelLoadError``; a taken port raises ``PortStartError``.
+        """
+        slot = self._slot(name)
+        async with slot.op_lock:
+            if slot.port_state is PortState.RUNNING:
+                return "already_running"
+            from .web.model_app import build_model_app
+
+            slot.set_port(PortState.STARTING)
+            self._notify()
+            try:
+                await slot.open_port(build_model_app(self, slot))
+            except (PortError, OSError) as exc:
+                slot.set_port(PortState.FAILED, str(exc))
+                self._notify()
+                raise PortStartError(f"model '{name}': {exc}", model=name) from None
+            slot.set_port(PortState.RUNNING)
+            self._notify()
+            log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
+        if not slot.entry.jit_enabled:
+            await self.load(name)
+        return "started"
+
+    async def stop_model(self, name: str) -> str:
+        """Unload (after in-flight requests end) and close the port. ``stopped`` or ``not_running``."""
+        slot = self._slot(name)
+        async with slot.op_lock:
+            if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
+                return "not_running"
+            was_running = slot.port_state is not PortState.FAILED
+            slot.set_port(PortState.STOPPING)
+            self._notify()
+            task = slot.load_task
+            if task is not None and not task.done():
+                if slot.memory_state is MemoryState.UNLOADED:
+                    task.cancel()  # still waiting for a group place: nothing to undo
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
+            if slot.memory_state in OCCUPYING:
+                await self.unload(name)
+            await slot.close_port()
+            slot.set_port(PortState.INACTIVE)
+            if slot.memory_state is MemoryState.FAILED:
+                slot.set_memory(MemoryState.UNLOADED)
+            self._notify()
+            log.info("model '%s' stopped", name)
+        return "stopped" if was_running else "not_running"
+
+    async def load(self, name: str) -> str:
+        """Load the weights now (the port must be running). ``loaded`` or ``already_loaded``."""
+        slot = self._slot(name)
+        if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
+            raise NotRunningError(f"model '{name}' is not started; start it before loading", model=name)
+        if slot.memory_state is MemoryState.LOADED:
+            return "already_loaded"
+        if slot.memory_state is MemoryState.UNLOADING:
+            await self._await_unload(slot)
+        await asyncio.shield(self._load_task(slot))
+        return "loaded"
+
+    async def unload(self, name: str) -> str:
+        """Free the weights, keeping the port open. ``unloaded`` or ``not_loaded``.
+
+        Waits for running requests and streams to finish; requests that arrive
+        meanwhile wait, then load the model again if it is JIT.
+        """
+        slot = self._slot(name)
+        if slot.load_task is not None and not slot.load_task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(slot.load_task)
+        if slot.memory_state not in (MemoryState.LOADED, MemoryState.UNLOADING):
+            return "not_loaded"
+        await self._await_unload(slot, reason="manual")
+        return "unloaded"
+
+    # ------------------------------------------------------- request gate
+
+    async def acquire(self, slot: ModelSlot) -> None:
+        """Wait until ``slot`` can serve a request and count the request in.
+
+        Called by the model app's gate. Loads a JIT model (one load however
+        many requests arrive), waits out an unload, and raises what the
+        client should see otherwise. Pair with ``release``.
+        """
+        slot.waiting += 1
+        try:
+            while True:
+                if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
+                    raise NotRunningError(f"model '{slot.name}' is stopping", model=slot.name)
+                state = slot.memory_state
+                if state is MemoryState.LOADED:
+                    slot.active += 1
+                    return
+                pending = slot.load_task is not None and not slot.load_task.done()
+                if state is MemoryState.UNLOADING:
+                    await self._wait_change()
+                elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
+                    await asyncio.shield(self._load_task(slot))
+                elif state is MemoryState.FAILED:
+                    raise ModelLoadError(
+                        f"model '{slot.name}' failed to load: {slot.memory_error}", model=slot.name
+                    )
+                else:
+                    raise NotLoadedError(
+                        f"model '{slot.name}' is not loaded and jit_enabled is false; load it with "
+                        f"`mlx-openai-server-hub load-model {slot.name}`",
+                        model=slot.name,
+                    )
+        finally:
+            slot.waiting -= 1
+
+    def release(self, slot: ModelSlot) -> None:
+        slot.active -= 1
+        slot.touch()
+        self._notify()
+
+    # ------------------------------------------------------ load / unload
+
+    def _load_task(self, slot: ModelSlot) -> asyncio.Task[None]:
+        """The one load in progress for ``slot``, started if there is none (single flight)."""
+        if slot.load_task is None or slot.load_task.done():
+            slot.load_task = self._spawn(self._load_flow(slot), f"load:{slot.name}")
+        return slot.load_task
+
+    async def _load_flow(self, slot: ModelSlot) -> None:
+        await self._admit(slot)  # returns with slot LOADING, or raises
+        self._notify()
+        try:
+            loaded = await engine.load(slot.entry, lock=self._memory_lock)
+        except engine.EngineError as exc:
+            slot.set_memory(MemoryState.FAILED, str(exc))
+            self._notify()
+            log.error("model '%s' failed to load: %s", slot.name, exc)
+            raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
+        except BaseException:
+            slot.set_memory(MemoryState.UNLOADED)
+            self._notify()
+            raise
+        slot.attach(loaded)
+        self._notify()
+        log.info(
+            "model '%s' loaded in %.2f s (%.1f MB)", slot.name, loaded.load_seconds, loaded.memory_bytes / 1e6
+        )
+
+    async def _admit(self, slot: ModelSlot) -> None:
+        """Take a place in the slot's group, evicting an idle member or waiting for one.
+
+        Waits up to the model's ``queue_timeout``; then ``CapacityError`` (429).
+        """
+        group = self.config.group(slot.entry.group)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + slot.entry.queue_timeout
+        while True:
+            decision = policy.GroupDecision(admit=True)
+            if group is not None and group.max_loaded is not None:
+                trigger = group.idle_unload_trigger_min
+                decision = policy.group_admission(
+                    slot.name,
+                    [s.candidate() for s in self.slots.values() if s.entry.group == group.name],
+                    max_loaded=group.max_loaded,
+                    now=time.monotonic(),
+                    min_idle_seconds=None if trigger is None else trigger * 60.0,
+                )
+            if decision.admit:
+                slot.set_memory(MemoryState.LOADING)
+                return
+            if decision.evict is not None:
+                log.info("group '%s' is full: unloading '%s' for '%s'", slot.entry.group, decision.evict, slot.name)
+                await self._await_unload(self.slots[decision.evict], reason="group")
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise CapacityError(
+                    f"group '{slot.entry.group}' is at max_loaded ({group.max_loaded}) and every loaded "
+                    f"member is busy; model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
+                    model=slot.name,
+                )
+            # Wake on any change, and at least every reap_interval: idle-time
+            # eligibility (idle_unload_trigger_min) changes with the clock alone.
+            await self._wait_change(min(remaining, self.reap_interval))
+
+    async def _await_unload(self, slot: ModelSlot, reason: str = "manual") -> None:
+        if slot.unload_task is None or slot.unload_task.done():
+            slot.unload_task = self._spawn(self._unload_flow(slot, reason), f"unload:{slot.name}")
+        await asyncio.shield(slot.unload_task)
+
+    async def _unload_flow(self, slot: ModelSlot, reason: str) -> None:
+        if slot.memory_state is not MemoryState.LOADED:
+            return
+        slot.set_memory(MemoryState.UNLOADING)
+        self._notify()
+        while slot.active > 0:
+            await self._wait_change()
+        async with self._memory_lock:
+            before = engine.active_memory()
+            handler = slot.detach()
+            await engine.unload(handler, slot.name)
+            del handler
+            engine.free_memory()
+            slot.freed_bytes = before - engine.active_memory()
+        slot.memory_bytes = 0
+        slot.set_memory(MemoryState.UNLOADED)
+        self._notify()
+        log.info("model '%s' unloaded (%s), %.1f MB freed", slot.name, reason, (slot.freed_bytes or 0) / 1e6)
+
+    # ----------------------------------------------------------- idle reaper
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            await self.reap_idle()
+
+    async def reap_idle(self) -> list[str]:
+        """Unload every JIT model whose idle timer ran out; returns their names."""
+        candidates = [s.candidate() for s in self.slots.values() if s.memory_state is MemoryState.LOADED]
+        expired = policy.idle_expired(candidates, time.monotonic())
+        for name in expired:
+            slot = self.slots.get(name)
+            if slot is not None:
+                try:
+                    await self._await_unload(slot, reason="idle")
+                except Exception:
+                    log.exception("model '%s': idle unload failed", name)
+        return expired
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self, source: ConfigSource | None = None) -> dict[str, list[str]]:
+        """Apply a new config: start new defaults, stop removed models, restart changed ones.
+
+        Unchanged models are not touched (a loaded model stays loaded). A
+        config that does not validate raises ``ConfigError`` before anything
+        changes. ``source`` defaults to re-reading the file the hub came from.
+        """
+        if source is None:
+            if self.config_path is None:
+                raise ValueError("this hub was not built from a file; pass the new config to reload()")
+            source = self.config_path
+        new, path = _as_config(source)
+        async with self._reload_lock:
+            held = {n: s.port for n, s in self.slots.items() if s.port_state is PortState.RUNNING}
+            ports = PortBook.for_config(new).assign(new, held=held)
+            old_names = set(self.slots)
+            new_entries = {m.name: m for m in new.models}
+            result: dict[str, list[str]] = {"started": [], "stopped": [], "unchanged": []}
+            restart: list[str] = []
+            for name in sorted(old_names - set(new_entries)):
+                if await self.stop_model(name) == "stopped":
+                    result["stopped"].append(name)
+                del self.slots[name]
+            for name, entry in new_entries.items():
+                slot = self.slots.get(name)
+                host = self._host(entry, new)
+                if slot is not None and slot.entry.same_runtime(entry) and slot.port == ports[name] and slot.host == host:
+                    result["unchanged"].append(name)
+                    continue
+                was_running = slot is not None and slot.port_state is PortState.RUNNING
+                if slot is not None and await self.stop_model(name) == "stopped":
+                    result["stopped"].append(name)
+                self.slots[name] = ModelSlot(entry, ports[name], host)
+                if entry.default or was_running:
+                    restart.append(name)
+            # New entries keep hub.yaml's order, which dashboards show.
+            self.slots = {name: self.slots[name] for name in new_entries}
+            self.config = new
+            if path is not None:
+                self.config_path = path
+            result["started"] = await self._start_many(restart)
+            self._notify()
+        return result
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """The ``/hub/status`` document: the reference hub's shape plus memory figures."""
+        now = time.monotonic()
+        models = [self._model_status(slot, now) for slot in self.slots.values()]
+        running = [s for s in self.slots.values() if s.port_state is PortState.RUNNING]
+        loaded = [s for s in self.slots.values() if s.memory_state is MemoryState.LOADED]
+        groups = []
+        warnings = []
+        for group in self.config.groups:
+            members = [s for s in self.slots.values() if s.entry.group == group.name]
+            held = sum(1 for s in members if s.memory_state in OCCUPYING)
+            groups.append(
+                {
+                    "name": group.name,
+                    "max_loaded": group.max_loaded,
+                    "idle_unload_trigger_min": group.idle_unload_trigger_min,
+                    "loaded": held,
+                    "models": [s.name for s in members],
+                }
+            )
+            if group.max_loaded is not None and held >= group.max_loaded:
+                warnings.append(f"Group '{group.name}' is at max_loaded ({group.max_loaded})")
+        for slot in self.slots.values():
+            if slot.port_state is PortState.FAILED:
+                warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
+            elif slot.memory_state is MemoryState.FAILED:
+                warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
+        failed = any(
+            s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in self.slots.values()
+        )
+        return {
+            "status": "degraded" if failed else "ok",
+            "timestamp": time.time(),
+            "host": self.config.host,
+            "port": self.config.port,
+            "controller_available": True,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "upstream_version": engine.upstream_version(),
+            "counts": {"registered": len(self.slots), "started": len(running), "loaded": len(loaded)},
+            "memory": {
+                "active_bytes": engine.active_memory(),
+                "cache_bytes": engine.cache_memory(),
+                "models_bytes": sum(s.memory_bytes for s in loaded),
+            },
+            "warnings": warnings,
+            "groups": groups,
+            "models": models,
+        }
+
+    def _model_status(self, slot: ModelSlot, now: float) -> dict[str, Any]:
+        entry = slot.entry
+        running = slot.port_state is PortState.RUNNING
+        idle_left = policy.seconds_until_idle_unload(slot.candidate(), now)
+        return {
+            "id": slot.name,
+            "metadata": {
+                "process_state": slot.port_state.value,
+                "memory_state": slot.memory_state.value,
+                "pid": os.getpid() if running else None,
+                "port": slot.port,
+                "host": slot.host,
+                "group": entry.group,
+                "default": entry.default,
+                "jit_enabled": entry.jit_enabled,
+                "model_type": entry.model_type,
+                "model_path": entry.model_path,
+                "auto_unload_minutes": entry.auto_unload_minutes,
+                "memory_last_transition_at": slot.memory_changed_at,
+                "memory_last_error": slot.memory_error,
+                "process_last_error": slot.port_error,
+                "exit_code": 1 if slot.port_state is PortState.FAILED else None,
+                "memory_bytes": slot.memory_bytes,
+                "in_flight": slot.active,
+                "waiting": slot.waiting,
+                "idle_seconds_left": None if idle_left is None else round(idle_left, 1),
+                "load_seconds": None if slot.load_seconds is None else round(slot.load_seconds, 3),
+                "load_count": slot.load_count,
+                "freed_bytes": slot.freed_bytes,
+            },
+        }
+
+    # --------------------------------------------------------------- helpers
+
+    def _slot(self, name: str) -> ModelSlot:
+        slot = self.slots.get(name)
+        if slot is None:
+            known = ", ".join(self.slots) or "none"
+            raise UnknownModelError(f"no model named '{name}' (models: {known})", model=name)
+        return slot
+
+    def _host(self, entry: ModelConfig, config: HubConfig | None = None) -> str:
+        return entry.host or (config or self.config).host
+
+    def _notify(self) -> None:
+        """Wake everyone waiting for any state change (a new event for the next wait)."""
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _wait_change(self, timeout: float | None = None) -> bool:
+        """Sleep until the next state change; False if ``timeout`` passed first."""
+        event = self._change
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: waiters already received it
+
+        task.add_done_callback(done)
+        return task

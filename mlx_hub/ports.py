@@ -1,0 +1,147 @@
+"""Which port each model gets, and keeping that answer stable across restarts.
+
+Clients and gateways (LiteLLM, editors) remember a model's URL, so an
+auto-assigned port is persisted in ``<log_path>/ports.json`` and reused on the
+next reload or start, as long as nothing else has taken it meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .config import HubConfig, ModelConfig
+from .fsutil import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+PORTS_FILE = "ports.json"
+MAX_PORT = 65535
+
+
+class PortError(RuntimeError):
+    """A port cannot be had; the message names the port and who wanted it."""
+
+
+def _bind_host(host: str) -> str:
+    return "" if host in ("0.0.0.0", "") else host
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now, so a taken port is a clear error before serving starts.
+
+    uvicorn would otherwise report it by calling ``sys.exit`` inside the hub's
+    event loop. The socket is handed to uvicorn, so there is no window in which
+    another process could take the port between the check and the bind.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((_bind_host(host), port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortError(f"port {port} on {host} is already in use by another process") from None
+        raise PortError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def is_port_free(host: str, port: int) -> bool:
+    try:
+        bind_socket(host, port).close()
+    except PortError:
+        return False
+    return True
+
+
+def assign_ports(
+    models: Iterable[ModelConfig],
+    *,
+    controller_port: int,
+    starting_port: int,
+    previous: dict[str, int],
+    is_free: Callable[[int], bool],
+    held: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Give every model a port: explicit first, then its previous one, then the next free.
+
+    ``held`` are ports this hub itself is serving right now (by model name);
+    they count as free for their owner and taken for everyone else, since a
+    probe cannot tell our own listener from a stranger's. Pure apart from
+    ``is_free``, so the policy is testable without sockets.
+    """
+    models = list(models)
+    held = held or {}
+    taken: set[int] = {controller_port}
+    result: dict[str, int] = {}
+    for entry in models:
+        if entry.port is not None:
+            result[entry.name] = entry.port
+            taken.add(entry.port)
+    taken.update(port for name, port in held.items() if result.get(name, port) == port)
+
+    def usable(name: str, port: int) -> bool:
+        if held.get(name) == port:
+            return True
+        return port not in taken and is_free(port)
+
+    for entry in models:
+        if entry.name in result:
+            continue
+        old = previous.get(entry.name)
+        if old is not None and usable(entry.name, old):
+            port = old
+        else:
+            port = starting_port
+            while not usable(entry.name, port):
+                port += 1
+                if port > MAX_PORT:
+                    raise PortError(f"no free port from {starting_port} upwards for model '{entry.name}'")
+            if old is not None:
+                log.warning("model '%s': its previous port %d is taken; now on %d", entry.name, old, port)
+        result[entry.name] = port
+        taken.add(port)
+    return result
+
+
+class PortBook:
+    """The persisted name-to-port assignments of one hub (``<log_path>/ports.json``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def for_config(cls, cfg: HubConfig) -> PortBook:
+        return cls(cfg.log_dir / PORTS_FILE)
+
+    def load(self) -> dict[str, int]:
+        data = read_json(self.path, {})
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    def assign(self, cfg: HubConfig, held: dict[str, int] | None = None) -> dict[str, int]:
+        """Assign ports for ``cfg`` and persist them (merged with other names seen before)."""
+        previous = self.load()
+        assigned = assign_ports(
+            cfg.models,
+            controller_port=cfg.port,
+            starting_port=cfg.model_starting_port,
+            previous=previous,
+            is_free=lambda port: is_port_free(cfg.host, port),
+            held=held,
+        )
+        # Keep entries for models that left the config, so a model that comes
+        # back gets its old port, unless a current model now holds that port.
+        in_use = set(assigned.values())
+        merged = {n: p for n, p in previous.items() if n not in assigned and p not in in_use}
+        merged.update(assigned)
+        if merged != previous:
+            atomic_write_json(self.path, merged)
+        return assigned

@@ -1,0 +1,190 @@
+"""One model's place in the hub: its port, its weights, and who is using it.
+
+A slot has two independent state machines. The *port* (the reference hub's
+"process") is whether its uvicorn server listens; the *memory* is whether the
+weights are resident. A JIT model's port runs with no weights, and a request
+loads them. Counters of running and waiting requests are what keep a model
+from being unloaded under a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from enum import Enum
+from typing import Any
+
+import uvicorn
+
+from .config import ModelConfig
+from .engine import Loaded
+from .policy import Candidate
+from .ports import bind_socket
+
+log = logging.getLogger(__name__)
+
+
+class PortState(str, Enum):
+    INACTIVE = "inactive"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class MemoryState(str, Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+#: Memory states in which a model holds (or is about to hold) a place in its group.
+OCCUPYING = (MemoryState.LOADING, MemoryState.LOADED, MemoryState.UNLOADING)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to the hub, which owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class ModelSlot:
+    """State and serving machinery for one hub.yaml entry."""
+
+    def __init__(self, entry: ModelConfig, port: int, host: str):
+        self.entry = entry
+        self.port = port
+        self.host = host
+        self.port_state = PortState.INACTIVE
+        self.memory_state = MemoryState.UNLOADED
+        self.port_error: str | None = None
+        self.memory_error: str | None = None
+        self.memory_changed_at: float | None = None  # wall clock, for people
+        self.port_changed_at: float | None = None
+        self.handler: Any = None
+        self.app: Any = None
+        self.active = 0  # requests the handler is serving now
+        self.waiting = 0  # requests waiting for a load or a group place
+        self.last_used = time.monotonic()
+        self.memory_bytes = 0
+        self.load_seconds: float | None = None
+        self.freed_bytes: int | None = None
+        self.load_count = 0
+        self.load_task: asyncio.Task[None] | None = None
+        self.unload_task: asyncio.Task[None] | None = None
+        self.op_lock = asyncio.Lock()  # start/stop of this one model, one at a time
+        self._server: _EmbeddedServer | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    # ------------------------------------------------------------------ state
+
+    def set_memory(self, state: MemoryState, error: str | None = None) -> None:
+        self.memory_state = state
+        self.memory_error = error if state is MemoryState.FAILED else self.memory_error
+        self.memory_changed_at = time.time()
+
+    def set_port(self, state: PortState, error: str | None = None) -> None:
+        self.port_state = state
+        self.port_error = error
+        self.port_changed_at = time.time()
+
+    @property
+    def busy(self) -> bool:
+        """In use or mid-transition: not a candidate for eviction or idle unload."""
+        return (
+            self.active > 0
+            or self.waiting > 0
+            or self.memory_state in (MemoryState.LOADING, MemoryState.UNLOADING)
+        )
+
+    def candidate(self) -> Candidate:
+        minutes = self.entry.auto_unload_minutes
+        return Candidate(
+            name=self.name,
+            loaded=self.memory_state in OCCUPYING,
+            busy=self.busy,
+            last_used=self.last_used,
+            group=self.entry.group,
+            jit=self.entry.jit_enabled,
+            auto_unload_seconds=None if minutes is None else minutes * 60.0,
+        )
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    # ---------------------------------------------------------------- weights
+
+    def attach(self, loaded: Loaded) -> None:
+        """Make a freshly loaded handler the one the upstream routes use."""
+        self.handler = loaded.handler
+        if self.app is not None:
+            self.app.state.handler = loaded.handler
+        self.memory_bytes = loaded.memory_bytes
+        self.load_seconds = loaded.load_seconds
+        self.load_count += 1
+        self.memory_error = None
+        self.touch()
+        self.set_memory(MemoryState.LOADED)
+
+    def detach(self) -> Any:
+        """Drop every reference the hub holds to the handler and hand it over for cleanup."""
+        handler, self.handler = self.handler, None
+        if self.app is not None:
+            self.app.state.handler = None
+        return handler
+
+    # ------------------------------------------------------------------- port
+
+    async def open_port(self, app: Any) -> None:
+        """Bind, then serve ``app`` on this slot's port as a task in the running loop.
+
+        Raises ``PortError`` if the port is taken; nothing is left running then.
+        """
+        sock = bind_socket(self.host, self.port)
+        self.app = app
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # uvicorn must not reconfigure the hub's logging per port
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=30,
+        )
+        server = _EmbeddedServer(config)
+        self._server = server
+        self._serve_task = asyncio.create_task(server.serve(sockets=[sock]), name=f"serve:{self.name}")
+        while not server.started:
+            if self._serve_task.done():
+                sock.close()
+                exc = self._serve_task.exception()
+                raise OSError(f"the server for '{self.name}' stopped while starting: {exc!r}")
+            await asyncio.sleep(0.005)
+
+    async def close_port(self, timeout: float = 15.0) -> None:
+        """Stop accepting, let open requests finish for up to ``timeout`` s, then close."""
+        server, task = self._server, self._serve_task
+        self._server = self._serve_task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            server.force_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 5)
+        except Exception:
+            log.exception("model '%s': its server ended with an error", self.name)
+        if self.app is not None:
+            self.app.state.handler = None
+        self.app = None

@@ -1,0 +1,159 @@
+"""Make small, random-weight MLX language models on disk, offline.
+
+The hub's tests, its ``make run`` demo and its benchmarks all need real model
+folders that ``mlx_lm.load`` accepts, and no model hub is reachable. A model is
+a ``config.json`` for a llama or qwen2 architecture, random weights saved from
+mlx-lm's own model class, and a byte-level BPE tokenizer trained on a built-in
+corpus, so every file is exactly what a downloaded MLX model would contain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+#: A tiny shape: loads in well under a second and answers in milliseconds.
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+#: Qwen2.5-0.5B's published shape, for realistic load times, memory and tokens/s.
+QWEN25_05B_SHAPE: dict[str, Any] = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = (
+    "The hub keeps several models in one process and serves each on its own port. "
+    "Hello world! How are you today? I am fine, thank you. "
+    "Models load just in time and unload when idle to free memory. "
+    "user assistant system: what is the capital of France? Paris is the capital. "
+    "0123456789 + - * / = ( ) [ ] { } , . ; : ' \" ? ! "
+)
+
+
+def _train_tokenizer(vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    return tokenizer
+
+
+def make_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str = "llama",
+    shape: dict[str, Any] | None = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+    quantize_bits: int | None = None,
+) -> Path:
+    """Write a loadable MLX model folder at ``path`` and return it.
+
+    The folder is built in a temporary sibling and renamed into place, so a
+    crash never leaves a half-written model that a later run would trust.
+    An existing complete folder is left as it is (the cache for ``make run``).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    target = Path(path)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = _train_tokenizer(vocab_size)
+        real_vocab = tokenizer.get_vocab_size()
+        eos_id = tokenizer.token_to_id("<|im_end|>")
+        config: dict[str, Any] = {
+            "model_type": arch,
+            "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+            "vocab_size": real_vocab,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "eos_token_id": eos_id,
+            "bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
+            "torch_dtype": "float16",
+            **TINY_SHAPE,
+            **(shape or {}),
+        }
+        if arch == "qwen2":
+            from mlx_lm.models.qwen2 import Model, ModelArgs
+        else:
+            from mlx_lm.models.llama import Model, ModelArgs
+
+        mx.random.seed(seed)
+        model = Model(ModelArgs.from_dict(config))
+        model.set_dtype(mx.float16)
+        if quantize_bits:
+            import mlx.nn as nn
+
+            nn.quantize(model, group_size=64, bits=quantize_bits)
+            config["quantization"] = {"group_size": 64, "bits": quantize_bits}
+        weights = dict(tree_flatten(model.parameters()))
+        mx.eval(weights)
+        mx.save_safetensors(str(work / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (work / "config.json").write_text(json.dumps(config, indent=2))
+
+        tokenizer.save(str(work / "tokenizer.json"))
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": config["max_position_embeddings"],
+            "eos_token": "<|im_end|>",
+            "bos_token": None,
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "chat_template": CHAT_TEMPLATE,
+            "added_tokens_decoder": {
+                str(tokenizer.token_to_id(tok)): {"content": tok, "special": True}
+                for tok in SPECIAL_TOKENS
+            },
+        }
+        (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (work / "special_tokens_map.json").write_text(
+            json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+        )
+        del model, weights
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
