@@ -16,6 +16,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
@@ -160,6 +161,7 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
     measured as the change in MLX's active memory, which two overlapping loads
     would blur, and on a machine's few cores two loads at once finish no sooner.
     """
+    _check_local_path(entry)
     cls = handler_class(entry.model_type)
     kwargs = handler_kwargs(entry, cls)
     async with lock or contextlib.nullcontext():
@@ -168,7 +170,7 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
         started = time.perf_counter()
         handler = None
         try:
-            handler = await asyncio.to_thread(cls, **kwargs)
+            handler = await _construct(cls, kwargs)
             await handler.initialize(queue_config(entry))
         except BaseException as exc:
             if handler is not None:
@@ -181,6 +183,32 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
         seconds = time.perf_counter() - started
         used = active_memory() - before
     return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds)
+
+
+async def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+    """Run the constructor in a thread without the handler passing through a future.
+
+    A finished ``asyncio.to_thread`` future keeps its result, and asyncio can
+    keep that future reachable after the await; the handler, and with it every
+    weight, would then survive ``unload``. The thread puts the handler in a box
+    that this function empties, so the only reference is the one returned.
+    """
+    box: dict[str, Any] = {}
+
+    def build() -> None:
+        box["handler"] = cls(**kwargs)
+
+    await asyncio.to_thread(build)
+    return box.pop("handler")
+
+
+def _check_local_path(entry: ModelConfig) -> None:
+    """A folder path that does not exist fails here, named, instead of as a repo-id download."""
+    path = Path(entry.model_path)
+    if path.is_absolute() and not path.exists():
+        raise EngineError(
+            f"model_path {entry.model_path} does not exist; fix model_path for model '{entry.name}' in hub.yaml"
+        )
 
 
 def _explain(exc: Exception, entry: ModelConfig) -> str:

@@ -91,20 +91,27 @@ def assign_ports(
             return True
         return port not in taken and is_free(port)
 
+    # Pass 1: everyone whose previous port is still usable keeps it, before any
+    # newcomer is placed, so list order in hub.yaml never moves a model.
+    for entry in models:
+        old = previous.get(entry.name)
+        if entry.name not in result and old is not None and usable(entry.name, old):
+            result[entry.name] = old
+            taken.add(old)
+    # Ports remembered for models that left the config stay reserved too: a
+    # model that comes back gets its old URL.
+    taken.update(port for name, port in previous.items() if name not in result)
+    # Pass 2: newcomers (and models whose old port was taken) get the next free.
     for entry in models:
         if entry.name in result:
             continue
-        old = previous.get(entry.name)
-        if old is not None and usable(entry.name, old):
-            port = old
-        else:
-            port = starting_port
-            while not usable(entry.name, port):
-                port += 1
-                if port > MAX_PORT:
-                    raise PortError(f"no free port from {starting_port} upwards for model '{entry.name}'")
-            if old is not None:
-                log.warning("model '%s': its previous port %d is taken; now on %d", entry.name, old, port)
+        port = starting_port
+        while not usable(entry.name, port):
+            port += 1
+            if port > MAX_PORT:
+                raise PortError(f"no free port from {starting_port} upwards for model '{entry.name}'")
+        if entry.name in previous:
+            log.warning("model '%s': its previous port %d is taken; now on %d", entry.name, previous[entry.name], port)
         result[entry.name] = port
         taken.add(port)
     return result

@@ -1,0 +1,79 @@
+"""Shared fixtures: real generated models, real ports, real hubs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import free_port, free_range
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach for the network
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_model
+
+    return make_model(models_dir / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_model
+
+    return make_model(models_dir / "tiny-qwen", arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_llama(models_dir: Path) -> Path:
+    """Big enough (a few MB) that a memory measurement means something."""
+    from mlx_hub.tinymodel import make_model
+
+    shape = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768}
+    return make_model(models_dir / "small-llama", arch="llama", shape=shape, seed=2)
+
+
+@pytest.fixture
+def hub_config(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """Build a hub.yaml-shaped dict on loopback with free ports and a private log_path."""
+
+    def build(models: list[dict[str, Any]], **hub: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "model_starting_port": free_range(),
+            "log_path": str(tmp_path / "logs"),
+            "models": models,
+        }
+        doc.update(hub)
+        return doc
+
+    return build
+
+
+@pytest.fixture
+async def make_hub() -> AsyncIterator[Callable[..., Any]]:
+    """Start hubs for a test and always shut them down, even when the test fails."""
+    from mlx_hub.hub import Hub
+
+    hubs: list[Hub] = []
+
+    async def start(config: Any, **kwargs: Any) -> Hub:
+        kwargs.setdefault("reap_interval", 0.05)
+        hub = Hub.from_config(config, **kwargs)
+        hubs.append(hub)
+        await hub.start()
+        return hub
+
+    yield start
+    for hub in hubs:
+        await hub.shutdown()

@@ -1,0 +1,42 @@
+"""Small helpers the tests share: free ports and status lookups."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_range(width: int = 8) -> int:
+    """A starting port with ``width`` free ports above it (checked, not guaranteed)."""
+    for _ in range(50):
+        start = free_port()
+        if start + width > 65535:
+            continue
+        ok = True
+        for port in range(start, start + width):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return start
+    raise RuntimeError("no free port range")
+
+
+def base_url(hub: Any, name: str) -> str:
+    return f"http://127.0.0.1:{hub.slots[name].port}/v1"
+
+
+def meta(hub: Any, name: str) -> dict[str, Any]:
+    for row in hub.status()["models"]:
+        if row["id"] == name:
+            return row["metadata"]
+    raise KeyError(name)

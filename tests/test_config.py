@@ -1,0 +1,163 @@
+"""hub.yaml validation: defaults, discovery, path resolution, and errors that point somewhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mlx_hub.config import ConfigError, find_config, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "hub.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for line in info.value.problems:
+        assert line.startswith(str(path)), line  # every message names the file
+    return info.value.problems
+
+
+def test_defaults_match_the_reference_hub(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "models:\n  - name: a\n    model_path: org/repo\n"))
+    assert (cfg.host, cfg.port, cfg.model_starting_port, cfg.log_level) == ("0.0.0.0", 8000, 47850, "INFO")
+    assert cfg.enable_status_page is True and cfg.groups == []
+    assert cfg.log_path == str(Path("~/mlx-openai-server-hub/logs").expanduser())
+    m = cfg.models[0]
+    assert (m.model_type, m.context_length, m.max_concurrency, m.queue_timeout, m.queue_size, m.quantize) == (
+        "lm",
+        32768,
+        1,
+        300,
+        100,
+        8,
+    )
+    assert m.jit_enabled is False and m.default is False and m.port is None and m.auto_unload_minutes is None
+    assert m.model_path == "org/repo"  # a repo id is not a path: untouched
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(REPO / "hub.yaml.example")
+    assert len(cfg.models) >= 3 and cfg.groups
+
+
+def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    cfg = load_config(
+        write(
+            tmp_path,
+            "log_path: logs\nmodels:\n"
+            "  - {name: a, model_path: ./weights, log_file: a.log, chat_template_file: t.jinja}\n"
+            "  - {name: b, model_path: weights}\n"
+            "  - {name: c, model_path: ~/m}\n",
+        )
+    )
+    assert cfg.log_path == str(tmp_path / "logs")
+    a, b, c = cfg.models
+    assert a.model_path == str(tmp_path / "weights") == b.model_path
+    assert a.log_file == str(tmp_path / "a.log") and a.chat_template_file == str(tmp_path / "t.jinja")
+    assert c.model_path == str(Path("~/m").expanduser())
+
+
+def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
+    lines = problems(tmp_path, "prot: 9000\nmodels:\n  - name: qwen\n    model_path: x\n    jit_enable: true\n")
+    assert any("hub: field 'prot': unknown option; did you mean 'port'?" in l for l in lines)
+    assert any("model 'qwen' (models[0]): field 'jit_enable'" in l and "'jit_enabled'" in l for l in lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "entry", "field", "words"),
+    [
+        ("models:\n  - {name: 'bad name', model_path: x}\n", "models[0]", "name", "letters, digits"),
+        ("models:\n  - {name: a, model_path: x, port: '8001'}\n", "model 'a'", "port", "integer"),
+        ("models:\n  - {name: a, model_path: x, port: 70000}\n", "model 'a'", "port", "65535"),
+        ("models:\n  - {name: a, model_path: x, auto_unload_minutes: 5}\n", "model 'a'", "auto_unload_minutes", "jit_enabled"),
+        ("models:\n  - {name: a, model_path: x, model_type: llm}\n", "model 'a'", "model_type", "'lm'"),
+        ("models:\n  - {name: a}\n", "model 'a'", "model_path", "required"),
+        ("models:\n  - {name: a, model_path: x}\ngroups:\n  - {name: g, max_loaded: 0}\n", "group 'g'", "max_loaded", "1"),
+        ("models: []\n", "hub", "models", "at least 1"),
+        ("log_level: LOUD\nmodels:\n  - {name: a, model_path: x}\n", "hub", "log_level", "INFO"),
+    ],
+)
+def test_field_errors_name_entry_and_field(tmp_path: Path, text: str, entry: str, field: str, words: str) -> None:
+    lines = problems(tmp_path, text)
+    assert any(entry in l and f"field '{field}'" in l and words in l for l in lines), lines
+
+
+def test_cross_entry_rules(tmp_path: Path) -> None:
+    lines = problems(
+        tmp_path,
+        "port: 9000\nmodels:\n"
+        "  - {name: a, model_path: x, port: 9100}\n"
+        "  - {name: a, model_path: y}\n"
+        "  - {name: b, model_path: y, port: 9100, group: nope}\n"
+        "  - {name: c, model_path: y, port: 9000, group: g}\n"
+        "groups:\n  - {name: g, max_loaded: 1, idle_unload_trigger_min: 5}\n",
+    )
+    text = "\n".join(lines)
+    assert "model 'a' (models[1]): field 'name': duplicate name 'a' (first at index 0)" in text
+    assert "model 'b' (models[2]): field 'group': unknown group 'nope'" in text
+    assert "model 'b' (models[2]): field 'port': port 9100 is already used by model 'a'" in text
+    assert "model 'c' (models[3]): field 'port': port 9000 is already used by the hub controller" in text
+    assert "group 'g' (groups[0]): field 'idle_unload_trigger_min': needs every member to set jit_enabled" in text
+
+
+def test_idle_trigger_needs_max_loaded(tmp_path: Path) -> None:
+    lines = problems(
+        tmp_path,
+        "models:\n  - {name: a, model_path: x, jit_enabled: true, group: g}\n"
+        "groups:\n  - {name: g, idle_unload_trigger_min: 2}\n",
+    )
+    assert any("field 'idle_unload_trigger_min': needs max_loaded" in l for l in lines)
+
+
+def test_yaml_syntax_and_shape_errors(tmp_path: Path) -> None:
+    assert re.search(r"hub.yaml \(line 3, column 1\): not valid YAML", problems(tmp_path, "models:\n  - name: [a\n")[0])
+    assert "empty" in problems(tmp_path, "")[0]
+    assert "mapping" in problems(tmp_path, "- a\n- b\n")[0]
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("MLX_HUB_CONFIG", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ConfigError, match="no hub.yaml found"):
+        find_config()
+    home_cfg = home / "mlx-openai-server-hub" / "hub.yaml"
+    home_cfg.parent.mkdir(parents=True)
+    home_cfg.write_text("x")
+    assert find_config() == home_cfg
+    (work / "hub.yaml").write_text("x")
+    assert find_config() == work / "hub.yaml"
+    env_cfg = write(tmp_path, "x", "env.yaml")
+    monkeypatch.setenv("MLX_HUB_CONFIG", str(env_cfg))
+    assert find_config() == env_cfg
+    flag_cfg = write(tmp_path, "x", "flag.yaml")
+    assert find_config(str(flag_cfg)) == flag_cfg
+    with pytest.raises(ConfigError, match="--config does not exist"):
+        find_config(str(tmp_path / "typo.yaml"))
+    monkeypatch.setenv("MLX_HUB_CONFIG", str(tmp_path / "gone.yaml"))
+    with pytest.raises(ConfigError, match=r"\$MLX_HUB_CONFIG does not exist"):
+        find_config()
+
+
+def test_parse_config_accepts_a_dict() -> None:
+    cfg = parse_config({"models": [{"name": "a", "model_path": "org/r", "log_level": "debug"}]})
+    assert cfg.models[0].log_level == "DEBUG"

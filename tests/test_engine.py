@@ -1,0 +1,88 @@
+"""The bridge to mlx-openai-server: per-release arguments, real loads, real frees."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from mlx_hub import engine
+from mlx_hub.config import ModelConfig
+
+
+def entry(path: Path | str, **kw) -> ModelConfig:
+    return ModelConfig(name=kw.pop("name", "m"), model_path=str(path), **kw)
+
+
+@pytest.mark.compat
+def test_constructor_arguments_follow_the_installed_release() -> None:
+    cls = engine.handler_class("lm")
+    kwargs = engine.handler_kwargs(entry("/x", context_length=4096), cls)
+    assert kwargs["model_path"] == "/x" and kwargs["context_length"] == 4096
+    expected = os.environ.get("MLX_HUB_EXPECT_UPSTREAM")
+    if expected:
+        assert engine.upstream_version() == expected
+    # 1.6.x language-model handlers take max_concurrency; 1.8.x dropped it.
+    takes = engine.upstream_version().startswith("1.6.")
+    assert ("max_concurrency" in kwargs) is takes
+    assert "quantize" not in kwargs  # an image-model option, never sent to a language model
+
+
+def test_ignored_option_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    class Narrow:
+        def __init__(self, model_path: str, context_length: int | None = None): ...
+
+    caplog.set_level(logging.WARNING, "mlx_hub.engine")
+    for _ in range(3):
+        kwargs = engine.handler_kwargs(entry("/x", debug=True), Narrow)
+    assert kwargs == {"model_path": "/x", "context_length": 32768}
+    warnings = [r.getMessage() for r in caplog.records if "debug" in r.getMessage()]
+    assert len(warnings) == 1 and "ignored" in warnings[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mflux") is not None, reason="mflux is installed here")
+def test_image_model_without_mflux_is_a_clear_error() -> None:
+    with pytest.raises(engine.EngineError, match="needs the mflux package"):
+        engine.handler_class("image-generation")
+
+
+@pytest.mark.compat
+async def test_load_measures_weights_and_unload_returns_memory(small_llama: Path) -> None:
+    weights = (small_llama / "model.safetensors").stat().st_size
+    engine.free_memory()
+    before = engine.active_memory()
+    loaded = await engine.load(entry(small_llama, context_length=2048))
+    # What the load added is the weights (fp16 on disk and in memory), give or
+    # take small buffers: within 20 %.
+    assert abs(loaded.memory_bytes - weights) < 0.2 * weights, (loaded.memory_bytes, weights)
+    handler = loaded.handler
+    del loaded
+    await engine.unload(handler, "m")
+    del handler
+    engine.free_memory()
+    leftover = engine.active_memory() - before
+    # Tolerance: 1 % of the weights. Measured leftovers are a few bytes (MLX's
+    # own scalars); a leaked weight tensor of this model is >= 256 KB (2.5 %).
+    assert abs(leftover) <= 0.01 * weights, leftover
+
+
+async def test_missing_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(engine.EngineError, match=r"model_path .*nowhere does not exist"):
+        await engine.load(entry(tmp_path / "nowhere"))
+
+
+async def test_corrupt_weights_fail_and_free(tiny_llama: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    engine.free_memory()
+    before = engine.active_memory()
+    with pytest.raises(engine.EngineError):
+        await engine.load(entry(broken))
+    engine.free_memory()
+    assert engine.active_memory() - before < 64 * 1024
