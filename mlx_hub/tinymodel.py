@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,79 @@ def _train_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
+@contextmanager
+def _building(path: str | os.PathLike[str]) -> Iterator[Path | None]:
+    """Yield a temporary sibling folder to fill, renamed to ``path`` when complete.
+
+    A crash never leaves a half-written model that a later run would trust.
+    Yields None when a complete model is already there (the ``make run`` cache).
+    """
+    target = Path(path)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        yield None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield work
+        work.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _write_tokenizer(folder: Path, vocab_size: int, max_length: int) -> dict[str, Any]:
+    """Train and save the tokenizer; return the config.json keys that depend on it."""
+    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(tokenizer.token_to_id(tok)): {"content": tok, "special": True} for tok in SPECIAL_TOKENS
+        },
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
+    return {
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eos_token_id": tokenizer.token_to_id("<|im_end|>"),
+        "bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
+    }
+
+
+def _save(folder: Path, model: Any, config: dict[str, Any]) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _base_config(folder: Path, vocab_size: int, shape: dict[str, Any] | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float16",
+        **TINY_SHAPE,
+        **(shape or {}),
+    }
+    config.update(_write_tokenizer(folder, vocab_size, config["max_position_embeddings"]))
+    return config
+
+
 def make_model(
     path: str | os.PathLike[str],
     *,
@@ -81,79 +156,45 @@ def make_model(
     seed: int = 0,
     quantize_bits: int | None = None,
 ) -> Path:
-    """Write a loadable MLX model folder at ``path`` and return it.
-
-    The folder is built in a temporary sibling and renamed into place, so a
-    crash never leaves a half-written model that a later run would trust.
-    An existing complete folder is left as it is (the cache for ``make run``).
-    """
+    """Write a chat model folder (``mlx_lm.load`` accepts it) at ``path`` and return it."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
-    target = Path(path)
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer = _train_tokenizer(vocab_size)
-        real_vocab = tokenizer.get_vocab_size()
-        eos_id = tokenizer.token_to_id("<|im_end|>")
-        config: dict[str, Any] = {
-            "model_type": arch,
-            "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
-            "vocab_size": real_vocab,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "eos_token_id": eos_id,
-            "bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
-            "torch_dtype": "float16",
-            **TINY_SHAPE,
-            **(shape or {}),
-        }
-        if arch == "qwen2":
-            from mlx_lm.models.qwen2 import Model, ModelArgs
-        else:
-            from mlx_lm.models.llama import Model, ModelArgs
+    with _building(path) as work:
+        if work is not None:
+            config = _base_config(work, vocab_size, shape)
+            config["model_type"] = arch
+            config["architectures"] = ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"]
+            if arch == "qwen2":
+                from mlx_lm.models.qwen2 import Model, ModelArgs
+            else:
+                from mlx_lm.models.llama import Model, ModelArgs
+            mx.random.seed(seed)
+            model = Model(ModelArgs.from_dict(config))
+            model.set_dtype(mx.float16)
+            if quantize_bits:
+                import mlx.nn as nn
 
-        mx.random.seed(seed)
-        model = Model(ModelArgs.from_dict(config))
-        model.set_dtype(mx.float16)
-        if quantize_bits:
-            import mlx.nn as nn
+                nn.quantize(model, group_size=64, bits=quantize_bits)
+                config["quantization"] = {"group_size": 64, "bits": quantize_bits}
+            _save(work, model, config)
+    return Path(path)
 
-            nn.quantize(model, group_size=64, bits=quantize_bits)
-            config["quantization"] = {"group_size": 64, "bits": quantize_bits}
-        weights = dict(tree_flatten(model.parameters()))
-        mx.eval(weights)
-        mx.save_safetensors(str(work / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (work / "config.json").write_text(json.dumps(config, indent=2))
 
-        tokenizer.save(str(work / "tokenizer.json"))
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": config["max_position_embeddings"],
-            "eos_token": "<|im_end|>",
-            "bos_token": None,
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "chat_template": CHAT_TEMPLATE,
-            "added_tokens_decoder": {
-                str(tokenizer.token_to_id(tok)): {"content": tok, "special": True}
-                for tok in SPECIAL_TOKENS
-            },
-        }
-        (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        (work / "special_tokens_map.json").write_text(
-            json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-        )
-        del model, weights
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return target
+def make_embedding_model(
+    path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0, shape: dict[str, Any] | None = None
+) -> Path:
+    """Write a qwen3 embeddings model folder (``mlx_embeddings.load`` accepts it)."""
+    import mlx.core as mx
+    from mlx_embeddings.models.qwen3 import Model, ModelArgs
+
+    with _building(path) as work:
+        if work is not None:
+            config = _base_config(work, vocab_size, shape)
+            config.update(model_type="qwen3", architectures=["Qwen3Model"])
+            config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+            mx.random.seed(seed)
+            model = Model(ModelArgs.from_dict(config))
+            _save(work, model, config)
+    return Path(path)

@@ -77,3 +77,10 @@ async def make_hub() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for hub in hubs:
         await hub.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_embedding_model
+
+    return make_embedding_model(models_dir / "tiny-embed", seed=3)

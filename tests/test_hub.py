@@ -320,3 +320,17 @@ async def test_async_with_starts_and_stops(hub_config, tiny_llama: Path) -> None
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as http:
             await http.get(url + "/models")
+
+
+@pytest.mark.compat
+async def test_embeddings_model_beside_a_chat_model(make_hub, hub_config, tiny_llama: Path, tiny_embedder: Path) -> None:
+    models = [
+        lm("chat", tiny_llama, default=True),
+        {"name": "embed", "model_path": str(tiny_embedder), "model_type": "embeddings", "default": True, "jit_enabled": True},
+    ]
+    hub = await make_hub(hub_config(models))
+    result = await client(hub, "embed").embeddings.create(model="embed", input=["hello world", "paris"])
+    vectors = [item.embedding for item in result.data]
+    assert len(vectors) == 2 and len(vectors[0]) == 64 and vectors[0] != vectors[1]
+    assert meta(hub, "embed")["memory_state"] == "loaded"
+    assert await chat(hub, "chat")
