@@ -7,7 +7,7 @@ COMPAT := .compat-1.6.3
 UNAME  := $(shell uname -s)
 DEMO   := .cache/demo
 
-.PHONY: setup run test test-fast compat clean
+.PHONY: setup run test lint clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,11 @@ $(COMPAT)/.installed: $(STAMP)
 run: setup
 	$(BIN)/python -m mlx_hub.demo --cache $(DEMO)
 
-test: setup $(COMPAT)/.installed
+lint: setup
+	$(BIN)/ruff check mlx_hub tests
+	$(BIN)/ruff format --check mlx_hub tests
+
+test: setup $(COMPAT)/.installed lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
 

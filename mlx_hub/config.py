@@ -70,9 +70,7 @@ class ModelConfig(_Strict):
     no_log_file: bool = False
     log_level: LogLevel | None = None
     # server options, passed through to mlx-openai-server's handler
-    model_type: Literal[
-        "lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"
-    ] = "lm"
+    model_type: Literal["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"] = "lm"
     context_length: Annotated[int, Field(ge=1)] = 32768
     max_concurrency: Annotated[int, Field(ge=1)] = 1
     queue_timeout: Annotated[float, Field(gt=0)] = 300
@@ -90,9 +88,7 @@ class ModelConfig(_Strict):
     disable_auto_resize: bool = False
     debug: bool = False
 
-    _check_name = field_validator("name", "group")(
-        lambda v: None if v is None else _check_slug(v)
-    )
+    _check_name = field_validator("name", "group")(lambda v: None if v is None else _check_slug(v))
     _level = field_validator("log_level", mode="before")(_normalize_level)
 
     @field_validator("auto_unload_minutes")
@@ -263,7 +259,9 @@ def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
             continue
         if entry.port in claimed:
             problems.append(
-                where.line(("models", i, "port"), f"port {entry.port} is already used by {claimed[entry.port]}")
+                where.line(
+                    ("models", i, "port"), f"port {entry.port} is already used by {claimed[entry.port]}"
+                )
             )
         else:
             claimed[entry.port] = f"model '{entry.name}'"
@@ -325,7 +323,9 @@ def parse_config(data: Any, *, source: str = "hub.yaml", base_dir: Path | None =
     if data is None:
         raise ConfigError([f"{source}: the file is empty; it needs at least a 'models' list"])
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping of options, not {type(data).__name__}"])
+        raise ConfigError(
+            [f"{source}: the top level must be a mapping of options, not {type(data).__name__}"]
+        )
     where = _Where(source, data)
     try:
         cfg = HubConfig.model_validate(data)

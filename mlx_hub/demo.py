@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             port = row["metadata"]["port"]
             print(
                 f"try: curl http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' "
-                f"-d '{{\"model\": \"{row['id']}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
-                f"\"max_tokens\": 16}}'"
+                f'-d \'{{"model": "{row["id"]}", "messages": [{{"role": "user", "content": "Hello"}}], '
+                f'"max_tokens": 16}}\''
             )
         print(f"config: {path}", flush=True)
 

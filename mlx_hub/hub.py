@@ -295,7 +295,9 @@ class Hub:
                 slot.set_memory(MemoryState.LOADING)
                 return
             if decision.evict is not None:
-                log.info("group '%s' is full: unloading '%s' for '%s'", slot.entry.group, decision.evict, slot.name)
+                log.info(
+                    "group '%s' is full: unloading '%s' for '%s'", slot.entry.group, decision.evict, slot.name
+                )
                 await self._await_unload(self.slots[decision.evict], reason="group")
                 continue
             remaining = deadline - loop.time()
@@ -381,7 +383,12 @@ class Hub:
             for name, entry in new_entries.items():
                 slot = self.slots.get(name)
                 host = self._host(entry, new)
-                if slot is not None and slot.entry.same_runtime(entry) and slot.port == ports[name] and slot.host == host:
+                if (
+                    slot is not None
+                    and slot.entry.same_runtime(entry)
+                    and slot.port == ports[name]
+                    and slot.host == host
+                ):
                     result["unchanged"].append(name)
                     continue
                 was_running = slot is not None and slot.port_state is PortState.RUNNING
@@ -429,7 +436,8 @@ class Hub:
             elif slot.memory_state is MemoryState.FAILED:
                 warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
         failed = any(
-            s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in self.slots.values()
+            s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED
+            for s in self.slots.values()
         )
         return {
             "status": "degraded" if failed else "ok",
@@ -505,7 +513,7 @@ class Hub:
         event = self._change
         try:
             await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

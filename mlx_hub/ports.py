@@ -111,7 +111,9 @@ def assign_ports(
             if port > MAX_PORT:
                 raise PortError(f"no free port from {starting_port} upwards for model '{entry.name}'")
         if entry.name in previous:
-            log.warning("model '%s': its previous port %d is taken; now on %d", entry.name, previous[entry.name], port)
+            log.warning(
+                "model '%s': its previous port %d is taken; now on %d", entry.name, previous[entry.name], port
+            )
         result[entry.name] = port
         taken.add(port)
     return result

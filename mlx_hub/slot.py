@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import uvicorn
@@ -26,7 +26,7 @@ from .ports import bind_socket
 log = logging.getLogger(__name__)
 
 
-class PortState(str, Enum):
+class PortState(StrEnum):
     INACTIVE = "inactive"
     STARTING = "starting"
     RUNNING = "running"
@@ -34,7 +34,7 @@ class PortState(str, Enum):
     FAILED = "failed"
 
 
-class MemoryState(str, Enum):
+class MemoryState(StrEnum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     LOADED = "loaded"
@@ -179,7 +179,7 @@ class ModelSlot:
         server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             server.force_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 5)

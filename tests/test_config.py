@@ -69,7 +69,9 @@ def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
-    lines = problems(tmp_path, "prot: 9000\nmodels:\n  - name: qwen\n    model_path: x\n    jit_enable: true\n")
+    lines = problems(
+        tmp_path, "prot: 9000\nmodels:\n  - name: qwen\n    model_path: x\n    jit_enable: true\n"
+    )
     assert any("hub: field 'prot': unknown option; did you mean 'port'?" in l for l in lines)
     assert any("model 'qwen' (models[0]): field 'jit_enable'" in l and "'jit_enabled'" in l for l in lines)
 
@@ -80,15 +82,27 @@ def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
         ("models:\n  - {name: 'bad name', model_path: x}\n", "models[0]", "name", "letters, digits"),
         ("models:\n  - {name: a, model_path: x, port: '8001'}\n", "model 'a'", "port", "integer"),
         ("models:\n  - {name: a, model_path: x, port: 70000}\n", "model 'a'", "port", "65535"),
-        ("models:\n  - {name: a, model_path: x, auto_unload_minutes: 5}\n", "model 'a'", "auto_unload_minutes", "jit_enabled"),
+        (
+            "models:\n  - {name: a, model_path: x, auto_unload_minutes: 5}\n",
+            "model 'a'",
+            "auto_unload_minutes",
+            "jit_enabled",
+        ),
         ("models:\n  - {name: a, model_path: x, model_type: llm}\n", "model 'a'", "model_type", "'lm'"),
         ("models:\n  - {name: a}\n", "model 'a'", "model_path", "required"),
-        ("models:\n  - {name: a, model_path: x}\ngroups:\n  - {name: g, max_loaded: 0}\n", "group 'g'", "max_loaded", "1"),
+        (
+            "models:\n  - {name: a, model_path: x}\ngroups:\n  - {name: g, max_loaded: 0}\n",
+            "group 'g'",
+            "max_loaded",
+            "1",
+        ),
         ("models: []\n", "hub", "models", "at least 1"),
         ("log_level: LOUD\nmodels:\n  - {name: a, model_path: x}\n", "hub", "log_level", "INFO"),
     ],
 )
-def test_field_errors_name_entry_and_field(tmp_path: Path, text: str, entry: str, field: str, words: str) -> None:
+def test_field_errors_name_entry_and_field(
+    tmp_path: Path, text: str, entry: str, field: str, words: str
+) -> None:
     lines = problems(tmp_path, text)
     assert any(entry in l and f"field '{field}'" in l and words in l for l in lines), lines
 
@@ -108,7 +122,10 @@ def test_cross_entry_rules(tmp_path: Path) -> None:
     assert "model 'b' (models[2]): field 'group': unknown group 'nope'" in text
     assert "model 'b' (models[2]): field 'port': port 9100 is already used by model 'a'" in text
     assert "model 'c' (models[3]): field 'port': port 9000 is already used by the hub controller" in text
-    assert "group 'g' (groups[0]): field 'idle_unload_trigger_min': needs every member to set jit_enabled" in text
+    assert (
+        "group 'g' (groups[0]): field 'idle_unload_trigger_min': needs every member to set jit_enabled"
+        in text
+    )
 
 
 def test_idle_trigger_needs_max_loaded(tmp_path: Path) -> None:
@@ -121,7 +138,9 @@ def test_idle_trigger_needs_max_loaded(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_and_shape_errors(tmp_path: Path) -> None:
-    assert re.search(r"hub.yaml \(line 3, column 1\): not valid YAML", problems(tmp_path, "models:\n  - name: [a\n")[0])
+    assert re.search(
+        r"hub.yaml \(line 3, column 1\): not valid YAML", problems(tmp_path, "models:\n  - name: [a\n")[0]
+    )
     assert "empty" in problems(tmp_path, "")[0]
     assert "mapping" in problems(tmp_path, "- a\n- b\n")[0]
 

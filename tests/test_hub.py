@@ -44,7 +44,9 @@ def lm(name: str, path: Path, **kw: Any) -> dict[str, Any]:
 
 @pytest.mark.compat
 async def test_two_models_side_by_side(make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path) -> None:
-    hub = await make_hub(hub_config([lm("llama", tiny_llama, default=True), lm("qwen", tiny_qwen, default=True)]))
+    hub = await make_hub(
+        hub_config([lm("llama", tiny_llama, default=True), lm("qwen", tiny_qwen, default=True)])
+    )
     assert hub.slots["llama"].port != hub.slots["qwen"].port
     for name, path in (("llama", tiny_llama), ("qwen", tiny_qwen)):
         c = client(hub, name)
@@ -55,7 +57,9 @@ async def test_two_models_side_by_side(make_hub, hub_config, tiny_llama: Path, t
         stream = await c.chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, stream=True
         )
-        pieces = [ch.choices[0].delta.content async for ch in stream if ch.choices and ch.choices[0].delta.content]
+        pieces = [
+            ch.choices[0].delta.content async for ch in stream if ch.choices and ch.choices[0].delta.content
+        ]
         assert pieces
         listed = await c.models.list()
         assert [m.id for m in listed.data] == [str(path)]
@@ -68,7 +72,9 @@ async def test_two_models_side_by_side(make_hub, hub_config, tiny_llama: Path, t
 
 
 @pytest.mark.compat
-async def test_jit_first_request_loads_once_for_concurrent_waiters(make_hub, hub_config, tiny_qwen: Path) -> None:
+async def test_jit_first_request_loads_once_for_concurrent_waiters(
+    make_hub, hub_config, tiny_qwen: Path
+) -> None:
     hub = await make_hub(hub_config([lm("q", tiny_qwen, default=True, jit_enabled=True)]))
     assert meta(hub, "q")["memory_state"] == "unloaded"
     async with httpx.AsyncClient() as http:
@@ -84,7 +90,9 @@ async def test_jit_first_request_loads_once_for_concurrent_waiters(make_hub, hub
 
 async def test_idle_unload_keeps_port_and_reloads_on_demand(make_hub, hub_config, tiny_llama: Path) -> None:
     # 0.005 min = 0.3 s of idleness.
-    hub = await make_hub(hub_config([lm("a", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.005)]))
+    hub = await make_hub(
+        hub_config([lm("a", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.005)])
+    )
     await chat(hub, "a")
     assert meta(hub, "a")["memory_state"] == "loaded"
     await eventually(lambda: meta(hub, "a")["memory_state"] == "unloaded")
@@ -95,7 +103,9 @@ async def test_idle_unload_keeps_port_and_reloads_on_demand(make_hub, hub_config
 
 
 async def test_idle_unload_never_while_in_flight(make_hub, hub_config, tiny_llama: Path) -> None:
-    hub = await make_hub(hub_config([lm("a", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.002)]))
+    hub = await make_hub(
+        hub_config([lm("a", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.002)])
+    )
     slot = hub.slots["a"]
     await hub.acquire(slot)  # exactly what a request's gate does on arrival
     try:
@@ -120,7 +130,9 @@ async def test_unload_waits_for_the_request_in_flight(make_hub, hub_config, tiny
     assert meta(hub, "a")["memory_state"] == "unloaded"
 
 
-async def test_group_evicts_least_recently_used(make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path) -> None:
+async def test_group_evicts_least_recently_used(
+    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path
+) -> None:
     models = [
         lm("a", tiny_llama, default=True, jit_enabled=True, group="g"),
         lm("b", tiny_qwen, default=True, jit_enabled=True, group="g"),
@@ -140,7 +152,9 @@ async def test_group_evicts_least_recently_used(make_hub, hub_config, tiny_llama
     assert group["loaded"] == 2 and "Group 'g' is at max_loaded (2)" in hub.status()["warnings"]
 
 
-async def test_group_at_capacity_waits_then_answers_429(make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path) -> None:
+async def test_group_at_capacity_waits_then_answers_429(
+    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path
+) -> None:
     models = [
         lm("a", tiny_llama, default=True, jit_enabled=True, group="g"),
         lm("b", tiny_qwen, default=True, jit_enabled=True, group="g", queue_timeout=0.5),
@@ -167,7 +181,9 @@ async def test_group_at_capacity_waits_then_answers_429(make_hub, hub_config, ti
     assert (meta(hub, "a")["memory_state"], meta(hub, "b")["memory_state"]) == ("unloaded", "loaded")
 
 
-async def test_idle_trigger_protects_recent_members(make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path) -> None:
+async def test_idle_trigger_protects_recent_members(
+    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path
+) -> None:
     models = [
         lm("a", tiny_llama, default=True, jit_enabled=True, group="g"),
         lm("b", tiny_qwen, default=True, jit_enabled=True, group="g", queue_timeout=0.3),
@@ -182,7 +198,9 @@ async def test_idle_trigger_protects_recent_members(make_hub, hub_config, tiny_l
     assert meta(hub, "a")["memory_state"] == "unloaded"
 
 
-async def test_failing_models_do_not_disturb_the_others(make_hub, hub_config, tiny_llama: Path, tmp_path: Path) -> None:
+async def test_failing_models_do_not_disturb_the_others(
+    make_hub, hub_config, tiny_llama: Path, tmp_path: Path
+) -> None:
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in tiny_llama.iterdir():
@@ -199,7 +217,9 @@ async def test_failing_models_do_not_disturb_the_others(make_hub, hub_config, ti
     assert bad["memory_state"] == "failed" and bad["memory_last_error"] and bad["process_state"] == "running"
     with pytest.raises(openai.InternalServerError) as info:  # 503 with the reason
         await chat(hub, "missing")
-    assert info.value.status_code == 503 and "does not exist" in info.value.response.json()["error"]["message"]
+    assert (
+        info.value.status_code == 503 and "does not exist" in info.value.response.json()["error"]["message"]
+    )
     with pytest.raises(openai.InternalServerError):
         await chat(hub, "corrupt")
     assert meta(hub, "missing")["memory_state"] == "failed"
@@ -213,7 +233,9 @@ async def test_taken_port_fails_that_model_only(make_hub, hub_config, tiny_llama
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        hub = await make_hub(hub_config([lm("a", tiny_llama, default=True), lm("b", tiny_llama, default=True, port=taken)]))
+        hub = await make_hub(
+            hub_config([lm("a", tiny_llama, default=True), lm("b", tiny_llama, default=True, port=taken)])
+        )
         m = meta(hub, "b")
         assert m["process_state"] == "failed" and f"port {taken}" in m["process_last_error"]
         with pytest.raises(PortStartError):
@@ -261,7 +283,9 @@ async def test_manual_controls_and_their_answers(make_hub, hub_config, tiny_llam
     assert await chat(hub, "a")
 
 
-async def test_reload_diff_and_port_persistence(make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path) -> None:
+async def test_reload_diff_and_port_persistence(
+    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path
+) -> None:
     doc = hub_config(
         [
             lm("keep", tiny_llama, default=True),
@@ -295,7 +319,9 @@ async def test_reload_diff_and_port_persistence(make_hub, hub_config, tiny_llama
     assert {n: s.port for n, s in again.slots.items()} == final
 
 
-async def test_reload_from_file_rejects_a_broken_config(make_hub, hub_config, tiny_llama: Path, tmp_path: Path) -> None:
+async def test_reload_from_file_rejects_a_broken_config(
+    make_hub, hub_config, tiny_llama: Path, tmp_path: Path
+) -> None:
     import yaml
 
     from mlx_hub.config import ConfigError
@@ -304,7 +330,9 @@ async def test_reload_from_file_rejects_a_broken_config(make_hub, hub_config, ti
     doc = hub_config([lm("a", tiny_llama, default=True)])
     path.write_text(yaml.safe_dump(doc))
     hub = await make_hub(path)
-    path.write_text(yaml.safe_dump({**doc, "models": [{"name": "a", "model_path": str(tiny_llama), "prot": 1}]}))
+    path.write_text(
+        yaml.safe_dump({**doc, "models": [{"name": "a", "model_path": str(tiny_llama), "prot": 1}]})
+    )
     with pytest.raises(ConfigError, match="did you mean 'port'"):
         await hub.reload()
     assert meta(hub, "a")["memory_state"] == "loaded" and await chat(hub, "a")
@@ -323,10 +351,18 @@ async def test_async_with_starts_and_stops(hub_config, tiny_llama: Path) -> None
 
 
 @pytest.mark.compat
-async def test_embeddings_model_beside_a_chat_model(make_hub, hub_config, tiny_llama: Path, tiny_embedder: Path) -> None:
+async def test_embeddings_model_beside_a_chat_model(
+    make_hub, hub_config, tiny_llama: Path, tiny_embedder: Path
+) -> None:
     models = [
         lm("chat", tiny_llama, default=True),
-        {"name": "embed", "model_path": str(tiny_embedder), "model_type": "embeddings", "default": True, "jit_enabled": True},
+        {
+            "name": "embed",
+            "model_path": str(tiny_embedder),
+            "model_type": "embeddings",
+            "default": True,
+            "jit_enabled": True,
+        },
     ]
     hub = await make_hub(hub_config(models))
     result = await client(hub, "embed").embeddings.create(model="embed", input=["hello world", "paris"])

@@ -32,7 +32,12 @@ def test_no_cap_admits() -> None:
 
 
 def test_at_cap_evicts_least_recently_used_idle_member() -> None:
-    members = [c("x", last_used=5), c("y", last_used=1, busy=True), c("z", last_used=3), c("new", loaded=False)]
+    members = [
+        c("x", last_used=5),
+        c("y", last_used=1, busy=True),
+        c("z", last_used=3),
+        c("new", loaded=False),
+    ]
     d = group_admission("new", members, max_loaded=3, now=10)
     assert not d.admit and d.evict == "z"  # y is older but busy
 

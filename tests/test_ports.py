@@ -68,13 +68,22 @@ def test_ports_we_hold_count_as_ours() -> None:
 def test_portbook_persists_and_survives_corruption(tmp_path: Path) -> None:
     start = free_port()
     doc = {"host": "127.0.0.1", "port": free_port(), "model_starting_port": start, "log_path": str(tmp_path)}
-    first = parse_config({**doc, "models": [{"name": "a", "model_path": "x"}, {"name": "b", "model_path": "x"}]})
+    first = parse_config(
+        {**doc, "models": [{"name": "a", "model_path": "x"}, {"name": "b", "model_path": "x"}]}
+    )
     book = PortBook.for_config(first)
     ports = book.assign(first)
     assert json.loads((tmp_path / "ports.json").read_text()) == ports
     # b first now, and a new model in between: everyone keeps their port.
     second = parse_config(
-        {**doc, "models": [{"name": "b", "model_path": "x"}, {"name": "c", "model_path": "x"}, {"name": "a", "model_path": "x"}]}
+        {
+            **doc,
+            "models": [
+                {"name": "b", "model_path": "x"},
+                {"name": "c", "model_path": "x"},
+                {"name": "a", "model_path": "x"},
+            ],
+        }
     )
     again = book.assign(second)
     assert again["a"] == ports["a"] and again["b"] == ports["b"] and again["c"] not in ports.values()

@@ -26,11 +26,7 @@ if TYPE_CHECKING:
 
 def _gated(scope: Scope) -> bool:
     """Inference routes need weights; listings and health checks must not trigger a load."""
-    return (
-        scope["type"] == "http"
-        and scope["method"] == "POST"
-        and scope["path"].startswith("/v1/")
-    )
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/")
 
 
 class LoadGate:
@@ -97,7 +93,5 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
 
     app.include_router(router)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
-    app.add_middleware(
-        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
-    )
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     return app
