@@ -1,73 +1,461 @@
-"""``mlx-openai-server-hub <command>``: the command line."""
+"""``mlx-openai-server-hub <command>``: the reference hub's commands, plus ``models``.
+
+Commands other than ``start --foreground`` and ``models`` talk to the running
+daemon over its controller port, found through ``hub_runtime.json`` in the
+config's ``log_path``. Exit codes: 0 done, 1 failed, 2 bad config or usage.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .config import ConfigError, find_config, load_config
+from .client import ClientError, HubClient, connect, find_running
+from .config import ConfigError, HubConfig, find_config, load_config, log_dir_of
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
-CONFIG_HELP = "hub.yaml to use (else $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml)."
+CONFIG_HELP = "hub.yaml to use (default: $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml)."
+STATE_STYLE = {
+    "running": "green",
+    "loaded": "green",
+    "starting": "yellow",
+    "loading": "yellow",
+    "stopping": "yellow",
+    "unloading": "yellow",
+    "failed": "bold red",
+    "inactive": "dim",
+    "unloaded": "dim",
+}
 
 
-def _load(config: str | None):
+# ----------------------------------------------------------------------------- output
+
+
+def ok(message: str) -> None:
+    console.print(Text("✓ ", style="green") + Text(message))
+
+
+def warn(message: str) -> None:
+    console.print(Text("! ", style="yellow") + Text(message, style="yellow"))
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    for i, line in enumerate(message.splitlines() or [""]):
+        prefix = Text("error: ", style="bold red") if i == 0 else Text("       ")
+        err_console.print(prefix + Text(line))
+    sys.exit(code)
+
+
+def _styled(state: str | None) -> Text:
+    state = state or "-"
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _mb(value: int | None) -> str:
+    return f"{value / 1e6:,.1f}" if value else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def _pick(status: dict[str, Any], names: Iterable[str]) -> list[dict[str, Any]]:
+    rows = status["models"]
+    wanted = list(names)
+    if not wanted:
+        return rows
+    known = {row["id"] for row in rows}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        fail(f"no model named {', '.join(unknown)} (models: {', '.join(sorted(known))})")
+    return [row for row in rows if row["id"] in wanted]
+
+
+def _summary(status: dict[str, Any], url: str) -> Text:
+    counts = status["counts"]
+    memory = status.get("memory", {})
+    line = Text()
+    line.append(f"hub pid {status.get('pid', '?')}", style="bold")
+    line.append(f" · {url}")
+    line.append(f" · {counts['started']}/{counts['registered']} started")
+    line.append(f" · {counts['loaded']}/{counts['registered']} loaded")
+    if memory:
+        line.append(
+            f" · models {_mb(memory.get('models_bytes'))} MB, MLX active {_mb(memory.get('active_bytes'))} MB"
+        )
+    return line
+
+
+def status_table(status: dict[str, Any], names: Iterable[str] = ()) -> Table:
+    """The ``status`` view: one row per model with both states, port, memory and idle timer."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("MODEL", "PROCESS", "MEMORY", "PORT", "GROUP", "TYPE", "MB", "IDLE UNLOAD", "IN FLIGHT"):
+        table.add_column(column, justify="right" if column in ("PORT", "MB", "IN FLIGHT") else "left")
+    for row in _pick(status, names):
+        m = row["metadata"]
+        idle = m.get("idle_seconds_left")
+        table.add_row(
+            row["id"],
+            _styled(m["process_state"]),
+            _styled(m["memory_state"]),
+            str(m.get("port") or "-"),
+            m.get("group") or "-",
+            m.get("model_type") or "-",
+            _mb(m.get("memory_bytes")),
+            _duration(idle) if idle is not None else "-",
+            str(m.get("in_flight", 0)),
+        )
+    return table
+
+
+def watch_table(status: dict[str, Any], now: float) -> Table:
+    """The ``watch`` view: the reference's columns plus port, memory state and MB."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "STATE", "PID", "GROUP", "UPTIME", "EXIT", "LOG", "PORT", "MEMORY", "MB"):
+        table.add_column(column)
+    for row in status["models"]:
+        m = row["metadata"]
+        started = m.get("started_at")
+        table.add_row(
+            row["id"],
+            _styled(m["process_state"]),
+            str(m.get("pid") or "-"),
+            m.get("group") or "-",
+            _duration(now - started) if started else "-",
+            str(m["exit_code"]) if m.get("exit_code") is not None else "-",
+            m.get("log_file") or "-",
+            str(m.get("port") or "-"),
+            _styled(m["memory_state"]),
+            _mb(m.get("memory_bytes")),
+        )
+    return table
+
+
+def print_status(status: dict[str, Any], url: str, names: Iterable[str] = ()) -> None:
+    console.print(_summary(status, url))
+    console.print(status_table(status, names))
+    for warning in status.get("warnings", []):
+        warn(warning)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _path(config: str | None) -> Path:
+    if config is None:  # `mlx-openai-server-hub --config X status` works as well as `status --config X`
+        config = click.get_current_context().find_root().params.get("config")
     try:
-        path = find_config(config)
+        return find_config(config)
+    except ConfigError as exc:
+        fail("\n".join(exc.problems), code=2)
+
+
+def _load(config: str | None) -> tuple[Path, HubConfig]:
+    path = _path(config)
+    try:
         return path, load_config(path)
     except ConfigError as exc:
-        for line in exc.problems:
-            err_console.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
-        sys.exit(2)
+        fail("\n".join(exc.problems), code=2)
+
+
+def _log_dir(config: str | None, *, quiet_config_errors: bool = False) -> Path:
+    """Where the running hub's runtime file is, found even when hub.yaml has since been broken."""
+    path = _path(config)
+    try:
+        return load_config(path).log_dir
+    except ConfigError as exc:
+        if not quiet_config_errors:
+            warn(f"{path} has errors; the running hub keeps its last good config:")
+            for line in exc.problems:
+                warn("  " + line)
+        return log_dir_of(path)
+
+
+def _connect(config: str | None, *, quiet_config_errors: bool = False) -> tuple[str, HubClient]:
+    try:
+        runtime, client = connect(_log_dir(config, quiet_config_errors=quiet_config_errors))
+    except ClientError as exc:
+        fail(exc.message)
+    return runtime.url, client
+
+
+config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False), envvar=None, help=CONFIG_HELP
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mlx-openai-server-hub")
-def main() -> None:
-    """Serve many MLX models from one process, each on its own OpenAI-compatible port."""
+@click.version_option(__version__, "-V", "--version", prog_name="mlx-openai-server-hub")
+@config_option
+def main(config: str | None) -> None:
+    """Serve many MLX models from one process, each on its own OpenAI-compatible port.
+
+    Start with `mlx-openai-server-hub start`, then open http://127.0.0.1:8000/hub/
+    or check `mlx-openai-server-hub status`.
+    """
+
+
+# ----------------------------------------------------------------------------- daemon
 
 
 @main.command()
-@click.option("--config", "config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--foreground", is_flag=True, help="Run in this process until Ctrl-C (the only mode so far).")
-def start(config: str | None, foreground: bool) -> None:
-    """Start the hub and every `default: true` model."""
+@config_option
+@click.option("--foreground", is_flag=True, help="Run in this process until Ctrl-C (for launchd/systemd).")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the models to start.",
+)
+@click.argument("names", nargs=-1)
+def start(config: str | None, foreground: bool, wait_seconds: float, names: tuple[str, ...]) -> None:
+    """Start the hub and its `default: true` models (or NAMES).
+
+    While a hub already runs for this config, starts NAMES there and prints its status.
+    """
     path, cfg = _load(config)
-    if not foreground:
-        err_console.print("[yellow]detached mode is not available yet; running in the foreground[/yellow]")
-    from .daemon import serve, setup_logging
+    unknown = [n for n in names if n not in {m.name for m in cfg.models}]
+    if unknown:
+        fail(f"no model named {', '.join(unknown)} in {path}", code=2)
+    try:
+        found = find_running(cfg.log_dir)
+    except ClientError as exc:
+        fail(exc.message)
+    if found is not None:
+        runtime, client = found
+        warn(f"the hub is already running (pid {runtime.pid}) at {runtime.url}")
+        _run_actions(client, names, "start")
+        print_status(client.status(), runtime.url)
+        return
+    if foreground:
+        _start_foreground(path, cfg, names)
+        return
+    _start_detached(path, cfg, names, wait_seconds)
 
-    setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg, config_path=path, on_ready=print_ready))
+
+def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> None:
+    from . import logs
+    from .daemon import DaemonError, connect_host, serve
+
+    logs.setup(cfg, console=True)
+    url = f"http://{connect_host(cfg.host)}:{cfg.port}"
+
+    def ready(hub: Any) -> None:
+        print_status(hub.status(), url)
+        ok(f"hub running in the foreground; dashboard {url}/hub/ · Ctrl-C stops it")
+
+    try:
+        asyncio.run(serve(cfg, config_path=path, names=names or None, on_ready=ready))
+    except DaemonError as exc:
+        fail(str(exc))
 
 
-def print_ready(hub) -> None:
-    table = Table(title="mlx-openai-server-hub", title_justify="left")
-    for column in ("model", "port", "memory", "OpenAI base URL"):
-        table.add_column(column)
-    for row in hub.status()["models"]:
-        meta = row["metadata"]
-        host = "127.0.0.1" if meta["host"] in ("0.0.0.0", "") else meta["host"]
-        url = f"http://{host}:{meta['port']}/v1" if meta["process_state"] == "running" else "-"
-        table.add_row(row["id"], meta["process_state"], meta["memory_state"], url)
-    console.print(table)
-    console.print("Press Ctrl-C to stop.")
+def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seconds: float) -> None:
+    from .daemon import read_runtime, spawn
+
+    process = spawn(path, cfg, names)
+    hub_log = cfg.log_dir / "hub.log"
+    deadline = time.monotonic() + wait_seconds
+    client: HubClient | None = None
+    with err_console.status("starting the hub…") as spinner:
+        while True:
+            code = process.poll()
+            if code is not None:
+                tail = _tail(hub_log, 15)
+                fail(f"the hub exited while starting (exit code {code}); last lines of {hub_log}:\n{tail}")
+            runtime = read_runtime(cfg.log_dir)
+            if runtime is not None and runtime.pid == process.pid:
+                client = client or HubClient(runtime.url)
+                try:
+                    status = client.status()
+                except ClientError:
+                    status = None
+                if status is not None:
+                    if status.get("ready"):
+                        break
+                    busy = [r["id"] for r in status["models"] if r["metadata"]["memory_state"] == "loading"]
+                    spinner.update(
+                        f"starting the hub… loading {', '.join(busy)}" if busy else "starting the hub…"
+                    )
+            if time.monotonic() > deadline:
+                fail(
+                    f"the hub (pid {process.pid}) did not finish starting in {wait_seconds:g} s; see {hub_log}"
+                )
+            time.sleep(0.2)
+    assert client is not None and runtime is not None
+    print_status(status, runtime.url)
+    ok(f"hub started (pid {process.pid}); dashboard {runtime.url}/hub/ · log {hub_log}")
+    failed = [
+        r["id"]
+        for r in status["models"]
+        if "failed" in (r["metadata"]["process_state"], r["metadata"]["memory_state"])
+    ]
+    if failed:
+        fail(f"some models did not start: {', '.join(failed)} (see the warnings above)")
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 @main.command()
-@click.option("--config", "config", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
+def shutdown(config: str | None) -> None:
+    """Stop every model and the hub itself."""
+    from .daemon import pid_alive
+
+    log_dir = _log_dir(config)
+    try:
+        found = find_running(log_dir)
+    except ClientError as exc:
+        fail(exc.message)
+    if found is None:
+        warn("no hub is running for this config; nothing to shut down")
+        return
+    runtime, client = found
+    client.shutdown()
+    deadline = time.monotonic() + 120
+    with err_console.status(f"stopping the hub (pid {runtime.pid})…"):
+        while pid_alive(runtime.pid):
+            if time.monotonic() > deadline:
+                fail(f"the hub (pid {runtime.pid}) is still running after 120 s; see {log_dir / 'hub.log'}")
+            time.sleep(0.2)
+    ok(f"hub stopped (pid {runtime.pid})")
+
+
+@main.command()
+@config_option
+def reload(config: str | None) -> None:
+    """Re-read hub.yaml: start new models, stop removed ones, restart changed ones."""
+    _, client = _connect(config, quiet_config_errors=True)  # the hub's answer names them
+    try:
+        result = client.reload()
+    except ClientError as exc:
+        fail(exc.message)
+    for key, verb in (("started", "started"), ("stopped", "stopped"), ("unchanged", "unchanged")):
+        names = result.get(key) or []
+        if names:
+            (ok if key != "unchanged" else console.print)(f"{verb}: {', '.join(names)}")
+    ok("reloaded")
+
+
+@main.command()
+@config_option
+@click.argument("names", nargs=-1)
+def status(config: str | None, names: tuple[str, ...]) -> None:
+    """Show the hub and each model (or NAMES): states, port, group, memory, idle timer."""
+    url, client = _connect(config)
+    print_status(client.status(), url, names)
+
+
+@main.command()
+@config_option
+def stop(config: str | None) -> None:
+    """Stop every model but keep the hub running (start them again with `start-model`)."""
+    _, client = _connect(config)
+    result = client.service("stop")
+    stopped = result.get("models") or []
+    ok(f"stopped {', '.join(stopped)}" if stopped else "no model was running")
+
+
+def _run_actions(client: HubClient, names: Iterable[str], action: str) -> None:
+    failures = 0
+    for name in names:
+        try:
+            result = client.model(name, action)
+        except ClientError as exc:
+            failures += 1
+            err_console.print(Text("✗ ", style="red") + Text(f"{name}: {exc.message}"))
+            continue
+        word = result["status"]
+        (ok if word in ("started", "stopped", "loaded", "unloaded") else warn)(
+            f"{name}: {word.replace('_', ' ')}"
+        )
+    if failures:
+        sys.exit(1)
+
+
+def _action_command(action: str, help_text: str) -> Callable[..., None]:
+    @config_option
+    @click.argument("names", nargs=-1, required=True)
+    def command(config: str | None, names: tuple[str, ...]) -> None:
+        _, client = _connect(config)
+        _run_actions(client, names, action)
+
+    command.__doc__ = help_text
+    return command
+
+
+main.command("start-model")(
+    _action_command("start", "Open the port of each model NAME (loading it unless JIT).")
+)
+main.command("stop-model")(_action_command("stop", "Unload each model NAME and close its port."))
+main.command("load-model")(
+    _action_command("load", "Load the weights of each model NAME (its port must run).")
+)
+main.command("unload-model")(
+    _action_command("unload", "Free the weights of each model NAME; its port stays open.")
+)
+
+
+@main.command()
+@config_option
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between refreshes (at least 0.5).")
+def watch(config: str | None, interval: float) -> None:
+    """Redraw the model table every --interval seconds until Ctrl-C."""
+    if interval < 0.5:
+        fail("--interval must be at least 0.5 seconds", code=2)
+    url, client = _connect(config)
+
+    def frame() -> Group:
+        try:
+            status = client.status()
+        except ClientError as exc:
+            return Group(Text(f"{time.strftime('%H:%M:%S')} · {exc.message}", style="red"))
+        header = Text(f"{time.strftime('%H:%M:%S')} · every {interval:g}s · Ctrl-C to quit\n", style="dim")
+        return Group(header, _summary(status, url), watch_table(status, time.time()))
+
+    try:
+        with Live(frame(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+@main.command()
+@config_option
 def models(config: str | None) -> None:
     """List the models hub.yaml configures (no running hub needed)."""
     path, cfg = _load(config)
-    table = Table(title=str(path), title_justify="left")
-    for column in ("name", "type", "port", "jit", "auto-unload", "group", "default", "model_path"):
+    table = Table(title=str(path), title_justify="left", box=None, header_style="bold")
+    for column in ("NAME", "TYPE", "PORT", "JIT", "AUTO-UNLOAD", "GROUP", "DEFAULT", "MODEL"):
         table.add_column(column)
     for m in cfg.models:
         table.add_row(
@@ -81,6 +469,10 @@ def models(config: str | None) -> None:
             m.model_path,
         )
     console.print(table)
+    for group in cfg.groups:
+        members = [m.name for m in cfg.models if m.group == group.name]
+        limit = f"max_loaded {group.max_loaded}" if group.max_loaded else "no cap"
+        console.print(f"group {group.name}: {limit}; members {', '.join(members) or 'none'}")
 
 
 if __name__ == "__main__":

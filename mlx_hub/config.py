@@ -337,6 +337,23 @@ def parse_config(data: Any, *, source: str = "hub.yaml", base_dir: Path | None =
     return _resolve_paths(cfg, base_dir or Path.cwd())
 
 
+def log_dir_of(path: str | os.PathLike[str]) -> Path:
+    """The ``log_path`` a hub.yaml names, read leniently: the rest of the file may be broken.
+
+    The CLI finds a running hub through its runtime file in ``log_path``; a
+    typo elsewhere in hub.yaml must not cut the user off from that hub.
+    """
+    file = Path(path).expanduser().resolve()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        data = None
+    value = data.get("log_path") if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value:
+        value = HubConfig.model_fields["log_path"].default
+    return Path(_resolve(value, file.parent))
+
+
 def load_config(path: str | os.PathLike[str]) -> HubConfig:
     """Read, validate and resolve one hub.yaml file."""
     file = Path(path).expanduser()

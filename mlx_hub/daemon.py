@@ -1,63 +1,207 @@
-"""Running the hub as a long-lived process: logging, signals, clean shutdown."""
+"""Running the hub as a long-lived process: runtime files, signals, detaching, clean shutdown.
+
+The CLI finds a running hub through ``<log_path>/hub_runtime.json`` (pid,
+host, port, config path, start time), written atomically once the controller
+port answers and removed on a clean exit. A file left by a killed hub is
+recognised as stale (its pid is gone, or its port answers with another pid)
+and replaced.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import HubConfig
+from . import __version__, logs
+from .config import ConfigError, HubConfig, find_config, load_config
+from .fsutil import atomic_write_json, atomic_write_text, read_json
 from .hub import Hub
+from .ports import PortError
+from .web.controller import build_controller_app
+from .web.server import AppServer
 
-log = logging.getLogger("mlx_hub")
+log = logging.getLogger("mlx_hub.daemon")
+
+RUNTIME_FILE = "hub_runtime.json"
+PID_FILE = "hub.pid"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """One level for the hub's logging and for upstream's loguru output.
+class DaemonError(RuntimeError):
+    """The hub cannot run; the message says what to do."""
 
-    Upstream logs every token batch at DEBUG through loguru's default sink;
-    left alone, that drowns the hub's own messages.
-    """
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+
+def connect_host(host: str) -> str:
+    """Where a local client reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+@dataclass(frozen=True)
+class Runtime:
+    pid: int
+    host: str
+    port: int
+    config_path: str
+    started_at: float
+    version: str = __version__
+
+    @property
+    def url(self) -> str:
+        return f"http://{connect_host(self.host)}:{self.port}"
+
+
+def read_runtime(log_dir: Path) -> Runtime | None:
+    data = read_json(log_dir / RUNTIME_FILE)
+    if not isinstance(data, dict):
+        return None
     try:
-        from loguru import logger
-    except ImportError:
+        return Runtime(**{k: data[k] for k in ("pid", "host", "port", "config_path", "started_at")})
+    except (KeyError, TypeError):
+        return None
+
+
+def write_runtime(log_dir: Path, runtime: Runtime) -> None:
+    atomic_write_json(log_dir / RUNTIME_FILE, asdict(runtime))
+    atomic_write_text(log_dir / PID_FILE, f"{runtime.pid}\n")
+
+
+def clear_runtime(log_dir: Path, pid: int | None = None) -> None:
+    """Remove the runtime files, only if they still describe ``pid`` (when given)."""
+    current = read_runtime(log_dir)
+    if pid is not None and current is not None and current.pid != pid:
         return
-    logger.remove()
-    logger.add(sys.stderr, level=level.upper(), format="{time:HH:mm:ss} {level: <7} upstream: {message}")
+    for name in (RUNTIME_FILE, PID_FILE):
+        try:
+            (log_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) and not out.stdout.strip().startswith("Z")
+    except (OSError, subprocess.SubprocessError):
+        return True
+
+
+# --------------------------------------------------------------------------- serving
 
 
 async def serve(
     config: HubConfig,
     *,
     config_path: Path | None = None,
+    names: Sequence[str] | None = None,
     on_ready: Callable[[Hub], None] | None = None,
 ) -> None:
-    """Start the hub and run until SIGINT or SIGTERM, then shut down cleanly.
+    """Run the controller and the hub until SIGINT, SIGTERM or ``POST /hub/shutdown``.
 
-    The hub owns these signals (embedded uvicorn servers do not install their
-    own), so one Ctrl-C lets in-flight requests finish, frees every model's
-    memory and closes every port.
+    Shutdown order: the controller stops taking commands, each model stops
+    taking requests and lets running ones finish (bounded), weights are
+    freed, ports close, and the runtime file goes.
     """
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = Hub(config, config_path=config_path)
+    hub = Hub(config, config_path=config_path, model_logs=True)
+    # The answer to POST /hub/shutdown is sent before the hub stops.
+    app = build_controller_app(hub, request_shutdown=lambda: loop.call_later(0.1, stop.set))
+    controller = AppServer(app, config.host, config.port, name="controller")
     try:
-        await hub.start()
-        if on_ready is not None:
+        await controller.start()
+    except PortError as exc:
+        raise DaemonError(
+            f"the controller cannot listen: {exc}; change `port` in {config_path or 'hub.yaml'}"
+        ) from None
+    pid = os.getpid()
+    write_runtime(
+        config.log_dir,
+        Runtime(
+            pid=pid,
+            host=config.host,
+            port=config.port,
+            config_path=str(config_path or ""),
+            started_at=time.time(),
+        ),
+    )
+    log.info(
+        "hub %s (pid %d) controller on http://%s:%d", __version__, pid, connect_host(config.host), config.port
+    )
+    try:
+        starting = asyncio.create_task(hub.start(names))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and not starting.cancelled() and starting.exception() is None and on_ready:
             on_ready(hub)
-        await stop.wait()
-        log.info("shutting down")
+        await stopping
     finally:
+        log.info("shutting down")
+        await controller.stop(timeout=2.0)
+        if not starting.done():
+            starting.cancel()
         await hub.shutdown()
+        clear_runtime(config.log_dir, pid)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        log.info("hub stopped")
+
+
+def spawn(config_path: Path, config: HubConfig, names: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m mlx_hub.daemon`` detached: its own session, output to hub.log."""
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(config.log_dir / logs.HUB_LOG, "ab") as hub_log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlx_hub.daemon", "--config", str(config_path), *names],
+            stdin=subprocess.DEVNULL,
+            stdout=hub_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the detached daemon process (``spawn`` runs it)."""
+    parser = argparse.ArgumentParser(prog="python -m mlx_hub.daemon")
+    parser.add_argument("--config")
+    parser.add_argument("names", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        path = find_config(args.config)
+        config = load_config(path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    logs.setup(config, console=False, detached=True)
+    try:
+        asyncio.run(serve(config, config_path=path, names=args.names or None))
+    except DaemonError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

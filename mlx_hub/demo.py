@@ -57,14 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--starting-port", type=int, default=47850)
     args = parser.parse_args(argv)
     path = prepare(Path(args.cache).resolve(), args.port, args.starting_port)
-    from .cli import print_ready
-    from .daemon import serve, setup_logging
+    from . import logs
+    from .cli import print_status
+    from .daemon import connect_host, serve
 
     cfg = load_config(path)
-    setup_logging(cfg.log_level)
+    logs.setup(cfg, console=True)
 
     def ready(hub) -> None:
-        print_ready(hub)
+        url = f"http://{connect_host(cfg.host)}:{cfg.port}"
+        print_status(hub.status(), url)
         for row in hub.status()["models"]:
             port = row["metadata"]["port"]
             print(
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                 f'-d \'{{"model": "{row["id"]}", "messages": [{{"role": "user", "content": "Hello"}}], '
                 f'"max_tokens": 16}}\''
             )
-        print(f"config: {path}", flush=True)
+        print(f"hub status: {url}/hub/status   config: {path}   Ctrl-C stops the hub", flush=True)
 
     asyncio.run(serve(cfg, config_path=path, on_ready=ready))
 

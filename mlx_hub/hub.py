@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import engine, policy
+from . import engine, logs, policy
 from .config import HubConfig, ModelConfig, load_config, parse_config
 from .errors import (
     CapacityError,
@@ -55,10 +55,19 @@ class Hub:
     raises a ``HubError`` subclass that knows its HTTP status.
     """
 
-    def __init__(self, config: HubConfig, *, config_path: Path | None = None, reap_interval: float = 1.0):
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        config_path: Path | None = None,
+        reap_interval: float = 1.0,
+        model_logs: bool = False,
+    ):
         self.config = config
         self.config_path = config_path
         self.reap_interval = reap_interval
+        self.model_logs = model_logs  # per-model log files; the daemon turns this on
+        self.ready = False  # the first start() has finished (the CLI waits for this)
         self.slots: dict[str, ModelSlot] = {}
         self.started_at: float | None = None
         self._change = asyncio.Event()
@@ -97,9 +106,13 @@ class Hub:
         wanted = list(names) if names is not None else [m.name for m in self.config.models if m.default]
         for name in wanted:
             self._slot(name)  # unknown names fail before anything starts
-        return await self._start_many(wanted)
+        try:
+            return await self.start_many(wanted)
+        finally:
+            self.ready = True
 
-    async def _start_many(self, names: list[str]) -> list[str]:
+    async def start_many(self, names: list[str]) -> list[str]:
+        """Start each model in turn; one failing does not stop the rest. Returns those started."""
         started = []
         for name in names:
             try:
@@ -109,6 +122,12 @@ class Hub:
                 log.error("model '%s' did not start: %s", name, exc)
         return started
 
+    async def stop_all(self) -> list[str]:
+        """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped."""
+        names = list(self.slots)
+        results = await asyncio.gather(*(self.stop_model(n) for n in names), return_exceptions=True)
+        return [n for n, r in zip(names, results, strict=True) if r == "stopped"]
+
     async def shutdown(self) -> None:
         """Stop every model (letting requests finish), free memory, close every port."""
         if self._reaper is not None:
@@ -116,10 +135,11 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
-        await asyncio.gather(*(self.stop_model(name) for name in list(self.slots)), return_exceptions=True)
+        await self.stop_all()
         for task in list(self._tasks):
             task.cancel()
         self.started_at = None
+        self.ready = False
         self.slots.clear()
 
     # --------------------------------------------------------------- models
@@ -138,6 +158,8 @@ class Hub:
 
             slot.set_port(PortState.STARTING)
             self._notify()
+            if self.model_logs:
+                logs.attach_model(slot.entry, self.config)
             try:
                 await slot.open_port(build_model_app(self, slot))
             except (PortError, OSError) as exc:
@@ -151,14 +173,18 @@ class Hub:
             await self.load(name)
         return "started"
 
-    async def stop_model(self, name: str) -> str:
-        """Unload (after in-flight requests end) and close the port. ``stopped`` or ``not_running``."""
+    async def stop_model(self, name: str, *, drain_timeout: float = 30.0) -> str:
+        """Stop accepting, let in-flight requests finish, unload, close. ``stopped`` or ``not_running``.
+
+        Requests still running after ``drain_timeout`` seconds are cut off by
+        closing the port, so a hung client cannot hold a shutdown forever.
+        """
         slot = self._slot(name)
         async with slot.op_lock:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
                 return "not_running"
             was_running = slot.port_state is not PortState.FAILED
-            slot.set_port(PortState.STOPPING)
+            slot.set_port(PortState.STOPPING)  # the gate now turns new requests away
             self._notify()
             task = slot.load_task
             if task is not None and not task.done():
@@ -166,15 +192,31 @@ class Hub:
                     task.cancel()  # still waiting for a group place: nothing to undo
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(task)
+            await self._drain(slot, drain_timeout)
+            await slot.close_port(timeout=1.0)
             if slot.memory_state in OCCUPYING:
                 await self.unload(name)
-            await slot.close_port()
+            if self.model_logs:
+                logs.detach_model(name)
             slot.set_port(PortState.INACTIVE)
             if slot.memory_state is MemoryState.FAILED:
                 slot.set_memory(MemoryState.UNLOADED)
             self._notify()
             log.info("model '%s' stopped", name)
         return "stopped" if was_running else "not_running"
+
+    async def _drain(self, slot: ModelSlot, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while slot.active > 0 and loop.time() < deadline:
+            await self._wait_change(deadline - loop.time())
+        if slot.active > 0:
+            log.warning(
+                "model '%s': %d request(s) still running after %g s; closing anyway",
+                slot.name,
+                slot.active,
+                timeout,
+            )
 
     async def load(self, name: str) -> str:
         """Load the weights now (the port must be running). ``loaded`` or ``already_loaded``."""
@@ -253,6 +295,7 @@ class Hub:
         return slot.load_task
 
     async def _load_flow(self, slot: ModelSlot) -> None:
+        logs.current_model.set(slot.name)  # this task's context: upstream's load lines go to its log
         await self._admit(slot)  # returns with slot LOADING, or raises
         self._notify()
         try:
@@ -402,7 +445,7 @@ class Hub:
             self.config = new
             if path is not None:
                 self.config_path = path
-            result["started"] = await self._start_many(restart)
+            result["started"] = await self.start_many(restart)
             self._notify()
         return result
 
@@ -445,6 +488,7 @@ class Hub:
             "host": self.config.host,
             "port": self.config.port,
             "controller_available": True,
+            "ready": self.ready,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "upstream_version": engine.upstream_version(),
@@ -462,6 +506,7 @@ class Hub:
     def _model_status(self, slot: ModelSlot, now: float) -> dict[str, Any]:
         entry = slot.entry
         running = slot.port_state is PortState.RUNNING
+        log_file = logs.model_log_path(entry, self.config) if self.model_logs else None
         idle_left = policy.seconds_until_idle_unload(slot.candidate(), now)
         return {
             "id": slot.name,
@@ -488,6 +533,8 @@ class Hub:
                 "load_seconds": None if slot.load_seconds is None else round(slot.load_seconds, 3),
                 "load_count": slot.load_count,
                 "freed_bytes": slot.freed_bytes,
+                "started_at": slot.port_changed_at if running else None,
+                "log_file": str(log_file) if log_file else None,
             },
         }
 

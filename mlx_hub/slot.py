@@ -10,18 +10,15 @@ from being unloaded under a client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from enum import StrEnum
 from typing import Any
 
-import uvicorn
-
 from .config import ModelConfig
 from .engine import Loaded
 from .policy import Candidate
-from .ports import bind_socket
+from .web.server import AppServer
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +41,6 @@ class MemoryState(StrEnum):
 
 #: Memory states in which a model holds (or is about to hold) a place in its group.
 OCCUPYING = (MemoryState.LOADING, MemoryState.LOADED, MemoryState.UNLOADING)
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the hub, which owns shutdown."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
-        yield
 
 
 class ModelSlot:
@@ -79,8 +68,7 @@ class ModelSlot:
         self.load_task: asyncio.Task[None] | None = None
         self.unload_task: asyncio.Task[None] | None = None
         self.op_lock = asyncio.Lock()  # start/stop of this one model, one at a time
-        self._server: _EmbeddedServer | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._server: AppServer | None = None
 
     @property
     def name(self) -> str:
@@ -146,45 +134,17 @@ class ModelSlot:
     # ------------------------------------------------------------------- port
 
     async def open_port(self, app: Any) -> None:
-        """Bind, then serve ``app`` on this slot's port as a task in the running loop.
-
-        Raises ``PortError`` if the port is taken; nothing is left running then.
-        """
-        sock = bind_socket(self.host, self.port)
+        """Serve ``app`` on this slot's port; raises ``PortError`` if the port is taken."""
+        server = AppServer(app, self.host, self.port, name=f"model '{self.name}'")
+        await server.start()
         self.app = app
-        config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_config=None,  # uvicorn must not reconfigure the hub's logging per port
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            timeout_keep_alive=30,
-        )
-        server = _EmbeddedServer(config)
         self._server = server
-        self._serve_task = asyncio.create_task(server.serve(sockets=[sock]), name=f"serve:{self.name}")
-        while not server.started:
-            if self._serve_task.done():
-                sock.close()
-                exc = self._serve_task.exception()
-                raise OSError(f"the server for '{self.name}' stopped while starting: {exc!r}")
-            await asyncio.sleep(0.005)
 
     async def close_port(self, timeout: float = 15.0) -> None:
         """Stop accepting, let open requests finish for up to ``timeout`` s, then close."""
-        server, task = self._server, self._serve_task
-        self._server = self._serve_task = None
-        if server is None or task is None:
-            return
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            server.force_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 5)
-        except Exception:
-            log.exception("model '%s': its server ended with an error", self.name)
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(timeout)
         if self.app is not None:
             self.app.state.handler = None
         self.app = None

@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import HubError
+from ..logs import current_model
 from .responses import error_response
 
 if TYPE_CHECKING:
@@ -41,15 +42,19 @@ class LoadGate:
         if not _gated(scope):
             await self.app(scope, receive, send)
             return
+        token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
         try:
-            await self.hub.acquire(self.slot)
-        except HubError as exc:
-            await error_response(exc)(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
+            try:
+                await self.hub.acquire(self.slot)
+            except HubError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.hub.release(self.slot)
         finally:
-            self.hub.release(self.slot)
+            current_model.reset(token)
 
 
 def _model_card(slot: ModelSlot) -> dict[str, Any]:

@@ -1,0 +1,167 @@
+"""The controller port: health, status and the control API that the CLI and dashboard use.
+
+Every answer is JSON; every error, including FastAPI's own 404 and 422, uses
+the OpenAI error envelope, so one client-side reader handles them all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from .. import __version__
+from ..config import ConfigError
+from ..errors import HubError
+from .responses import error_response
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+
+class ModelAction(StrEnum):
+    start = "start"
+    stop = "stop"
+    load = "load"
+    unload = "unload"
+
+
+class ServiceAction(StrEnum):
+    start = "start"
+    stop = "stop"
+    reload = "reload"
+
+
+class ActionResult(BaseModel):
+    status: str
+    name: str
+
+
+class ReloadResult(BaseModel):
+    started: list[str]
+    stopped: list[str]
+    unchanged: list[str]
+
+
+class ServiceResult(BaseModel):
+    status: str
+    models: list[str] = []
+    reload: ReloadResult | None = None
+
+
+class Health(BaseModel):
+    status: str
+    pid: int
+    version: str
+    ready: bool
+    uptime_seconds: float
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope, "description": text}
+    for code, text in (
+        (400, "hub.yaml does not validate"),
+        (404, "unknown model"),
+        (409, "model not started, or its port is taken"),
+        (429, "the model's group is at max_loaded and every member is busy"),
+        (503, "the model failed to load"),
+    )
+}
+
+
+def envelope(status: int, message: str, error_type: str, code: str | int | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> FastAPI:
+    """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon."""
+    app = FastAPI(
+        title="mlx-openai-server-hub",
+        version=__version__,
+        description="Control API of an mlx-openai-server-hub: status, model start/stop/load/unload, reload.",
+    )
+    started = time.monotonic()
+
+    @app.exception_handler(HubError)
+    async def hub_error(_: Request, exc: HubError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(ConfigError)
+    async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
+        message = "hub.yaml was not applied; the running config keeps serving:\n" + "\n".join(exc.problems)
+        return envelope(400, message, "invalid_request_error", "config_invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return envelope(exc.status_code, str(exc.detail), "invalid_request_error", exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return envelope(422, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(
+            status="ok",
+            pid=os.getpid(),
+            version=__version__,
+            ready=hub.ready,
+            uptime_seconds=round(time.monotonic() - started, 1),
+        )
+
+    @app.get("/hub/status")
+    async def status() -> dict[str, Any]:
+        return hub.status()
+
+    @app.post("/hub/reload", response_model=ReloadResult, responses=ERRORS)
+    async def reload() -> dict[str, list[str]]:
+        return await hub.reload()
+
+    @app.post("/hub/shutdown")
+    async def shutdown() -> dict[str, str]:
+        request_shutdown()
+        return {"status": "shutting_down"}
+
+    @app.post("/hub/models/{name}/{action}", response_model=ActionResult, responses=ERRORS)
+    async def model_action(name: str, action: ModelAction) -> ActionResult:
+        method = {
+            ModelAction.start: hub.start_model,
+            ModelAction.stop: hub.stop_model,
+            ModelAction.load: hub.load,
+            ModelAction.unload: hub.unload,
+        }[action]
+        return ActionResult(status=await method(name), name=name)
+
+    @app.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
+    async def service_action(action: ServiceAction) -> ServiceResult:
+        """The dashboard's buttons: start the default models, stop every model, or reload."""
+        if action is ServiceAction.start:
+            names = [m.name for m in hub.config.models if m.default]
+            return ServiceResult(status="started", models=await hub.start_many(names))
+        if action is ServiceAction.stop:
+            return ServiceResult(status="stopped", models=await hub.stop_all())
+        return ServiceResult(status="reloaded", reload=ReloadResult(**await hub.reload()))
+
+    return app
