@@ -228,9 +228,10 @@ def main(config: str | None) -> None:
 )
 @click.argument("names", nargs=-1)
 def start(config: str | None, foreground: bool, wait_seconds: float, names: tuple[str, ...]) -> None:
-    """Start the hub and its `default: true` models (or NAMES).
+    """Start the hub in the background with its `default: true` models.
 
-    While a hub already runs for this config, starts NAMES there and prints its status.
+    With NAMES, start those models instead of the default ones. While a hub
+    already runs for this config, start NAMES there and print its status.
     """
     path, cfg = _load(config)
     unknown = [n for n in names if n not in {m.name for m in cfg.models}]

@@ -182,6 +182,20 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     out = cli(path, "status")
     assert out.returncode == 1 and "mlx-openai-server-hub start" in out.stderr
     assert cli(path, "shutdown").returncode == 0  # nothing to do is not an error
+    version = cli(path, "--version")
+    assert version.returncode == 0 and "mlx-openai-server-hub, version 0." in version.stdout
+
+
+def test_start_with_names_starts_those_models(hub_files: dict[str, Any]) -> None:
+    path = hub_files["path"]
+    out = cli(path, "start", "gamma")
+    assert out.returncode == 0, out.stderr
+    table = rows(out.stdout)
+    assert table["gamma"][1] == "running" and table["alpha"][1] == "inactive"
+    out = cli(path, "start", "alpha")  # the hub runs: start alpha there
+    assert out.returncode == 0 and "alpha: started" in out.stdout
+    assert cli(path, "start", "nope").returncode == 2
+    assert cli(path, "shutdown").returncode == 0
 
 
 def test_sigkill_leaves_stale_state_that_start_replaces(hub_files: dict[str, Any]) -> None:
