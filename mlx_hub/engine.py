@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,14 @@ def active_memory() -> int:
     import mlx.core as mx
 
     return int(mx.get_active_memory())
+
+
+def system_memory() -> int | None:
+    """Physical memory of this machine in bytes (unified memory on Apple silicon)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def cache_memory() -> int:

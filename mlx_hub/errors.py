@@ -55,3 +55,7 @@ class PortStartError(HubError):
 class CapacityError(HubError):
     status, error_type, code = 429, "rate_limit_exceeded", "group_at_capacity"
     retry_after = 5.0
+
+
+class NoConfigFileError(HubError):
+    status, error_type, code = 409, "invalid_request_error", "no_config_file"

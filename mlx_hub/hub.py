@@ -24,6 +24,7 @@ from .errors import (
     CapacityError,
     HubError,
     ModelLoadError,
+    NoConfigFileError,
     NotLoadedError,
     NotRunningError,
     PortStartError,
@@ -409,7 +410,10 @@ class Hub:
         """
         if source is None:
             if self.config_path is None:
-                raise ValueError("this hub was not built from a file; pass the new config to reload()")
+                raise NoConfigFileError(
+                    "this hub was started from an in-memory config, so there is no hub.yaml to re-read; "
+                    "pass the new config to reload()"
+                )
             source = self.config_path
         new, path = _as_config(source)
         async with self._reload_lock:
@@ -497,6 +501,7 @@ class Hub:
                 "active_bytes": engine.active_memory(),
                 "cache_bytes": engine.cache_memory(),
                 "models_bytes": sum(s.memory_bytes for s in loaded),
+                "system_total_bytes": engine.system_memory(),
             },
             "warnings": warnings,
             "groups": groups,

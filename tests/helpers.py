@@ -40,3 +40,27 @@ def meta(hub: Any, name: str) -> dict[str, Any]:
         if row["id"] == name:
             return row["metadata"]
     raise KeyError(name)
+
+
+class LiveController:
+    """A hub plus its controller app on a real loopback port, in this event loop."""
+
+    def __init__(self, hub: Any, port: int):
+        from mlx_hub.web.controller import build_controller_app
+        from mlx_hub.web.server import AppServer
+
+        self.hub = hub
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.shutdowns: list[bool] = []
+        app = build_controller_app(hub, request_shutdown=lambda: self.shutdowns.append(True))
+        self.server = AppServer(app, "127.0.0.1", port, name="controller")
+
+    async def __aenter__(self) -> LiveController:
+        await self.server.start()
+        await self.hub.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop()
+        await self.hub.shutdown()

@@ -12,10 +12,8 @@ import pytest
 import yaml
 
 from mlx_hub.hub import Hub
-from mlx_hub.web.controller import build_controller_app
-from mlx_hub.web.server import AppServer
 
-from .helpers import free_port
+from .helpers import LiveController, free_port
 
 REFERENCE_MODEL_KEYS = {
     "process_state",
@@ -53,21 +51,9 @@ async def controller(
     )
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump(doc))
-    hub = Hub.from_config(path)
-    shutdowns: list[bool] = []
-    port = free_port()
-    server = AppServer(
-        build_controller_app(hub, request_shutdown=lambda: shutdowns.append(True)),
-        "127.0.0.1",
-        port,
-        name="controller",
-    )
-    await server.start()
-    await hub.start()
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        yield {"hub": hub, "http": http, "path": path, "doc": doc, "shutdowns": shutdowns}
-    await server.stop()
-    await hub.shutdown()
+    async with LiveController(Hub.from_config(path), free_port()) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            yield {"hub": live.hub, "http": http, "path": path, "doc": doc, "shutdowns": live.shutdowns}
 
 
 async def test_health_and_status_shape(controller: dict[str, Any]) -> None:
@@ -189,3 +175,27 @@ async def test_openapi_publishes_the_control_api(controller: dict[str, Any]) -> 
         "load",
         "unload",
     }
+
+
+async def test_status_page_can_be_disabled(hub_config, tiny_llama: Path) -> None:
+    doc = hub_config([{"name": "a", "model_path": str(tiny_llama)}], enable_status_page=False)
+    async with LiveController(Hub.from_config(doc), free_port()) as live:
+        async with httpx.AsyncClient(base_url=live.url) as http:
+            for path in ("/hub/", "/hub", "/hub/assets/hub.js"):
+                response = await http.get(path)
+                assert response.status_code == 404 and "error" in response.json()
+            assert (await http.get("/hub/status")).status_code == 200
+            response = await http.post("/hub/reload")  # built from a dict: no file to re-read
+            assert response.status_code == 409 and response.json()["error"]["code"] == "no_config_file"
+
+
+async def test_dashboard_files_are_served(controller: dict[str, Any]) -> None:
+    http = controller["http"]
+    for path in ("/hub/", "/hub"):
+        page = await http.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "/hub/assets/hub.js" in page.text
+    script = await http.get("/hub/assets/hub.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert (await http.get("/hub/assets/..%2Fhub.py")).status_code == 404
+    assert (await http.get("/hub/assets/secret.txt")).status_code == 404

@@ -6,6 +6,7 @@ the OpenAI error envelope, so one client-side reader handles them all.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,15 +17,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from ..config import ConfigError
 from ..errors import HubError
+from .dashboard import ASSETS, asset
 from .responses import error_response
 
 if TYPE_CHECKING:
     from ..hub import Hub
+
+log = logging.getLogger(__name__)
 
 
 class ModelAction(StrEnum):
@@ -111,6 +115,11 @@ def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> F
         message = "hub.yaml was not applied; the running config keeps serving:\n" + "\n".join(exc.problems)
         return envelope(400, message, "invalid_request_error", "config_invalid")
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("controller request failed")
+        return envelope(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return envelope(exc.status_code, str(exc.detail), "invalid_request_error", exc.status_code)
@@ -130,6 +139,23 @@ def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> F
             ready=hub.ready,
             uptime_seconds=round(time.monotonic() - started, 1),
         )
+
+    @app.get("/hub", include_in_schema=False)
+    @app.get("/hub/", include_in_schema=False)
+    async def dashboard() -> Response:
+        if not hub.config.enable_status_page:
+            return envelope(
+                404, "the status page is disabled (enable_status_page: false)", "invalid_request_error", 404
+            )
+        return Response(
+            asset("index.html"), media_type=ASSETS["index.html"], headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/hub/assets/{name}", include_in_schema=False)
+    async def dashboard_asset(name: str) -> Response:
+        if not hub.config.enable_status_page or name not in ASSETS or name == "index.html":
+            return envelope(404, f"no asset named {name!r}", "invalid_request_error", 404)
+        return Response(asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/hub/status")
     async def status() -> dict[str, Any]:
