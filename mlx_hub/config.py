@@ -30,6 +30,42 @@ Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def memory_bytes(value: int | float | str, total: int | None) -> int:
+    """``max_memory`` in bytes: an integer of bytes, a size like ``"48GB"``, or a fraction of ``total``.
+
+    Units are binary whatever their spelling (``48GB`` is 48 GiB), as macOS
+    and every memory gauge count memory. A fraction (``0.75`` or ``"0.75"``)
+    needs the machine's physical memory, ``total``.
+    """
+    if isinstance(value, bool):
+        raise ValueError("max_memory must be a size like '48GB', a fraction like 0.75, or bytes")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text) if "." in text else int(text)
+        except ValueError:
+            match = _SIZE.match(text)
+            if not match:
+                raise ValueError(
+                    f"{value!r} is not a size like '48GB', a fraction like 0.75, or bytes"
+                ) from None
+            unit = (match.group(2) or "").lower().rstrip("b").rstrip("i")
+            return int(float(match.group(1)) * _UNITS[unit])
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"a fraction of physical memory must be between 0 and 1, not {value}")
+        if total is None:
+            raise ValueError("a fractional max_memory needs the machine's memory size, which is unknown here")
+        return int(value * total)
+    if value <= 0:
+        raise ValueError(f"max_memory must be positive, not {value}")
+    return int(value)
+
+
 class ConfigError(ValueError):
     """hub.yaml is unusable; ``problems`` holds one line per thing to fix."""
 
@@ -69,6 +105,7 @@ class ModelConfig(_Strict):
     log_file: str | None = None
     no_log_file: bool = False
     log_level: LogLevel | None = None
+    pinned: bool = False
     # server options, passed through to mlx-openai-server's handler
     model_type: Literal["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"] = "lm"
     context_length: Annotated[int, Field(ge=1)] = 32768
@@ -122,10 +159,26 @@ class HubConfig(_Strict):
     log_level: LogLevel = "INFO"
     log_path: str = str(DEFAULT_HOME / "logs")
     enable_status_page: bool = True
+    max_memory: int | float | str | None = None
+    api_keys: list[str] = Field(default_factory=list)
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)
 
     _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: int | float | str | None) -> int | float | str | None:
+        if value is not None:
+            memory_bytes(value, total=1)  # the form is checked now; a fraction resolves at start
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value):
+            raise ValueError("api_keys must not contain empty keys")
+        return value
 
     def model(self, name: str) -> ModelConfig:
         for entry in self.models:

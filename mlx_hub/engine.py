@@ -107,6 +107,49 @@ def free_memory() -> None:
     mx.clear_cache()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".bin", ".gguf", ".pt")
+
+
+def model_folder(model_path: str) -> Path | None:
+    """The folder holding a model's files: the path itself, or its Hugging Face cache snapshot."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or model_path.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    snapshots = Path(HF_HUB_CACHE) / f"models--{model_path.replace('/', '--')}" / "snapshots"
+    candidates = (
+        sorted(snapshots.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if snapshots.is_dir()
+        else []
+    )
+    return candidates[0] if candidates else None
+
+
+def estimate_bytes(entry: ModelConfig) -> int:
+    """What loading ``entry`` will add, from the size of its weight files (0 if unknown).
+
+    Weights are memory-mapped and materialised at their stored precision, so
+    their size on disk is a close estimate of what the load adds; the hub
+    replaces it with the measured figure once the model has loaded.
+    """
+    folder = model_folder(entry.model_path)
+    if folder is None:
+        return 0
+    total = 0
+    for file in folder.rglob("*"):
+        if file.suffix in WEIGHT_SUFFIXES:
+            try:
+                total += file.stat().st_size  # follows the cache's symlinks to the blobs
+            except OSError:
+                continue
+    return total
+
+
 def handler_class(model_type: str) -> type:
     """The upstream class for ``model_type``; image types need the optional mflux package."""
     if model_type not in HANDLER_CLASSES:

@@ -59,3 +59,8 @@ class CapacityError(HubError):
 
 class NoConfigFileError(HubError):
     status, error_type, code = 409, "invalid_request_error", "no_config_file"
+
+
+class BudgetError(HubError):
+    status, error_type, code = 503, "service_unavailable", "memory_budget_exceeded"
+    retry_after = 5.0

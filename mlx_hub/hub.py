@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import engine, logs, policy
-from .config import HubConfig, ModelConfig, load_config, parse_config
+from .config import HubConfig, ModelConfig, load_config, memory_bytes, parse_config
 from .errors import (
+    BudgetError,
     CapacityError,
     HubError,
     ModelLoadError,
@@ -30,8 +31,10 @@ from .errors import (
     PortStartError,
     UnknownModelError,
 )
+from .metrics import HubMetrics
 from .ports import PortBook, PortError
 from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
+from .web.security import api_keys
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,15 @@ class Hub:
         self._reload_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.budget = self._budget(config)
+        self._api_keys = api_keys(config.api_keys)
+        self.metrics = HubMetrics(self.status)
+
+    @staticmethod
+    def _budget(config: HubConfig) -> int | None:
+        if config.max_memory is None:
+            return None
+        return memory_bytes(config.max_memory, engine.system_memory())
 
     @classmethod
     def from_config(cls, source: ConfigSource, **kwargs: Any) -> Hub:
@@ -282,9 +294,14 @@ class Hub:
         finally:
             slot.waiting -= 1
 
-    def release(self, slot: ModelSlot) -> None:
+    def release(self, slot: ModelSlot, keep_alive: float | None = None) -> None:
+        """Count a request out. ``keep_alive`` (seconds; inf = never) overrides a JIT model's idle timer."""
         slot.active -= 1
         slot.touch()
+        if keep_alive is not None and slot.entry.jit_enabled:
+            slot.keep_alive = keep_alive
+            if keep_alive == 0 and not slot.busy and slot.memory_state is MemoryState.LOADED:
+                self._spawn(self._await_unload(slot, reason="keep_alive"), f"keep-alive:{slot.name}")
         self._notify()
 
     # ------------------------------------------------------ load / unload
@@ -311,49 +328,73 @@ class Hub:
             self._notify()
             raise
         slot.attach(loaded)
+        self.metrics.loaded(slot.name, loaded.load_seconds)
         self._notify()
         log.info(
             "model '%s' loaded in %.2f s (%.1f MB)", slot.name, loaded.load_seconds, loaded.memory_bytes / 1e6
         )
 
     async def _admit(self, slot: ModelSlot) -> None:
-        """Take a place in the slot's group, evicting an idle member or waiting for one.
+        """Take a place in the slot's group and under the memory budget.
 
-        Waits up to the model's ``queue_timeout``; then ``CapacityError`` (429).
+        Evicts idle, unpinned models as the rules allow, else waits up to the
+        model's ``queue_timeout``: then ``CapacityError`` (429) if the group
+        was full, ``BudgetError`` (503) if memory was.
         """
         group = self.config.group(slot.entry.group)
+        slot.estimate = engine.estimate_bytes(slot.entry)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + slot.entry.queue_timeout
         while True:
-            decision = policy.GroupDecision(admit=True)
-            if group is not None and group.max_loaded is not None:
-                trigger = group.idle_unload_trigger_min
-                decision = policy.group_admission(
-                    slot.name,
-                    [s.candidate() for s in self.slots.values() if s.entry.group == group.name],
-                    max_loaded=group.max_loaded,
-                    now=time.monotonic(),
-                    min_idle_seconds=None if trigger is None else trigger * 60.0,
-                )
+            blocker, decision = self._admission(slot, group)
             if decision.admit:
                 slot.set_memory(MemoryState.LOADING)
                 return
-            if decision.evict is not None:
-                log.info(
-                    "group '%s' is full: unloading '%s' for '%s'", slot.entry.group, decision.evict, slot.name
+            if decision.impossible:
+                raise BudgetError(
+                    f"model '{slot.name}' needs about {slot.estimate / 1e9:.2f} GB, more than the whole "
+                    f"max_memory budget ({(self.budget or 0) / 1e9:.2f} GB)",
+                    model=slot.name,
                 )
-                await self._await_unload(self.slots[decision.evict], reason="group")
+            if decision.evict is not None:
+                log.info("%s: unloading '%s' for '%s'", blocker, decision.evict, slot.name)
+                reason = "group" if blocker.startswith("group") else "budget"
+                await self._await_unload(self.slots[decision.evict], reason=reason)
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise CapacityError(
-                    f"group '{slot.entry.group}' is at max_loaded ({group.max_loaded}) and every loaded "
-                    f"member is busy; model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
+                if blocker.startswith("group"):
+                    raise CapacityError(
+                        f"{blocker} is at max_loaded ({group.max_loaded}) and every loaded member is busy; "
+                        f"model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
+                        model=slot.name,
+                    )
+                raise BudgetError(
+                    f"the memory budget ({(self.budget or 0) / 1e9:.2f} GB) is full and every loaded model is "
+                    f"busy or pinned; model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
                     model=slot.name,
                 )
             # Wake on any change, and at least every reap_interval: idle-time
             # eligibility (idle_unload_trigger_min) changes with the clock alone.
             await self._wait_change(min(remaining, self.reap_interval))
+
+    def _admission(self, slot: ModelSlot, group: Any) -> tuple[str, policy.Admission]:
+        """The first rule that does not admit ``slot`` now (group, then budget), and its decision."""
+        if group is not None and group.max_loaded is not None:
+            trigger = group.idle_unload_trigger_min
+            decision = policy.group_admission(
+                slot.name,
+                [s.candidate() for s in self.slots.values() if s.entry.group == group.name],
+                max_loaded=group.max_loaded,
+                now=time.monotonic(),
+                min_idle_seconds=None if trigger is None else trigger * 60.0,
+            )
+            if not decision.admit:
+                return f"group '{group.name}'", decision
+        decision = policy.budget_admission(
+            slot.name, slot.estimate, [s.candidate() for s in self.slots.values()], budget=self.budget
+        )
+        return "memory budget", decision
 
     async def _await_unload(self, slot: ModelSlot, reason: str = "manual") -> None:
         if slot.unload_task is None or slot.unload_task.done():
@@ -375,7 +416,9 @@ class Hub:
             engine.free_memory()
             slot.freed_bytes = before - engine.active_memory()
         slot.memory_bytes = 0
+        slot.keep_alive = None
         slot.set_memory(MemoryState.UNLOADED)
+        self.metrics.unloaded(slot.name, reason)
         self._notify()
         log.info("model '%s' unloaded (%s), %.1f MB freed", slot.name, reason, (slot.freed_bytes or 0) / 1e6)
 
@@ -447,6 +490,8 @@ class Hub:
             # New entries keep hub.yaml's order, which dashboards show.
             self.slots = {name: self.slots[name] for name in new_entries}
             self.config = new
+            self.budget = self._budget(new)
+            self._api_keys = api_keys(new.api_keys)
             if path is not None:
                 self.config_path = path
             result["started"] = await self.start_many(restart)
@@ -502,6 +547,7 @@ class Hub:
                 "cache_bytes": engine.cache_memory(),
                 "models_bytes": sum(s.memory_bytes for s in loaded),
                 "system_total_bytes": engine.system_memory(),
+                "budget_bytes": self.budget,
             },
             "warnings": warnings,
             "groups": groups,
@@ -538,12 +584,33 @@ class Hub:
                 "load_seconds": None if slot.load_seconds is None else round(slot.load_seconds, 3),
                 "load_count": slot.load_count,
                 "freed_bytes": slot.freed_bytes,
+                "pinned": entry.pinned,
+                "keep_alive_seconds": None
+                if slot.keep_alive is None
+                else (-1 if slot.keep_alive == float("inf") else slot.keep_alive),
                 "started_at": slot.port_changed_at if running else None,
                 "log_file": str(log_file) if log_file else None,
             },
         }
 
     # --------------------------------------------------------------- helpers
+
+    def find(self, requested: str) -> ModelSlot | None:
+        """The slot a request's ``model`` means: an entry name, else a model_path.
+
+        Several entries may serve one path; the loaded one wins, then a running one.
+        """
+        if requested in self.slots:
+            return self.slots[requested]
+        matches = [s for s in self.slots.values() if s.entry.model_path == requested]
+        matches.sort(
+            key=lambda s: (s.memory_state is not MemoryState.LOADED, s.port_state is not PortState.RUNNING)
+        )
+        return matches[0] if matches else None
+
+    @property
+    def api_keys(self) -> frozenset[str]:
+        return self._api_keys
 
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)

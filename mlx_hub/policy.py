@@ -6,6 +6,8 @@ so every rule here is a plain function tested without a server.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,8 @@ class Candidate:
     group: str | None = None
     jit: bool = False
     auto_unload_seconds: float | None = None
+    size: int = 0  # bytes it holds: measured once loaded, estimated while loading
+    pinned: bool = False  # never evicted, by a group or by the memory budget
 
 
 def is_idle_expired(model: Candidate, now: float) -> bool:
@@ -43,15 +47,28 @@ def seconds_until_idle_unload(model: Candidate, now: float) -> float | None:
 
 
 @dataclass(frozen=True)
-class GroupDecision:
-    """``admit``: load now. ``evict``: unload that model first, then ask again. Else wait."""
+class Admission:
+    """``admit``: load now. ``evict``: unload that model first, then ask again.
+
+    Neither: wait for a change and ask again; ``impossible``: waiting cannot help.
+    """
 
     admit: bool
     evict: str | None = None
+    impossible: bool = False
 
     @property
     def wait(self) -> bool:
-        return not self.admit and self.evict is None
+        return not self.admit and self.evict is None and not self.impossible
+
+
+ADMIT = Admission(admit=True)
+
+
+def _least_recently_used(victims: Sequence[Candidate]) -> Admission:
+    if not victims:
+        return Admission(admit=False)
+    return Admission(admit=False, evict=min(victims, key=lambda m: m.last_used).name)
 
 
 def group_admission(
@@ -61,7 +78,7 @@ def group_admission(
     max_loaded: int | None,
     now: float,
     min_idle_seconds: float | None = None,
-) -> GroupDecision:
+) -> Admission:
     """May ``loading`` take a place in its group?
 
     Below ``max_loaded`` it may. At the cap, the least recently used member
@@ -71,15 +88,67 @@ def group_admission(
     If none qualifies the caller waits and asks again.
     """
     if max_loaded is None:
-        return GroupDecision(admit=True)
+        return ADMIT
     others = [m for m in members if m.name != loading and m.loaded]
     if len(others) < max_loaded:
-        return GroupDecision(admit=True)
-    victims = [
-        m
-        for m in others
-        if not m.busy and (min_idle_seconds is None or now - m.last_used >= min_idle_seconds)
-    ]
-    if not victims:
-        return GroupDecision(admit=False)
-    return GroupDecision(admit=False, evict=min(victims, key=lambda m: m.last_used).name)
+        return ADMIT
+    return _least_recently_used(
+        [
+            m
+            for m in others
+            if not m.busy
+            and not m.pinned
+            and (min_idle_seconds is None or now - m.last_used >= min_idle_seconds)
+        ]
+    )
+
+
+def budget_admission(
+    loading: str, need: int, models: Sequence[Candidate], *, budget: int | None
+) -> Admission:
+    """Does ``need`` more bytes fit under ``budget`` beside the models already held?
+
+    If not, the least recently used idle, unpinned model (any group) gives way,
+    one at a time until it fits. A model bigger than the whole budget is
+    ``impossible``; everyone busy or pinned means wait.
+    """
+    if budget is None:
+        return ADMIT
+    if need > budget:
+        return Admission(admit=False, impossible=True)
+    others = [m for m in models if m.name != loading and m.loaded]
+    if sum(m.size for m in others) + need <= budget:
+        return ADMIT
+    return _least_recently_used([m for m in others if not m.busy and not m.pinned])
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: object) -> float:
+    """A request's ``keep_alive`` in seconds: ``math.inf`` for never, 0 for right after.
+
+    Accepts what Ollama users send: a number of seconds, a negative number
+    for "never", or a duration string like ``"10m"``, ``"1h30m"``, ``"45s"``.
+    """
+    if isinstance(value, bool):
+        raise ValueError("keep_alive must be seconds or a duration like '10m', not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            negative = text.startswith("-")
+            body = text.lstrip("-")
+            parts = _DURATION.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"keep_alive {value!r} is not seconds or a duration like '10m'") from None
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts) * (-1 if negative else 1)
+    else:
+        raise ValueError(f"keep_alive must be seconds or a duration like '10m', not {type(value).__name__}")
+    if math.isnan(seconds):
+        raise ValueError("keep_alive must be a number")
+    return math.inf if seconds < 0 else seconds

@@ -62,6 +62,8 @@ class ModelSlot:
         self.waiting = 0  # requests waiting for a load or a group place
         self.last_used = time.monotonic()
         self.memory_bytes = 0
+        self.estimate = 0  # bytes a load is expected to add, from the weight files
+        self.keep_alive: float | None = None  # a request's keep_alive, for this residency
         self.load_seconds: float | None = None
         self.freed_bytes: int | None = None
         self.load_count = 0
@@ -95,8 +97,15 @@ class ModelSlot:
             or self.memory_state in (MemoryState.LOADING, MemoryState.UNLOADING)
         )
 
-    def candidate(self) -> Candidate:
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds idle before unloading: a request's keep_alive wins over the config."""
+        if self.keep_alive is not None:
+            return None if self.keep_alive == float("inf") else self.keep_alive
         minutes = self.entry.auto_unload_minutes
+        return None if minutes is None else minutes * 60.0
+
+    def candidate(self) -> Candidate:
         return Candidate(
             name=self.name,
             loaded=self.memory_state in OCCUPYING,
@@ -104,7 +113,9 @@ class ModelSlot:
             last_used=self.last_used,
             group=self.entry.group,
             jit=self.entry.jit_enabled,
-            auto_unload_seconds=None if minutes is None else minutes * 60.0,
+            auto_unload_seconds=self.idle_timeout,
+            size=self.memory_bytes if self.memory_state is MemoryState.LOADED else self.estimate,
+            pinned=self.entry.pinned,
         )
 
     def touch(self) -> None:

@@ -5,7 +5,8 @@
 
 const POLL_MS = 5000;
 const TRANSITIONS = new Set(["starting", "stopping", "loading", "unloading"]);
-const state = { status: null, pending: new Set(), offline: false, timer: null };
+const KEY_STORE = "mlx-hub-api-key";
+const state = { status: null, pending: new Set(), offline: false, needKey: false, timer: null };
 
 // ---------------------------------------------------------------- helpers
 
@@ -42,12 +43,17 @@ function countdown(seconds) {
 }
 
 async function api(method, path) {
-  const response = await fetch(path, { method, headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  const key = sessionStorage.getItem(KEY_STORE);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const response = await fetch(path, { method, headers });
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   if (!response.ok) {
     const message = body && body.error && body.error.message ? body.error.message : `HTTP ${response.status}`;
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -232,14 +238,32 @@ async function refresh() {
     state.status = await api("GET", "/hub/status");
     if (state.offline) flash("Controller is back.", "success");
     state.offline = false;
+    state.needKey = false;
   } catch (error) {
-    if (!state.offline) flash(`Controller not answering (${error.message}); retrying every ${POLL_MS / 1000} s.`, "error");
-    state.offline = true;
+    if (error.status === 401) {
+      if (!state.needKey) flash(sessionStorage.getItem(KEY_STORE) ? "That API key was refused." : "This hub needs an API key.", "warning");
+      sessionStorage.removeItem(KEY_STORE);
+      state.needKey = true;
+    } else {
+      if (!state.offline) flash(`Controller not answering (${error.message}); retrying every ${POLL_MS / 1000} s.`, "error");
+      state.offline = true;
+    }
   }
+  $("key-form").hidden = !state.needKey;
   render();
 }
 
+function useKey(event) {
+  event.preventDefault();
+  const input = $("key-input");
+  sessionStorage.setItem(KEY_STORE, input.value.trim());
+  input.value = "";
+  state.needKey = false;
+  refresh();
+}
+
 function start() {
+  $("key-form").addEventListener("submit", useKey);
   $("btn-refresh").addEventListener("click", () => refresh());
   $("btn-reload").addEventListener("click", () => serviceAction("reload"));
   $("btn-stop").addEventListener("click", () => serviceAction("stop"));

@@ -180,3 +180,26 @@ def test_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_parse_config_accepts_a_dict() -> None:
     cfg = parse_config({"models": [{"name": "a", "model_path": "org/r", "log_level": "debug"}]})
     assert cfg.models[0].log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("value", ["48GB", "512MiB", 1073741824, 0.75, "0.5"])
+def test_max_memory_forms(value: object) -> None:
+    cfg = parse_config(
+        {"max_memory": value, "models": [{"name": "a", "model_path": "org/r", "pinned": True}]}
+    )
+    assert cfg.max_memory == value and cfg.models[0].pinned is True
+
+
+@pytest.mark.parametrize("value", ["lots", "1.5", 0, -5, True])
+def test_max_memory_errors_name_the_field(tmp_path: Path, value: object) -> None:
+    import yaml
+
+    lines = problems(
+        tmp_path, yaml.safe_dump({"max_memory": value, "models": [{"name": "a", "model_path": "x"}]})
+    )
+    assert any("hub: field 'max_memory'" in line for line in lines), lines
+
+
+def test_empty_api_key_is_rejected(tmp_path: Path) -> None:
+    lines = problems(tmp_path, "api_keys: ['ok', ' ']\nmodels:\n  - {name: a, model_path: x}\n")
+    assert any("field 'api_keys'" in line and "empty" in line for line in lines)

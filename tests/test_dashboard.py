@@ -253,3 +253,24 @@ asyncio.run(main())
         [sys.executable, "-S", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert result.returncode == 0 and "page ok" in result.stdout, result.stderr
+
+
+@browser_needed
+async def test_dashboard_asks_for_the_api_key_once(page: Any, hub_config, tiny_llama: Path) -> None:
+    doc = hub_config([{"name": "alpha", "model_path": str(tiny_llama), "default": True}], api_keys=["sekret"])
+    async with LiveController(Hub.from_config(doc), free_port()) as live:
+        await page.goto(f"{live.url}/hub/")
+        await page.locator("#key-form").wait_for()
+        assert "needs an API key" in await page.locator("#flash").inner_text()
+        await page.fill("#key-input", "wrong")
+        await page.click("#key-form button")
+        await page.locator("#flash", has_text="refused").wait_for()
+        await page.fill("#key-input", "sekret")
+        await page.click("#key-form button")
+        await page.wait_for_selector('tr[data-model="alpha"]')
+        assert await page.locator("#key-form").is_hidden()
+        await click(page, "alpha", "unload")  # the key travels with control requests too
+        await expect_toast(page, "alpha: unloaded")
+        await page.reload()  # kept for the browser session: no second prompt
+        await page.wait_for_selector('tr[data-model="alpha"]')
+        assert await page.locator("#key-form").is_hidden()

@@ -18,12 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from .. import __version__
 from ..config import ConfigError
 from ..errors import HubError
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .dashboard import ASSETS, asset
+from .openai_routes import OpenAIRoutes
 from .responses import error_response
+from .security import ApiKeyGuard, SameOriginGuard
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -97,8 +101,23 @@ def envelope(status: int, message: str, error_type: str, code: str | int | None 
     return JSONResponse(body, status_code=status)
 
 
-def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> FastAPI:
-    """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon."""
+def _open_path(path: str) -> bool:
+    """Reachable without a key: health checks, and the dashboard page that asks for one."""
+    return path in ("/health", "/hub", "/hub/") or path.startswith("/hub/assets/")
+
+
+def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> ASGIApp:
+    """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon.
+
+    Layers, outside in: API keys, the cross-site check, ``/v1`` routing by
+    model, then the control API below.
+    """
+    app = _control_app(hub, request_shutdown)
+    routed = OpenAIRoutes(app, hub)
+    return ApiKeyGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys, open_paths=_open_path)
+
+
+def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
     app = FastAPI(
         title="mlx-openai-server-hub",
         version=__version__,
@@ -156,6 +175,11 @@ def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> F
         if not hub.config.enable_status_page or name not in ASSETS or name == "index.html":
             return envelope(404, f"no asset named {name!r}", "invalid_request_error", 404)
         return Response(asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", include_in_schema=True, response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format: states, memory, requests, loads, unloads, tokens."""
+        return Response(hub.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/hub/status")
     async def status() -> dict[str, Any]:

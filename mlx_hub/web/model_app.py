@@ -9,6 +9,7 @@ stream means until the stream ends or the client goes away.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import HubError
 from ..logs import current_model
+from ..metrics import ResponseWatch
+from ..policy import parse_keep_alive
+from .asgi import is_json, json_object, read_body, replay, with_length
 from .responses import error_response
+from .security import ApiKeyGuard
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -31,7 +36,11 @@ def _gated(scope: Scope) -> bool:
 
 
 class LoadGate:
-    """ASGI middleware: ensure loaded, count in flight, stamp last use."""
+    """ASGI middleware: ensure loaded, count in flight, stamp last use, note the outcome.
+
+    It also takes the hub's own per-request option, ``keep_alive``, out of a
+    JSON body before upstream's route (which would reject it) sees the body.
+    """
 
     def __init__(self, app: ASGIApp, hub: Hub, slot: ModelSlot):
         self.app = app
@@ -43,18 +52,41 @@ class LoadGate:
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
+        watch = ResponseWatch(send)
         try:
+            keep_alive = None
+            if is_json(scope):
+                body, gone = await read_body(receive)
+                if gone:
+                    return
+                data = json_object(body)
+                if data is not None and "keep_alive" in data:
+                    try:
+                        keep_alive = parse_keep_alive(data.pop("keep_alive"))
+                    except ValueError as exc:
+                        error = HubError(str(exc), model=self.slot.name)
+                        error.status, error.error_type, error.code = (
+                            400,
+                            "invalid_request_error",
+                            "invalid_keep_alive",
+                        )
+                        await error_response(error)(scope, receive, watch.send)
+                        return
+                    body = json.dumps(data).encode()
+                    scope = with_length(scope, len(body))
+                receive = replay(body, receive)
             try:
                 await self.hub.acquire(self.slot)
             except HubError as exc:
-                await error_response(exc)(scope, receive, send)
+                await error_response(exc)(scope, receive, watch.send)
                 return
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, watch.send)
             finally:
-                self.hub.release(self.slot)
+                self.hub.release(self.slot, keep_alive=keep_alive)
         finally:
             current_model.reset(token)
+            self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
 
 
 def _model_card(slot: ModelSlot) -> dict[str, Any]:
@@ -98,5 +130,6 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
 
     app.include_router(router)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
+    app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     return app

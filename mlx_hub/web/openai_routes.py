@@ -1,0 +1,104 @@
+"""``/v1`` on the controller port: one OpenAI endpoint for every model.
+
+The request's ``model`` (an entry's name, or its model_path) picks the model,
+and the request is handed to that model's own app in this process: no HTTP
+hop, streams pass straight through, and the model's gate applies JIT loading,
+group rules and keep_alive exactly as on its own port.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import HubError, NotRunningError, UnknownModelError
+from .asgi import header, is_json, json_object, read_body, replay
+from .responses import error_response
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+    from ..slot import ModelSlot
+
+
+def _is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class OpenAIRoutes:
+    def __init__(self, app: ASGIApp, hub: Hub):
+        self.app = app
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_v1(scope["path"]) or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD"):
+            if scope["path"].rstrip("/") == "/v1/models":
+                await JSONResponse(self.models())(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)  # 404 in the OpenAI envelope
+            return
+        body, gone = await read_body(receive)
+        if gone:
+            return
+        try:
+            slot = await self._target(scope, body, receive)
+        except HubError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await slot.app(scope, replay(body, receive), send)
+
+    def models(self) -> dict[str, Any]:
+        """Every configured model, loaded or not, with the hub's view of it."""
+        data = []
+        for slot in self.hub.slots.values():
+            data.append(
+                {
+                    "id": slot.name,
+                    "object": "model",
+                    "created": int(slot.port_changed_at or self.hub.started_at or time.time()),
+                    "owned_by": "mlx-openai-server-hub",
+                    "model_path": slot.entry.model_path,
+                    "model_type": slot.entry.model_type,
+                    "process_state": slot.port_state.value,
+                    "memory_state": slot.memory_state.value,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    async def _target(self, scope: Scope, body: bytes, receive: Receive) -> ModelSlot:
+        requested = await self._requested_model(scope, body, receive)
+        available = ", ".join(self.hub.slots) or "none"
+        if not requested:
+            raise UnknownModelError(f"the request names no 'model'; this endpoint serves: {available}")
+        slot = self.hub.find(requested)
+        if slot is None:
+            raise UnknownModelError(
+                f"model '{requested}' not found; available models: {available}", model=requested
+            )
+        if slot.app is None:
+            if not slot.entry.jit_enabled:
+                raise NotRunningError(
+                    f"model '{slot.name}' is not started; start it with "
+                    f"`mlx-openai-server-hub start-model {slot.name}`",
+                    model=slot.name,
+                )
+            await self.hub.start_model(slot.name)  # JIT: the first request starts and loads it
+        return slot
+
+    @staticmethod
+    async def _requested_model(scope: Scope, body: bytes, receive: Receive) -> str | None:
+        if is_json(scope):
+            data = json_object(body)
+            value = data.get("model") if data else None
+            return value if isinstance(value, str) else None
+        if header(scope, b"content-type").startswith("multipart/form-data"):  # audio, image edits
+            async with Request(scope, replay(body, receive)).form() as form:
+                value = form.get("model")
+            return value if isinstance(value, str) else None
+        return None

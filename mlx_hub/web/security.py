@@ -1,0 +1,93 @@
+"""Who may call the hub: API keys on every port, and no cross-site control requests.
+
+Keys come from hub.yaml's ``api_keys`` and the ``MLX_HUB_API_KEY`` variable
+(several separated by commas). Without keys the hub is open, as a local
+server usually is, but a web page on another site still cannot make the
+user's browser press the controller's buttons: control POSTs whose Origin is
+not the controller itself are refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .asgi import header
+
+KEY_ENV = "MLX_HUB_API_KEY"
+
+
+def api_keys(configured: Iterable[str]) -> frozenset[str]:
+    keys = {k for k in configured if k}
+    keys.update(k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip())
+    return frozenset(keys)
+
+
+def _envelope(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ApiKeyGuard:
+    """401 unless ``Authorization: Bearer <key>`` names a configured key (when any is set)."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]], open_paths: Callable[[str], bool]):
+        self.app = app
+        self.keys = keys
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys = self.keys()
+        if (
+            scope["type"] != "http"
+            or not keys
+            or scope["method"] == "OPTIONS"
+            or self.open_paths(scope["path"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = header(scope, b"authorization").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            await self.app(scope, receive, send)
+            return
+        message = "missing or wrong API key: send 'Authorization: Bearer <key>' (one of hub.yaml api_keys)"
+        await _envelope(401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class SameOriginGuard:
+    """403 for state-changing requests to ``/hub/*`` that a page on another site sent."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+            and scope["path"].startswith("/hub")
+        ):
+            reason = self._cross_site(scope)
+            if reason:
+                await _envelope(403, f"cross-site control request refused: {reason}", "cross_site")(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _cross_site(scope: Scope) -> str | None:
+        if header(scope, b"sec-fetch-site").lower() == "cross-site":
+            return "the browser marked it cross-site"
+        origin = header(scope, b"origin")
+        if not origin:
+            return None  # curl, the CLI, scripts: not a browser page
+        host = header(scope, b"host")
+        if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
+            return f"Origin {origin} is not this hub ({host})"
+        return None

@@ -1,0 +1,257 @@
+"""One /v1 for every model, the memory budget, keep_alive, /metrics and API keys."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mlx_hub.hub import Hub
+
+from .helpers import LiveController, free_port, meta
+from .test_hub import eventually, lm
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    """Start a hub with its controller from a hub.yaml-shaped dict; stopped after the test."""
+    running: list[LiveController] = []
+
+    async def go(doc: dict[str, Any]) -> LiveController:
+        live = LiveController(Hub.from_config(doc, reap_interval=0.05), free_port())
+        await live.__aenter__()
+        running.append(live)
+        return live
+
+    yield go
+    for live in running:
+        await live.__aexit__()
+
+
+def gateway(live: LiveController, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0)
+
+
+async def ask(client: openai.AsyncOpenAI, model: str, **extra: Any) -> Any:
+    return await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, **extra
+    )
+
+
+async def test_routes_by_name_and_by_path(
+    start: Start, hub_config, tiny_llama: Path, tiny_qwen: Path
+) -> None:
+    live = await start(
+        hub_config(
+            [lm("llama", tiny_llama, default=True), lm("qwen", tiny_qwen, default=True, jit_enabled=True)]
+        )
+    )
+    client = gateway(live)
+    reply = await ask(client, "llama")
+    assert reply.choices[0].message.content and reply.model == "llama"
+    assert meta(live.hub, "qwen")["memory_state"] == "unloaded"
+    reply = await ask(client, str(tiny_qwen))  # by model_path
+    assert reply.choices[0].message.content
+    assert meta(live.hub, "qwen")["memory_state"] == "loaded"  # JIT load through the controller
+    listed = await client.models.list()
+    assert [m.id for m in listed.data] == ["llama", "qwen"]
+    assert {m.id: m.model_extra["memory_state"] for m in listed.data} == {"llama": "loaded", "qwen": "loaded"}
+    with pytest.raises(openai.NotFoundError) as info:
+        await ask(client, "nope")
+    message = info.value.response.json()["error"]["message"]
+    assert "'nope' not found" in message and "llama, qwen" in message
+
+
+async def test_streaming_passes_through(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("llama", tiny_llama, default=True)]))
+    stream = await ask(gateway(live), "llama", stream=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and len(chunks) > 3
+    assert meta(live.hub, "llama")["in_flight"] == 0
+
+
+async def test_stopped_models_start_on_demand_only_when_jit(
+    start: Start, hub_config, tiny_llama: Path
+) -> None:
+    live = await start(hub_config([lm("jit", tiny_llama, jit_enabled=True), lm("plain", tiny_llama)]))
+    assert (await ask(gateway(live), "jit")).choices
+    assert meta(live.hub, "jit")["process_state"] == "running"
+    with pytest.raises(openai.ConflictError) as info:
+        await ask(gateway(live), "plain")
+    assert "start-model plain" in info.value.response.json()["error"]["message"]
+
+
+async def test_embeddings_through_the_controller(start: Start, hub_config, tiny_embedder: Path) -> None:
+    model = {
+        "name": "embed",
+        "model_path": str(tiny_embedder),
+        "model_type": "embeddings",
+        "jit_enabled": True,
+    }
+    live = await start(hub_config([model]))
+    result = await gateway(live).embeddings.create(model="embed", input=["a", "b"])
+    assert len(result.data) == 2 and len(result.data[0].embedding) == 64
+
+
+def sized(path: Path) -> int:
+    return (path / "model.safetensors").stat().st_size
+
+
+async def test_budget_evicts_lru_and_spares_pinned(
+    start: Start, hub_config, tiny_llama: Path, tiny_qwen: Path
+) -> None:
+    size = sized(tiny_llama)
+    models = [
+        lm("pinned", tiny_qwen, default=True, pinned=True),
+        lm("a", tiny_llama, jit_enabled=True),
+        lm("b", tiny_llama, jit_enabled=True),
+        lm("c", tiny_llama, jit_enabled=True),
+    ]
+    live = await start(hub_config(models, max_memory=int(3.5 * size)))
+    client = gateway(live)
+    await ask(client, "a")
+    await ask(client, "b")
+    await ask(client, "a")  # b is now the least recently used
+    await ask(client, "c")
+    states = {n: meta(live.hub, n)["memory_state"] for n in ("pinned", "a", "b", "c")}
+    assert states == {"pinned": "loaded", "a": "loaded", "b": "unloaded", "c": "loaded"}
+    status = live.hub.status()
+    assert status["memory"]["budget_bytes"] == int(3.5 * size)
+    assert status["memory"]["models_bytes"] <= int(3.5 * size) * 1.1
+
+
+async def test_budget_full_and_busy_answers_503(start: Start, hub_config, tiny_llama: Path) -> None:
+    size = sized(tiny_llama)
+    models = [lm("a", tiny_llama, default=True), lm("b", tiny_llama, jit_enabled=True, queue_timeout=0.3)]
+    live = await start(hub_config(models, max_memory=int(1.5 * size)))
+    await live.hub.acquire(live.hub.slots["a"])
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await ask(gateway(live), "b")
+    finally:
+        live.hub.release(live.hub.slots["a"])
+    assert info.value.status_code == 503
+    error = info.value.response.json()["error"]
+    assert error["code"] == "memory_budget_exceeded" and "busy or pinned" in error["message"]
+    assert (await ask(gateway(live), "b")).choices  # a is idle now: it gives way
+    assert meta(live.hub, "a")["memory_state"] == "unloaded"
+
+
+async def test_model_bigger_than_the_budget_fails_at_once(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("a", tiny_llama, jit_enabled=True)], max_memory=1024))
+    with pytest.raises(openai.InternalServerError) as info:
+        await ask(gateway(live), "a")
+    assert "more than the whole max_memory budget" in info.value.response.json()["error"]["message"]
+
+
+async def test_pinned_model_is_not_evicted_from_its_group(start: Start, hub_config, tiny_llama: Path) -> None:
+    models = [
+        lm("p", tiny_llama, default=True, jit_enabled=True, group="g", pinned=True),
+        lm("x", tiny_llama, default=True, jit_enabled=True, group="g", queue_timeout=0.3),
+    ]
+    live = await start(hub_config(models, groups=[{"name": "g", "max_loaded": 1}]))
+    await ask(gateway(live), "p")
+    with pytest.raises(openai.RateLimitError):
+        await ask(gateway(live), "x")
+    assert meta(live.hub, "p")["memory_state"] == "loaded"
+
+
+async def test_keep_alive_zero_never_and_durations(start: Start, hub_config, tiny_llama: Path) -> None:
+    models = [
+        lm("zero", tiny_llama, default=True, jit_enabled=True),
+        lm("never", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.002),
+    ]
+    live = await start(hub_config(models))
+    client = gateway(live)
+    await ask(client, "zero", extra_body={"keep_alive": 0})
+    await eventually(lambda: meta(live.hub, "zero")["memory_state"] == "unloaded")
+    await ask(client, "never", extra_body={"keep_alive": -1})
+    assert meta(live.hub, "never")["keep_alive_seconds"] == -1
+    await asyncio.sleep(0.5)  # four times its own 0.12 s timer
+    assert await live.hub.reap_idle() == [] and meta(live.hub, "never")["memory_state"] == "loaded"
+    await ask(client, "never", extra_body={"keep_alive": "10m"})
+    assert meta(live.hub, "never")["keep_alive_seconds"] == 600
+    assert meta(live.hub, "never")["idle_seconds_left"] > 590
+    with pytest.raises(openai.BadRequestError) as info:
+        await ask(client, "never", extra_body={"keep_alive": "soon"})
+    assert "keep_alive 'soon'" in info.value.response.json()["error"]["message"]
+
+
+async def test_metrics_parse_and_count(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("m", tiny_llama, default=True, jit_enabled=True)]))
+    client = gateway(live)
+    await ask(client, "m")
+    stream = await ask(client, "m", stream=True, stream_options={"include_usage": True})
+    async for _ in stream:
+        pass
+    with pytest.raises(openai.BadRequestError):
+        await ask(client, "m", extra_body={"keep_alive": "soon"})
+    await live.hub.unload("m")
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{live.url}/metrics")).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    route = "/v1/chat/completions"
+    assert value("mlx_hub_requests_total", model="m", route=route, status="200") == 2
+    assert value("mlx_hub_requests_total", model="m", route=route, status="400") == 1
+    assert value("mlx_hub_request_errors_total", model="m", route=route) == 1
+    assert value("mlx_hub_loads_total", model="m") == 1
+    assert value("mlx_hub_load_seconds_count", model="m") == 1
+    assert value("mlx_hub_unloads_total", model="m", reason="manual") == 1
+    assert value("mlx_hub_generated_tokens_total", model="m") >= 2  # both answers reported usage
+    assert value("mlx_hub_model_loaded", model="m") == 0
+    assert value("mlx_hub_model_port_running", model="m") == 1
+    assert value("mlx_hub_model_memory_state", model="m", state="unloaded") == 1
+
+
+async def test_api_keys_guard_every_port(start: Start, hub_config, tiny_llama: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLX_HUB_API_KEY", "from-env")
+    live = await start(hub_config([lm("m", tiny_llama, default=True)], api_keys=["sekret"]))
+    port = live.hub.slots["m"].port
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{live.url}/health")).status_code == 200
+        assert (await http.get(f"{live.url}/hub/")).status_code == 200  # the page that asks for the key
+        refused = await http.get(f"{live.url}/hub/status")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert (await http.get(f"{live.url}/metrics")).status_code == 401
+        ok = await http.get(f"{live.url}/hub/status", headers={"Authorization": "Bearer sekret"})
+        assert ok.status_code == 200
+        assert (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        await ask(gateway(live, "wrong"), "m")
+    model_port = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await ask(model_port, "m")
+    assert (await ask(gateway(live, "sekret"), "m")).choices
+    model_port = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0)
+    assert (await ask(model_port, "m")).choices
+
+
+async def test_cross_site_control_posts_are_refused(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("m", tiny_llama, default=True)]))
+    async with httpx.AsyncClient(base_url=live.url) as http:
+        host = live.url.removeprefix("http://")
+        evil = await http.post("/hub/models/m/stop", headers={"Origin": "http://evil.example"})
+        assert evil.status_code == 403 and evil.json()["error"]["code"] == "cross_site"
+        marked = await http.post("/hub/models/m/stop", headers={"Sec-Fetch-Site": "cross-site"})
+        assert marked.status_code == 403
+        assert meta(live.hub, "m")["process_state"] == "running"
+        same = await http.post("/hub/models/m/unload", headers={"Origin": f"http://{host}"})
+        assert same.status_code == 200 and same.json()["status"] == "unloaded"
+        assert (await http.post("/hub/models/m/load")).status_code == 200  # no Origin: curl, the CLI
