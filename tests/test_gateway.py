@@ -255,3 +255,22 @@ async def test_cross_site_control_posts_are_refused(start: Start, hub_config, ti
         same = await http.post("/hub/models/m/unload", headers={"Origin": f"http://{host}"})
         assert same.status_code == 200 and same.json()["status"] == "unloaded"
         assert (await http.post("/hub/models/m/load")).status_code == 200  # no Origin: curl, the CLI
+
+
+async def test_responses_and_multipart_routes(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("m", tiny_llama, default=True)]))
+    response = await gateway(live).responses.create(model="m", input="Hello", max_output_tokens=5)
+    assert response.output_text is not None
+    async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+        # Audio uploads name the model in a form field; the router must read it there.
+        files = {"file": ("a.wav", b"RIFF....WAVE", "audio/wav")}
+        unknown = await http.post("/v1/audio/transcriptions", data={"model": "nope"}, files=files)
+        assert unknown.status_code == 404 and "'nope' not found" in unknown.json()["error"]["message"]
+        routed = await http.post("/v1/audio/transcriptions", data={"model": "m"}, files=files)
+        assert routed.status_code != 404  # reached model m's upstream route (which refuses audio for an LM)
+        assert (
+            live.hub.metrics.requests.labels(
+                "m", "/v1/audio/transcriptions", str(routed.status_code)
+            )._value.get()
+            == 1
+        )
