@@ -7,7 +7,7 @@ COMPAT := .compat-1.6.3
 UNAME  := $(shell uname -s)
 DEMO   := .cache/demo
 
-.PHONY: setup run test lint browser clean
+.PHONY: setup run test lint browser bench clean
 
 setup: $(STAMP)
 
@@ -49,12 +49,17 @@ ifneq ($(UNAME),Darwin)
 endif
 
 lint: setup
-	$(BIN)/ruff check mlx_hub tests
-	$(BIN)/ruff format --check mlx_hub tests
+	$(BIN)/ruff check mlx_hub tests benchmarks
+	$(BIN)/ruff format --check mlx_hub tests benchmarks
 
 test: setup $(COMPAT)/.installed lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
+
+# Speed and memory against a process per model and bare mlx-lm; see benchmarks/README.md.
+bench: setup
+	$(BIN)/pip install -q matplotlib
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) .cache .pytest_cache build *.egg-info

@@ -167,6 +167,21 @@ def handler_class(model_type: str) -> type:
     return getattr(module, class_name)
 
 
+def preload(model_types: set[str]) -> None:
+    """Import the handler modules these model types need, ahead of the first load.
+
+    Run in a thread at hub start: a JIT model's first request then pays for
+    its weights, not for importing mlx-lm and transformers (several seconds).
+    Types that cannot load here (image types without mflux) are skipped;
+    their own load reports why.
+    """
+    for model_type in sorted(model_types):
+        try:
+            handler_class(model_type)
+        except EngineError:
+            continue
+
+
 def handler_kwargs(entry: ModelConfig, cls: type) -> dict[str, Any]:
     """The constructor arguments ``cls`` accepts, from the entry's server options.
 
@@ -214,7 +229,9 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
     would blur, and on a machine's few cores two loads at once finish no sooner.
     """
     _check_local_path(entry)
-    cls = handler_class(entry.model_type)
+    # The first import of a handler module pulls in mlx-lm and transformers
+    # (seconds); in a thread it does not stall every other port on the loop.
+    cls = await asyncio.to_thread(handler_class, entry.model_type)
     kwargs = handler_kwargs(entry, cls)
     async with lock or contextlib.nullcontext():
         free_memory()

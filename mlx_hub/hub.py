@@ -115,6 +115,8 @@ class Hub:
             for entry in self.config.models:
                 self.slots[entry.name] = ModelSlot(entry, ports[entry.name], self._host(entry))
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
+            types = {m.model_type for m in self.config.models}
+            self._spawn(asyncio.to_thread(engine.preload, types), "hub:preload")
             self.started_at = time.time()
         wanted = list(names) if names is not None else [m.name for m in self.config.models if m.default]
         for name in wanted:

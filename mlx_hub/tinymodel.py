@@ -64,10 +64,17 @@ def _train_tokenizer(vocab_size: int) -> Any:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    # Printable ASCII, space and newline only (in byte-level BPE's spelling:
+    # bytes 33-126 stand for themselves, space is U+0120, newline U+010A).
+    # A random model then only ever emits tokens that decode to text; with
+    # the full 256-byte alphabet it emits stray UTF-8 continuation bytes,
+    # which a streaming detokenizer rightly holds back until the end.
+    alphabet = [chr(b) for b in range(33, 127)] + [chr(256 + 32), chr(256 + 10)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 20, trainer=trainer)

@@ -1,0 +1,201 @@
+"""Turn one run's measurements into ratios, a markdown table, summary.json and a chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: key: (what it compares, target test, target text)
+TARGETS: dict[str, tuple[str, Any, str]] = {
+    "cold_start_vs_subprocess": ("hub cold start / subprocess per model", lambda r: r <= 0.2, "≤ 0.2"),
+    "cold_start_vs_floor": ("hub cold start / bare mlx_lm.load + first token", lambda r: r <= 1.2, "≤ 1.2"),
+    "extra_model_rss_vs_subprocess": (
+        "RSS a hub model adds beyond weights / subprocess RSS beyond weights",
+        lambda r: r <= 0.1,
+        "≤ 0.1",
+    ),
+    "stream_tps_vs_bare": ("tokens/s via a model port / bare stream_generate", lambda r: r >= 0.95, "≥ 0.95"),
+    "routing_tps_vs_port": (
+        "tokens/s via the controller's /v1 / via the model port",
+        lambda r: r >= 0.97,
+        "≥ 0.97",
+    ),
+    "unload_active_memory_ratio": (
+        "|active after unload − before load| / weights",
+        lambda r: r <= 0.02,
+        "≤ 0.02",
+    ),
+    "cycle_rss_growth": ("RSS growth over the load/unload cycles", lambda r: r < 0.05, "< 0.05"),
+    "swap_vs_bare_load": (
+        "group swap to first token / bare load to first token",
+        lambda r: r <= 1.2,
+        "≤ 1.2",
+    ),
+}
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float]:
+    cold, mem, stream, swap = r["cold_start"], r["memory"], r["streaming"], r["swap"]
+    f16 = mem["qwen05-f16"]
+    return {
+        "cold_start_vs_subprocess": cold["hub"]["median"] / cold["subprocess"]["median"],
+        "cold_start_vs_floor": cold["hub"]["median"] / cold["floor"]["median"],
+        "extra_model_rss_vs_subprocess": f16["hub_extra_beyond_weights"] / f16["subprocess_beyond_weights"],
+        "stream_tps_vs_bare": stream["port"]["median"] / stream["bare"]["median"],
+        "routing_tps_vs_port": stream["controller"]["median"] / stream["port"]["median"],
+        "unload_active_memory_ratio": abs(f16["active_after_unload"] - f16["active_before_load"])
+        / f16["weights_bytes"],
+        "cycle_rss_growth": (mem["cycles"]["rss_last"] - mem["cycles"]["rss_first"])
+        / mem["cycles"]["rss_first"],
+        "swap_vs_bare_load": swap["hub_swap"]["median"] / swap["bare_load"]["median"],
+    }
+
+
+def _s(stat: dict[str, float], unit: str = "s", digits: int = 2) -> str:
+    return f"{stat['median']:.{digits}f} {unit} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+
+
+def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
+    mb = 1e6
+    lines = [
+        f"# Benchmarks: {r['machine']}, {r['date']}",
+        "",
+        f"Profile `{r['profile']}`, {r['reps']} repetitions per measurement, contenders alternated within each",
+        f"repetition; medians with (min–max). Whole run: {r['seconds'] / 60:.1f} min. Models are random weights at",
+        "Qwen2.5-0.5B's shape (16-bit, and 4-bit with mlx-lm's quantization) with a small offline tokenizer.",
+        "",
+        "## Ratios against the targets",
+        "",
+        "| key | compares | value | target | met |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for key, value in ratio.items():
+        what, test, text = TARGETS[key]
+        lines.append(f"| `{key}` | {what} | {value:.3f} | {text} | {'yes' if test(value) else '**no**'} |")
+    cold = r["cold_start"]
+    lines += [
+        "",
+        "## Cold start: request to first token of an unloaded model (Qwen2.5-0.5B shape, 16-bit)",
+        "",
+        "| contender | time |",
+        "| --- | --- |",
+        f"| hub (JIT load in the running process) | {_s(cold['hub'])} |",
+        f"| `mlx-openai-server launch` started on demand | {_s(cold['subprocess'])} |",
+        f"| bare `mlx_lm.load` + first token in a warm process (floor) | {_s(cold['floor'])} |",
+        "",
+        "## Memory",
+        "",
+        "| model | weights | hub: RSS added | hub: beyond weights | subprocess RSS | subprocess beyond weights | MLX active before load → after unload |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name in ("qwen05-f16", "qwen05-q4"):
+        m = r["memory"][name]
+        lines.append(
+            f"| {name} | {m['weights_bytes'] / mb:.0f} MB | {m['hub_added_rss'] / mb:.0f} MB | "
+            f"{m['hub_extra_beyond_weights'] / mb:.0f} MB | {m['subprocess_rss'] / mb:.0f} MB | "
+            f"{m['subprocess_beyond_weights'] / mb:.0f} MB | {m['active_before_load'] / mb:.2f} → {m['active_after_unload'] / mb:.2f} MB |"
+        )
+    cyc = r["memory"]["cycles"]
+    lines += [
+        "",
+        f"RSS over {cyc['count']} load/unload cycles of the 16-bit model: {cyc['rss_first'] / mb:.0f} MB after the "
+        f"first, {cyc['rss_last'] / mb:.0f} MB after the last.",
+        "",
+        f"## Streaming {r['tokens']} tokens (decode tokens/s)",
+        "",
+        "| path | tokens/s | tokens per run |",
+        "| --- | --- | --- |",
+    ]
+    for key, label in (
+        ("port", "hub, the model's own port"),
+        ("controller", "hub, the controller's `/v1`"),
+        ("bare", "bare `stream_generate`"),
+    ):
+        s = r["streaming"][key]
+        lines.append(f"| {label} | {_s(s, 'tok/s', 1)} | {', '.join(str(t) for t in s['tokens'])} |")
+    swap = r["swap"]
+    lines += [
+        "",
+        "## Group swap (max_loaded 1): evict one member, load the other, to first token",
+        "",
+        "| contender | time |",
+        "| --- | --- |",
+        f"| hub swap | {_s(swap['hub_swap'])} |",
+        f"| bare load + first token | {_s(swap['bare_load'])} |",
+        "",
+        "## Concurrency: clients spread across 3 models (non-streaming)",
+        "",
+        "| clients | aggregate tokens/s | p50 latency | max latency |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for level in r["concurrency"]["levels"]:
+        lines.append(
+            f"| {level['clients']} | {level['aggregate_tps']:.1f} | {level['latency_p50_s']:.2f} s | {level['latency_max_s']:.2f} s |"
+        )
+    if r.get("notes"):
+        lines += ["", "## Notes", "", *r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(ratio: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        "cold_start_vs_subprocess",
+        "cold_start_vs_floor",
+        "extra_model_rss_vs_subprocess",
+        "stream_tps_vs_bare",
+    ]
+    targets = [0.2, 1.2, 0.1, 0.95]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(range(len(keys)), [ratio[k] for k in keys], color="#4f7cff")
+    ax.scatter(
+        range(len(keys)), targets, color="#f5a623", marker="_", s=2000, linewidths=3, label="target", zorder=3
+    )
+    for bar, key in zip(bars, keys, strict=True):
+        ax.annotate(
+            f"{ratio[key]:.2f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+        )
+    ax.set_xticks(range(len(keys)), [k.replace("_vs_", "\nvs ") for k in keys], fontsize=8)
+    ax.set_ylabel("ratio")
+    ax.set_title("mlx-openai-server-hub against the alternatives (same run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(r: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    ratio = ratios(r)
+    stem = f"{r['machine']}-{r['date']}"
+    md = out / f"{stem}.md"
+    md.write_text(markdown(r, ratio))
+    summary = out / "summary.json"
+    summary.write_text(
+        json.dumps(
+            {
+                **{k: round(v, 4) for k, v in ratio.items()},
+                "machine": r["machine"],
+                "date": r["date"],
+                "profile": r["profile"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    paths = [md, summary]
+    try:
+        chart(ratio, out / f"{stem}.png")
+        paths.append(out / f"{stem}.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+    return paths
