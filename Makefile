@@ -7,7 +7,7 @@ COMPAT := .compat-1.6.3
 UNAME  := $(shell uname -s)
 DEMO   := .cache/demo
 
-.PHONY: setup run test lint browser bench clean
+.PHONY: setup run test lint browser bench soak clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ lint: setup
 test: setup $(COMPAT)/.installed lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
+
+# The reliability suite at full length (CI runs it with a 15 s soak).
+soak: setup
+	HF_HUB_OFFLINE=1 MLX_HUB_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -s tests/reliability
 
 # Speed and memory against a process per model and bare mlx-lm; see benchmarks/README.md.
 bench: setup

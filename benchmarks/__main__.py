@@ -75,16 +75,20 @@ def weights_size(path: Path) -> int:
 def cold_start(hub: HubProcess, bare: BareWorker, workdir: Path, path: Path, reps: int) -> dict[str, Any]:
     """Request to first token for an unloaded model."""
     hub_s, sub_s, floor_s = [], [], []
+    # The load alone (no first token): what hosting costs before any compute.
+    hub_load, sub_ready, bare_load = [], [], []
     for rep in range(reps):
         order = ["hub", "subprocess", "floor"]
         for contender in order[rep % 3 :] + order[: rep % 3]:
             if contender == "hub":
                 hub.act("cold", "unload")
                 hub_s.append(stream_chat(hub.port_url("cold"), "cold", 1)["first_token_s"])
+                hub_load.append(hub.model("cold")["load_seconds"])
             elif contender == "subprocess":
                 server = LaunchedServer(path, workdir)
                 try:
                     server.wait_ready()
+                    sub_ready.append(time.perf_counter() - server.started)
                     result = stream_chat(f"{server.url}/v1", server.model_id, 1)
                     sub_s.append(
                         time.perf_counter() - server.started - (result["total_s"] - result["first_token_s"])
@@ -92,20 +96,33 @@ def cold_start(hub: HubProcess, bare: BareWorker, workdir: Path, path: Path, rep
                 finally:
                     server.close()
             else:
-                floor_s.append(bare.load_first_token(path)["first_token_s"])
+                result = bare.load_first_token(path)
+                floor_s.append(result["first_token_s"])
+                bare_load.append(result["load_s"])
         log(
             f"  cold start rep {rep + 1}: hub {hub_s[-1]:.2f}s, subprocess {sub_s[-1]:.2f}s, floor {floor_s[-1]:.2f}s"
         )
     hub.act("cold", "unload")
-    return {"hub": summary(hub_s), "subprocess": summary(sub_s), "floor": summary(floor_s)}
+    return {
+        "hub": summary(hub_s),
+        "subprocess": summary(sub_s),
+        "floor": summary(floor_s),
+        "hub_load": summary(hub_load),
+        "subprocess_ready": summary(sub_ready),
+        "bare_load": summary(bare_load),
+    }
 
 
 def memory(hub: HubProcess, workdir: Path, models: dict[str, Path], cycles: int) -> dict[str, Any]:
     """RSS a hosted model adds beyond its weights, against a subprocess serving it; unload and cycles."""
     out: dict[str, Any] = {}
+    # Measured first, on a hub that has loaded nothing yet: RSS added is then
+    # RSS with the model loaded minus this baseline. Pages the allocator keeps
+    # after an earlier unload count against the hub, so this errs against it.
+    baseline_rss = hub.rss()
     for name in ("qwen05-f16", "qwen05-q4"):
         entry = f"mem-{name}"
-        before_rss = hub.rss()
+        before_rss = baseline_rss
         before_active = hub.status()["memory"]["active_bytes"]
         hub.act(entry, "load")
         time.sleep(1)
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="cpu: throughput on a small model (CPU MLX is slow); full: Qwen2.5-0.5B shape throughout",
     )
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (default 3)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (default 5)")
     parser.add_argument(
         "--tokens", type=int, default=128, help="tokens per streaming measurement (default 128)"
     )
@@ -317,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_name(),
     }
     try:
-        log("cold start (Qwen2.5-0.5B shape, 16-bit)")
-        results["cold_start"] = cold_start(hub, bare, workdir / "launch", models["qwen05-f16"], args.reps)
         log("memory")
         results["memory"] = memory(hub, workdir / "launch", models, args.cycles)
+        log("cold start (Qwen2.5-0.5B shape, 16-bit)")
+        results["cold_start"] = cold_start(hub, bare, workdir / "launch", models["qwen05-f16"], args.reps)
         log(f"streaming {args.tokens} tokens ({Path(small).name})")
         results["streaming"] = streaming(hub, bare, models["stream"], args.tokens, args.reps)
         log("group swap (Qwen2.5-0.5B shape, 16-bit)")

@@ -84,9 +84,17 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
         f"| `mlx-openai-server launch` started on demand | {_s(cold['subprocess'])} |",
         f"| bare `mlx_lm.load` + first token in a warm process (floor) | {_s(cold['floor'])} |",
         "",
+        "The load alone, before any compute (the first token then adds the same prefill to every contender):",
+        "",
+        "| contender | time |",
+        "| --- | --- |",
+        f"| hub: JIT load (`load_seconds`) | {_s(cold['hub_load'])} |",
+        f"| subprocess: spawn to `/health` ready | {_s(cold['subprocess_ready'])} |",
+        f"| bare: `mlx_lm.load` | {_s(cold['bare_load'])} |",
+        "",
         "## Memory",
         "",
-        "| model | weights | hub: RSS added | hub: beyond weights | subprocess RSS | subprocess beyond weights | MLX active before load → after unload |",
+        "| model | weights | hub: RSS added (vs. before any load) | hub: beyond weights | subprocess RSS | subprocess beyond weights | MLX active before load → after unload |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name in ("qwen05-f16", "qwen05-q4"):

@@ -41,7 +41,7 @@ def memory_bytes(value: int | float | str, total: int | None) -> int:
     and every memory gauge count memory. A fraction (``0.75`` or ``"0.75"``)
     needs the machine's physical memory, ``total``.
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("max_memory must be a size like '48GB', a fraction like 0.75, or bytes")
     if isinstance(value, str):
         text = value.strip()
@@ -245,14 +245,19 @@ class _Where:
             items = self.raw.get(section) or []
             label = f"{section}[{index}]"
             if index < len(items) and isinstance(items[index], dict) and items[index].get("name"):
-                label = f"{section[:-1]} '{items[index]['name']}' ({label})"
+                label = f"{section[:-1]} {items[index]['name']!r} ({label})"
             return label, loc[2:]
         return "hub", loc
 
     def line(self, loc: tuple[Any, ...], message: str) -> str:
+        """One problem, as ``file: entry: field 'name': message``.
+
+        Names are written with ``repr`` so a key such as ``'`` or an empty one
+        still reads unambiguously.
+        """
         entry, rest = self.entry(loc)
         field = ".".join(str(p) for p in rest) or "(entry)"
-        return f"{self.file}: {entry}: field '{field}': {message}"
+        return f"{self.file}: {entry}: field {field!r}: {message}"
 
 
 def _known_fields(loc: tuple[Any, ...]) -> list[str]:

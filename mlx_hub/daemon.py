@@ -125,7 +125,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = Hub(config, config_path=config_path, model_logs=True)
+    hub = Hub(config, config_path=config_path, model_logs=True, freeze_gc=True)
     # The answer to POST /hub/shutdown is sent before the hub stops.
     app = build_controller_app(hub, request_shutdown=lambda: loop.call_later(0.1, stop.set))
     controller = AppServer(app, config.host, config.port, name="controller")

@@ -234,8 +234,7 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
     cls = await asyncio.to_thread(handler_class, entry.model_type)
     kwargs = handler_kwargs(entry, cls)
     async with lock or contextlib.nullcontext():
-        free_memory()
-        before = active_memory()
+        before = active_memory()  # excludes MLX's buffer cache: no collection needed first
         started = time.perf_counter()
         handler = None
         try:

@@ -152,5 +152,10 @@ class PortBook:
         merged = {n: p for n, p in previous.items() if n not in assigned and p not in in_use}
         merged.update(assigned)
         if merged != previous:
-            atomic_write_json(self.path, merged)
+            try:
+                atomic_write_json(self.path, merged)
+            except OSError as exc:
+                # Serving matters more than remembering: the old file stays
+                # intact (the write is atomic) and the hub carries on.
+                log.warning("could not save %s (%s); ports may differ after a restart", self.path, exc)
         return assigned

@@ -190,7 +190,7 @@ def test_max_memory_forms(value: object) -> None:
     assert cfg.max_memory == value and cfg.models[0].pinned is True
 
 
-@pytest.mark.parametrize("value", ["lots", "1.5", 0, -5, True])
+@pytest.mark.parametrize("value", ["lots", "1.5", 0, -5, True, [1], {"a": 1}])
 def test_max_memory_errors_name_the_field(tmp_path: Path, value: object) -> None:
     import yaml
 
