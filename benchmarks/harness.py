@@ -53,6 +53,16 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (a clean shutdown for both servers), then SIGKILL if it does not end in 60 s."""
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen | None = None
 ) -> None:
@@ -164,11 +174,7 @@ class HubProcess:
 
     def close(self) -> None:
         self.http.close()
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
         self._log.close()
 
 
@@ -219,11 +225,7 @@ class LaunchedServer:
         return rss_bytes(self.process.pid)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
         self._log.close()
 
 
