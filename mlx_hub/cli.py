@@ -476,5 +476,111 @@ def models(config: str | None) -> None:
         console.print(f"group {group.name}: {limit}; members {', '.join(members) or 'none'}")
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+@main.command()
+@config_option
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="Hugging Face cache (default: HF_HUB_CACHE).",
+)
+@click.option(
+    "--add",
+    is_flag=True,
+    help="Append MLX-ready models missing from hub.yaml (keeps comments; writes hub.yaml.bak).",
+)
+def scan(config: str | None, cache_dir: str | None, add: bool) -> None:
+    """List MLX-ready models in the Hugging Face cache, and which hub.yaml entry serves each."""
+    from .registry import add_to_config
+    from .registry import scan as scan_cache
+
+    path, cfg = _load(config)
+    try:
+        found = scan_cache(cache_dir, cfg)
+    except Exception as exc:  # huggingface_hub's CacheNotFound and corrupted-cache errors
+        fail(f"cannot scan the Hugging Face cache: {exc}")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("REPO", "MLX", "ARCH", "QUANT", "SIZE", "ENTRY", "PORT", "SNAPSHOT"):
+        table.add_column(column, justify="right" if column in ("SIZE", "PORT") else "left")
+    for m in found:
+        table.add_row(
+            m.repo_id,
+            "yes" if m.mlx_ready else Text("no", style="dim"),
+            m.architecture or "-",
+            f"{m.quantization_bits}-bit" if m.quantization_bits else "-",
+            f"{m.size_on_disk / 1e9:.2f} GB" if m.size_on_disk >= 1e8 else f"{m.size_on_disk / 1e6:.1f} MB",
+            m.entry or "-",
+            str(m.port) if m.port else "-",
+            str(m.snapshot),
+        )
+    console.print(table)
+    missing = [m.repo_id for m in found if m.mlx_ready and m.entry is None]
+    if not add:
+        if missing:
+            console.print(f"{len(missing)} MLX-ready model(s) not in {path}; `scan --add` appends them.")
+        return
+    added = add_to_config(path, missing)
+    if added:
+        ok(
+            f"added {', '.join(added)} to {path} (previous version: {path.name}.bak); run `reload` to serve them"
+        )
+    else:
+        warn("nothing to add: every MLX-ready model in the cache is already in hub.yaml")
+
+
+@main.group()
+def export() -> None:
+    """Publish this hub's models to other tools."""
+
+
+@export.command("litellm")
+@config_option
+@click.option(
+    "--hub", "hubs", multiple=True, help="A running hub's URL (repeatable); default: this config's models."
+)
+@click.option(
+    "--via",
+    type=click.Choice(["controller", "port"]),
+    default="controller",
+    show_default=True,
+    help="Point each model at the controller's /v1 or at its own port.",
+)
+@click.option("--host", help="Host name clients should use (default: the hub's host; 127.0.0.1 for 0.0.0.0).")
+@click.option("--api-key", envvar="MLX_HUB_API_KEY", help="Key for --hub URLs (default: $MLX_HUB_API_KEY).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of printing.")
+def export_litellm(
+    config: str | None,
+    hubs: tuple[str, ...],
+    via: str,
+    host: str | None,
+    api_key: str | None,
+    output: str | None,
+) -> None:
+    """A LiteLLM model_list for this hub, or for several running hubs behind one gateway."""
+    import yaml
+
+    from .registry import litellm_from_hubs, litellm_model_list
+
+    try:
+        if hubs:
+            entries = litellm_from_hubs(list(hubs), api_key)
+        else:
+            _, cfg = _load(config)
+            entries = litellm_model_list(cfg, via=via, host=host)
+    except Exception as exc:
+        fail(f"cannot build the LiteLLM config: {exc}")
+    text = yaml.safe_dump({"model_list": entries}, sort_keys=False)
+    if output:
+        from .fsutil import atomic_write_text
+
+        atomic_write_text(output, text)
+        ok(f"wrote {len(entries)} model(s) to {output}")
+    else:
+        click.echo(text, nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import gc
 import importlib
 import importlib.util
@@ -100,11 +102,32 @@ def cache_memory() -> int:
 
 
 def free_memory() -> None:
-    """Return dropped arrays to the system: collect cycles, then empty MLX's buffer cache."""
+    """Return dropped arrays to the system: collect cycles, empty MLX's buffer cache, trim the heap.
+
+    On Linux (CPU MLX), glibc keeps freed multi-megabyte tensors in the
+    arenas of the threads that allocated them, so RSS stays up by a whole
+    model after its unload; ``malloc_trim`` hands those pages back. macOS has
+    no such call, and MLX's Metal buffers are returned by ``clear_cache``.
+    """
     import mlx.core as mx
 
     gc.collect()
     mx.clear_cache()
+    _trim_heap()
+
+
+@functools.cache
+def _libc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".bin", ".gguf", ".pt")

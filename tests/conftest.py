@@ -12,6 +12,9 @@ import pytest
 from .helpers import free_port, free_range
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach for the network
+os.environ.setdefault(
+    "LITELLM_LOCAL_MODEL_COST_MAP", "True"
+)  # LiteLLM fetches one from GitHub at import otherwise
 
 
 @pytest.fixture(scope="session")

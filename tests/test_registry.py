@@ -1,0 +1,158 @@
+"""The Hugging Face cache scan, hub.yaml additions that keep comments, and LiteLLM export."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mlx_hub.config import load_config
+from mlx_hub.hub import Hub
+from mlx_hub.registry import litellm_from_hubs, litellm_model_list, scan
+from mlx_hub.tinymodel import make_model
+
+from .helpers import LiveController, free_port, free_range
+
+ENV = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def cache_repo(cache: Path, repo_id: str, folder: Path) -> Path:
+    """Lay ``folder`` out as the cache does: content-addressed blobs, a snapshot of symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    sha = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / sha
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in folder.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("hf")
+    cache = work / "hub"
+    small = {"hidden_size": 64, "intermediate_size": 128}
+    mlx = make_model(work / "src-mlx", arch="llama")
+    quant = make_model(work / "src-q4", arch="qwen2", shape=small, quantize_bits=4)
+    raw = work / "src-raw"  # a Hugging Face checkpoint: no MLX metadata, no quantization block
+    shutil.copytree(mlx, raw)
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"model.embed_tokens.weight": np.zeros((4, 4), dtype=np.float16)}, str(raw / "model.safetensors")
+    )
+    return {
+        "cache": cache,
+        "snapshots": {
+            "acme/tiny-chat": cache_repo(cache, "acme/tiny-chat", mlx),
+            "mlx-community/tiny-q4": cache_repo(cache, "mlx-community/tiny-q4", quant),
+            "acme/raw-model": cache_repo(cache, "acme/raw-model", raw),
+        },
+    }
+
+
+def test_scan_finds_mlx_models_with_their_details(hf_cache: dict[str, Any]) -> None:
+    found = {m.repo_id: m for m in scan(hf_cache["cache"])}
+    assert set(found) == {"acme/tiny-chat", "mlx-community/tiny-q4", "acme/raw-model"}
+    chat, q4, raw = found["acme/tiny-chat"], found["mlx-community/tiny-q4"], found["acme/raw-model"]
+    assert chat.mlx_ready and chat.architecture == "LlamaForCausalLM" and chat.quantization_bits is None
+    assert q4.mlx_ready and q4.quantization_bits == 4 and q4.architecture == "Qwen2ForCausalLM"
+    assert not raw.mlx_ready  # needs mlx_lm.convert first
+    assert chat.snapshot == hf_cache["snapshots"]["acme/tiny-chat"] and chat.size_on_disk > 100_000
+
+
+HUB_YAML = """\
+# My hub: keep this comment.
+host: 127.0.0.1
+port: {port}
+log_path: {logs}   # state lives here
+models:
+  # the one I use every day
+  - name: daily
+    model_path: acme/tiny-chat
+    port: {model_port}
+"""
+
+
+def test_scan_cli_marks_served_models_and_adds_the_rest(hf_cache: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    original = HUB_YAML.format(port=free_port(), logs=tmp_path / "logs", model_port=free_range())
+    path.write_text(original)
+    run = [
+        sys.executable,
+        "-m",
+        "mlx_hub.cli",
+        "scan",
+        "--cache",
+        str(hf_cache["cache"]),
+        "--config",
+        str(path),
+    ]
+    listed = subprocess.run(run, capture_output=True, text=True, env=ENV, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = {
+        line.split()[0]: line.split()
+        for line in listed.stdout.splitlines()
+        if line.split() and "/" in line.split()[0]
+    }
+    assert "daily" in rows["acme/tiny-chat"]  # the ENTRY column names the serving entry
+    assert "4-bit" in rows["mlx-community/tiny-q4"] and "daily" not in rows["mlx-community/tiny-q4"]
+    assert rows["acme/raw-model"][1] == "no"
+    assert "1 MLX-ready model(s) not in" in listed.stdout
+
+    added = subprocess.run([*run, "--add"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert "added tiny-q4" in added.stdout
+    text = path.read_text()
+    assert (tmp_path / "hub.yaml.bak").read_text() == original
+    for comment in ("# My hub: keep this comment.", "# state lives here", "# the one I use every day"):
+        assert comment in text
+    assert text.index("name: daily") < text.index("name: tiny-q4")
+    cfg = load_config(path)
+    assert [m.name for m in cfg.models] == ["daily", "tiny-q4"]
+    assert cfg.models[1].model_path == "mlx-community/tiny-q4" and cfg.models[1].jit_enabled
+    again = subprocess.run([*run, "--add"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert "nothing to add" in again.stdout and (tmp_path / "hub.yaml.bak").read_text() == original
+
+
+async def test_litellm_router_reaches_a_live_hub(
+    hub_config, tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    litellm = pytest.importorskip("litellm")  # conftest keeps it from fetching its cost map
+    port = free_port()  # the controller must listen where the config says: --via controller points there
+    doc = hub_config(
+        [{"name": "chat", "model_path": str(tiny_llama), "default": True, "context_length": 2048}],
+        api_keys=["sekret"],
+        port=port,
+    )
+    async with LiveController(Hub.from_config(doc), port) as live:
+        from_config = litellm_model_list(live.hub.config, via="port")
+        entry = from_config[0]
+        assert entry["model_name"] == "chat" and entry["litellm_params"]["model"] == "openai/chat"
+        assert entry["litellm_params"]["api_key"] == "sekret"
+        assert entry["model_info"]["max_input_tokens"] == 2048
+        # Synchronous (the CLI calls it); in a thread so this loop can serve the hub meanwhile.
+        from_hubs = await asyncio.to_thread(litellm_from_hubs, [live.url], "sekret")
+        assert [e["litellm_params"]["api_base"] for e in from_hubs] == [f"{live.url}/v1"]
+        for model_list in (from_config, litellm_model_list(live.hub.config, via="controller"), from_hubs):
+            text = yaml.safe_dump({"model_list": model_list})
+            router = litellm.Router(model_list=yaml.safe_load(text)["model_list"])
+            reply = await router.acompletion(
+                model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+            assert reply.choices[0].message.content is not None
