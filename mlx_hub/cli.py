@@ -462,7 +462,7 @@ def models(config: str | None) -> None:
         table.add_row(
             m.name,
             m.model_type,
-            str(m.port) if m.port else "auto",
+            str(m.port) if m.port else "auto",  # a number or auto:<range>
             "yes" if m.jit_enabled else "no",
             f"{m.auto_unload_minutes:g} min" if m.auto_unload_minutes else "-",
             m.group or "-",
@@ -529,6 +529,64 @@ def scan(config: str | None, cache_dir: str | None, add: bool) -> None:
         )
     else:
         warn("nothing to add: every MLX-ready model in the cache is already in hub.yaml")
+
+
+@main.command()
+@config_option
+@click.argument("repo")
+@click.option(
+    "--convert",
+    type=click.Choice(["auto", "force", "skip"]),
+    default="auto",
+    show_default=True,
+    help="auto: convert only checkpoints that are not MLX-ready; force: always; skip: never.",
+)
+@click.option("--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting.")
+@click.option(
+    "--add", is_flag=True, help="Append an entry for it to hub.yaml (keeps comments; writes hub.yaml.bak)."
+)
+def ensure(config: str | None, repo: str, convert: str, quantize: int | None, add: bool) -> None:
+    """Download REPO (or use the cache) and convert it to MLX when it needs it."""
+    from .registry import add_to_config
+    from .registry import ensure as ensure_repo
+
+    path = _path(config) if add else None
+    try:
+        result = ensure_repo(repo, convert=convert, quantize=quantize)
+    except Exception as exc:  # huggingface_hub (offline, unknown repo) and mlx_lm.convert errors
+        fail(f"cannot ensure {repo}: {exc}")
+    if result.converted:
+        ok(f"{repo}: converted to MLX in {result.model_path} (from {result.source})")
+    else:
+        ok(f"{repo}: MLX-ready in the Hugging Face cache")
+    if path is not None:
+        added = add_to_config(path, [result.model_path])
+        if added:
+            ok(f"added {', '.join(added)} to {path}; run `reload` to serve it")
+        else:
+            warn(f"{path} already serves {result.model_path}")
+
+
+@main.command()
+@config_option
+@click.argument("target")
+@click.option(
+    "--to", "to", required=True, type=click.Path(file_okay=False), help="Backroom folder to move it into."
+)
+def offload(config: str | None, target: str, to: str) -> None:
+    """Move the base weights of a converted model (repo id or folder) out of the cache.
+
+    Only the recorded source of a conversion qualifies, and never while a
+    hub.yaml entry serves from it.
+    """
+    from .registry import offload as offload_weights
+
+    _, cfg = _load(config)
+    try:
+        moved = offload_weights(target, Path(to).expanduser(), cfg)
+    except ValueError as exc:
+        fail(str(exc))
+    ok(f"moved {target} to {moved}")
 
 
 @main.group()

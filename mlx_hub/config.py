@@ -96,7 +96,7 @@ class ModelConfig(_Strict):
 
     name: str
     model_path: str
-    port: Port | None = None
+    port: int | str | None = None  # a number, or "auto:<range>" for the lowest free port in a named range
     host: str | None = None
     jit_enabled: bool = False
     auto_unload_minutes: Annotated[float, Field(gt=0)] | None = None
@@ -127,6 +127,30 @@ class ModelConfig(_Strict):
 
     _check_name = field_validator("name", "group")(lambda v: None if v is None else _check_slug(v))
     _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port_form(cls, value: Any) -> Any:
+        """One check for every form, so an error is one line rather than pydantic's per-branch noise."""
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= 65535:
+                raise ValueError(f"port must be between 1 and 65535, not {value}")
+            return value
+        if isinstance(value, str) and re.fullmatch(r"auto:[A-Za-z0-9][A-Za-z0-9_-]*", value):
+            return value
+        raise ValueError(f"port must be a number, or auto:<range> naming one of port_ranges, not {value!r}")
+
+    @property
+    def fixed_port(self) -> int | None:
+        """The port hub.yaml pins, if it is a number."""
+        return self.port if isinstance(self.port, int) else None
+
+    @property
+    def port_range(self) -> str | None:
+        """The named range an ``auto:<range>`` port draws from."""
+        return self.port.partition(":")[2] if isinstance(self.port, str) else None
 
     @field_validator("auto_unload_minutes")
     @classmethod
@@ -161,6 +185,7 @@ class HubConfig(_Strict):
     enable_status_page: bool = True
     max_memory: int | float | str | None = None
     api_keys: list[str] = Field(default_factory=list)
+    port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)
 
@@ -172,6 +197,25 @@ class HubConfig(_Strict):
         if value is not None:
             memory_bytes(value, total=1)  # the form is checked now; a fraction resolves at start
         return value
+
+    @field_validator("port_ranges", mode="before")
+    @classmethod
+    def _ranges(cls, value: Any) -> Any:
+        """Accept ``team: 47900-47949`` as well as ``team: [47900, 47949]``."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, span in value.items():
+            if isinstance(span, str):
+                match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", span)
+                if not match:
+                    raise ValueError(f"range {name!r} must look like 47900-47949, not {span!r}")
+                span = [int(match.group(1)), int(match.group(2))]
+            if isinstance(span, list | tuple) and len(span) == 2 and all(type(p) is int for p in span):
+                if span[0] > span[1]:
+                    raise ValueError(f"range {name!r} starts after it ends ({span[0]} > {span[1]})")
+            out[name] = span
+        return out
 
     @field_validator("api_keys")
     @classmethod
@@ -313,16 +357,22 @@ def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
 
     claimed: dict[int, str] = {cfg.port: "the hub controller (port)"}
     for i, entry in enumerate(cfg.models):
-        if entry.port is None:
-            continue
-        if entry.port in claimed:
+        if entry.port_range is not None and entry.port_range not in cfg.port_ranges:
+            known = ", ".join(sorted(cfg.port_ranges)) or "none defined"
             problems.append(
                 where.line(
-                    ("models", i, "port"), f"port {entry.port} is already used by {claimed[entry.port]}"
+                    ("models", i, "port"), f"unknown port range '{entry.port_range}' (port_ranges: {known})"
                 )
             )
+        port = entry.fixed_port
+        if port is None:
+            continue
+        if port in claimed:
+            problems.append(
+                where.line(("models", i, "port"), f"port {port} is already used by {claimed[port]}")
+            )
         else:
-            claimed[entry.port] = f"model '{entry.name}'"
+            claimed[port] = f"model '{entry.name}'"
 
     for i, group in enumerate(cfg.groups):
         if group.idle_unload_trigger_min is None:

@@ -68,22 +68,27 @@ def assign_ports(
     previous: dict[str, int],
     is_free: Callable[[int], bool],
     held: dict[str, int] | None = None,
+    ranges: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, int]:
-    """Give every model a port: explicit first, then its previous one, then the next free.
+    """Give every model a port: pinned first, then its previous one, then the lowest free.
 
-    ``held`` are ports this hub itself is serving right now (by model name);
-    they count as free for their owner and taken for everyone else, since a
-    probe cannot tell our own listener from a stranger's. Pure apart from
-    ``is_free``, so the policy is testable without sockets.
+    A model with ``port: auto:<range>`` draws from that named range (its
+    previous port only counts if it lies inside); the others from
+    ``starting_port`` upwards. ``held`` are ports this hub itself serves right
+    now (by model name); they count as free for their owner and taken for
+    everyone else, since a probe cannot tell our own listener from a
+    stranger's. Pure apart from ``is_free``, so the policy is testable
+    without sockets.
     """
     models = list(models)
     held = held or {}
+    ranges = ranges or {}
     taken: set[int] = {controller_port}
     result: dict[str, int] = {}
     for entry in models:
-        if entry.port is not None:
-            result[entry.name] = entry.port
-            taken.add(entry.port)
+        if entry.fixed_port is not None:
+            result[entry.name] = entry.fixed_port
+            taken.add(entry.fixed_port)
     taken.update(port for name, port in held.items() if result.get(name, port) == port)
 
     def usable(name: str, port: int) -> bool:
@@ -91,25 +96,29 @@ def assign_ports(
             return True
         return port not in taken and is_free(port)
 
-    # Pass 1: everyone whose previous port is still usable keeps it, before any
-    # newcomer is placed, so list order in hub.yaml never moves a model.
+    def span(entry: ModelConfig) -> tuple[int, int]:
+        return ranges[entry.port_range] if entry.port_range is not None else (starting_port, MAX_PORT)
+
+    # Pass 1: everyone whose previous port is still usable (and in its range)
+    # keeps it, before any newcomer is placed, so hub.yaml order never moves a model.
     for entry in models:
         old = previous.get(entry.name)
-        if entry.name not in result and old is not None and usable(entry.name, old):
+        low, high = span(entry)
+        if entry.name not in result and old is not None and low <= old <= high and usable(entry.name, old):
             result[entry.name] = old
             taken.add(old)
     # Ports remembered for models that left the config stay reserved too: a
     # model that comes back gets its old URL.
     taken.update(port for name, port in previous.items() if name not in result)
-    # Pass 2: newcomers (and models whose old port was taken) get the next free.
+    # Pass 2: newcomers (and models whose old port was taken) get the lowest free.
     for entry in models:
         if entry.name in result:
             continue
-        port = starting_port
-        while not usable(entry.name, port):
-            port += 1
-            if port > MAX_PORT:
-                raise PortError(f"no free port from {starting_port} upwards for model '{entry.name}'")
+        low, high = span(entry)
+        port = next((p for p in range(low, high + 1) if usable(entry.name, p)), None)
+        if port is None:
+            where = f"range '{entry.port_range}' ({low}-{high})" if entry.port_range else f"{low} upwards"
+            raise PortError(f"no free port in {where} for model '{entry.name}'")
         if entry.name in previous:
             log.warning(
                 "model '%s': its previous port %d is taken; now on %d", entry.name, previous[entry.name], port
@@ -145,6 +154,7 @@ class PortBook:
             previous=previous,
             is_free=lambda port: is_port_free(cfg.host, port),
             held=held,
+            ranges=cfg.port_ranges,
         )
         # Keep entries for models that left the config, so a model that comes
         # back gets its old port, unless a current model now holds that port.

@@ -90,7 +90,7 @@ def scan(cache_dir: str | Path | None = None, config: HubConfig | None = None) -
     if config is not None:
         ports = PortBook.for_config(config).load()
         for entry in config.models:
-            served[entry.model_path] = (entry.name, entry.port or ports.get(entry.name))
+            served[entry.model_path] = (entry.name, entry.fixed_port or ports.get(entry.name))
     found = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
         if repo.repo_type != "model" or not repo.revisions:
@@ -127,6 +127,10 @@ def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
     yaml = YAML(typ="rt")
     yaml.preserve_quotes = True
     original = path.read_text(encoding="utf-8")
+    # Keep the file's own list style: "models:\n  - name:" (indented dashes) or "- name:" flush.
+    dash = re.search(r"^( *)- ", original, re.MULTILINE)
+    offset = len(dash.group(1)) if dash else 2
+    yaml.indent(mapping=2, sequence=offset + 2, offset=offset)
     document = yaml.load(original)
     models = document.setdefault("models", [])
     taken = {m.get("name") for m in models if isinstance(m, dict)}
@@ -164,6 +168,111 @@ def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
     return added
 
 
+# --------------------------------------------------------------------------- ensure / offload
+
+SOURCE_FILE = "hub_source.json"  # written beside converted weights: where they came from
+
+
+def converted_dir(repo_id: str, bits: int | None) -> Path:
+    """Where ``ensure`` puts a conversion: inside the Hugging Face cache folder, by repo and bits."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    suffix = f"-{bits}bit" if bits else ""
+    return Path(HF_HUB_CACHE) / "mlx-hub-converted" / f"{repo_id.replace('/', '--')}{suffix}"
+
+
+@dataclass(frozen=True)
+class Ensured:
+    repo_id: str
+    model_path: str  # what hub.yaml should serve: the repo id, or the converted folder
+    converted: bool
+    source: Path | None = None  # the base weights a conversion was made from
+
+
+def ensure(repo_id: str, *, convert: str = "auto", quantize: int | None = None) -> Ensured:
+    """Make ``repo_id`` servable: download it (or use the cache), convert it to MLX if needed.
+
+    ``convert``: ``auto`` converts only checkpoints that are not MLX-ready,
+    ``force`` always converts, ``skip`` never does (and fails for a checkpoint
+    that needs it). Downloads go through huggingface_hub, so
+    ``HF_HUB_OFFLINE=1`` serves from the cache alone.
+    """
+    from huggingface_hub import snapshot_download
+
+    if convert not in ("auto", "force", "skip"):
+        raise ValueError("convert must be auto, force or skip")
+    snapshot = Path(snapshot_download(repo_id))
+    _, _, ready = describe(repo_id, snapshot)
+    if convert == "skip" or (convert == "auto" and ready and not quantize):
+        if not ready:
+            raise ValueError(f"{repo_id} is not MLX-ready; run ensure with --convert auto to convert it")
+        return Ensured(repo_id, repo_id, converted=False)
+    target = converted_dir(repo_id, quantize)
+    if not (target / SOURCE_FILE).exists():
+        from mlx_lm import convert as mlx_convert
+
+        if target.exists():
+            shutil.rmtree(target)  # a conversion that did not finish
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mlx_convert(str(snapshot), mlx_path=str(target), quantize=bool(quantize), q_bits=quantize)
+        record = {"source_repo": repo_id, "source_snapshot": str(snapshot), "quantize_bits": quantize}
+        atomic_write_text(target / SOURCE_FILE, json.dumps(record, indent=2) + "\n")
+    return Ensured(repo_id, str(target), converted=True, source=snapshot)
+
+
+def conversion_sources(cache_root: Path | None = None) -> dict[str, list[Path]]:
+    """Base repos that conversions were made from, with the converted folders that record them."""
+    root = cache_root or converted_dir("x/x", None).parent
+    sources: dict[str, list[Path]] = {}
+    for record in sorted(root.glob(f"*/{SOURCE_FILE}")) if root.is_dir() else []:
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        sources.setdefault(data.get("source_repo", ""), []).append(record.parent)
+    return sources
+
+
+def offload(repo_or_path: str, to: Path, config: HubConfig) -> Path:
+    """Move base weights that no configured model serves from to backroom storage ``to``.
+
+    Only the recorded source of a conversion qualifies, and only while no
+    hub.yaml entry points at it (by repo id or into its folder).
+    """
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    path = Path(repo_or_path).expanduser()
+    if path.exists():
+        folder = path.resolve()
+        repo_id = next((r for r in conversion_sources() if _cache_folder(r, HF_HUB_CACHE) == folder), None)
+    else:
+        repo_id = repo_or_path
+        folder = _cache_folder(repo_or_path, HF_HUB_CACHE)
+    if repo_id is None or repo_id not in conversion_sources():
+        raise ValueError(
+            f"{repo_or_path} is not the recorded source of a converted model; only those are offloaded"
+        )
+    users = [
+        m.name
+        for m in config.models
+        if m.model_path == repo_id or Path(m.model_path).expanduser().resolve().is_relative_to(folder)
+    ]
+    if users:
+        raise ValueError(f"refusing to move {repo_id}: model(s) {', '.join(users)} serve from it")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} does not exist (already offloaded?)")
+    to.mkdir(parents=True, exist_ok=True)
+    destination = to / folder.name
+    if destination.exists():
+        raise ValueError(f"{destination} already exists; choose another --to")
+    shutil.move(str(folder), str(destination))
+    return destination
+
+
+def _cache_folder(repo_id: str, cache: str) -> Path:
+    return (Path(cache) / f"models--{repo_id.replace('/', '--')}").resolve()
+
+
 # --------------------------------------------------------------------------- LiteLLM
 
 
@@ -180,7 +289,7 @@ def litellm_model_list(
     out = []
     for entry in config.models:
         server = host or _connect(entry.host or config.host)
-        port = config.port if via == "controller" else (entry.port or ports.get(entry.name))
+        port = config.port if via == "controller" else (entry.fixed_port or ports.get(entry.name))
         if port is None:
             raise ValueError(
                 f"model '{entry.name}' has no port yet; start the hub once or use --via controller"

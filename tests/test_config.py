@@ -80,7 +80,7 @@ def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
     ("text", "entry", "field", "words"),
     [
         ("models:\n  - {name: 'bad name', model_path: x}\n", "models[0]", "name", "letters, digits"),
-        ("models:\n  - {name: a, model_path: x, port: '8001'}\n", "model 'a'", "port", "integer"),
+        ("models:\n  - {name: a, model_path: x, port: '8001'}\n", "model 'a'", "port", "must be a number"),
         ("models:\n  - {name: a, model_path: x, port: 70000}\n", "model 'a'", "port", "65535"),
         (
             "models:\n  - {name: a, model_path: x, auto_unload_minutes: 5}\n",
@@ -203,3 +203,30 @@ def test_max_memory_errors_name_the_field(tmp_path: Path, value: object) -> None
 def test_empty_api_key_is_rejected(tmp_path: Path) -> None:
     lines = problems(tmp_path, "api_keys: ['ok', ' ']\nmodels:\n  - {name: a, model_path: x}\n")
     assert any("field 'api_keys'" in line and "empty" in line for line in lines)
+
+
+def test_port_ranges_and_auto_ports(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "port_ranges": {"team": "47900-47949", "exp": [48000, 48099]},
+            "models": [
+                {"name": "a", "model_path": "x", "port": "auto:team"},
+                {"name": "b", "model_path": "x", "port": 47860},
+            ],
+        }
+    )
+    assert cfg.port_ranges == {"team": (47900, 47949), "exp": (48000, 48099)}
+    assert cfg.models[0].port_range == "team" and cfg.models[0].fixed_port is None
+    assert cfg.models[1].fixed_port == 47860 and cfg.models[1].port_range is None
+    lines = problems(
+        tmp_path,
+        "port_ranges: {team: 47900-47949, bad: 5-1}\nmodels:\n  - {name: a, model_path: x, port: 'auto:nope'}\n",
+    )
+    assert any("hub: field 'port_ranges'" in line and "starts after it ends" in line for line in lines), lines
+    lines = problems(
+        tmp_path,
+        "port_ranges: {team: 47900-47949}\nmodels:\n  - {name: a, model_path: x, port: 'auto:nope'}\n",
+    )
+    assert any("field 'port': unknown port range 'nope' (port_ranges: team)" in line for line in lines), lines
+    lines = problems(tmp_path, "models:\n  - {name: a, model_path: x, port: 'later'}\n")
+    assert any("field 'port'" in line and "auto:<range>" in line for line in lines), lines

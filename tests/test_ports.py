@@ -99,3 +99,61 @@ def test_bind_socket_names_a_taken_port() -> None:
         port = holder.getsockname()[1]
         with pytest.raises(PortError, match=f"port {port} on 127.0.0.1 is already in use"):
             bind_socket("127.0.0.1", port)
+
+
+def test_auto_range_takes_the_lowest_free_port_in_its_range() -> None:
+    models = [
+        ModelConfig(name=n, model_path="x", port=p)
+        for n, p in (("a", "auto:team"), ("b", "auto:team"), ("c", None))
+    ]
+    got = assign_ports(
+        models,
+        controller_port=8000,
+        starting_port=47850,
+        previous={},
+        is_free=lambda p: p != 47901,
+        ranges={"team": (47900, 47910)},
+    )
+    assert got == {"a": 47900, "b": 47902, "c": 47850}
+
+
+def test_previous_port_outside_the_range_is_not_kept() -> None:
+    models = [ModelConfig(name="a", model_path="x", port="auto:exp")]
+    got = assign_ports(
+        models,
+        controller_port=8000,
+        starting_port=47850,
+        previous={"a": 47850},
+        is_free=lambda p: True,
+        ranges={"exp": (48000, 48001)},
+    )
+    assert got == {"a": 48000}
+
+
+def test_full_range_names_the_range() -> None:
+    models = [ModelConfig(name=n, model_path="x", port="auto:tiny") for n in ("a", "b")]
+    with pytest.raises(PortError, match=r"no free port in range 'tiny' \(48000-48000\) for model 'b'"):
+        assign_ports(
+            models,
+            controller_port=8000,
+            starting_port=47850,
+            previous={},
+            is_free=lambda p: True,
+            ranges={"tiny": (48000, 48000)},
+        )
+
+
+def test_portbook_places_auto_range_ports_inside_their_range(tmp_path: Path) -> None:
+    low = free_port()
+    cfg = parse_config(
+        {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "log_path": str(tmp_path),
+            "port_ranges": {"team": [low, min(low + 20, 65535)]},
+            "models": [{"name": "a", "model_path": "x", "port": "auto:team"}],
+        }
+    )
+    port = PortBook.for_config(cfg).assign(cfg)["a"]
+    assert low <= port <= low + 20
+    assert json.loads((tmp_path / "ports.json").read_text()) == {"a": port}

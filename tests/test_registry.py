@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -123,6 +124,7 @@ def test_scan_cli_marks_served_models_and_adds_the_rest(hf_cache: dict[str, Any]
     for comment in ("# My hub: keep this comment.", "# state lives here", "# the one I use every day"):
         assert comment in text
     assert text.index("name: daily") < text.index("name: tiny-q4")
+    assert "\n  - name: daily\n" in text and "\n  - name: tiny-q4\n" in text  # the file's own list style
     cfg = load_config(path)
     assert [m.name for m in cfg.models] == ["daily", "tiny-q4"]
     assert cfg.models[1].model_path == "mlx-community/tiny-q4" and cfg.models[1].jit_enabled
@@ -156,3 +158,72 @@ async def test_litellm_router_reaches_a_live_hub(
                 model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
             )
             assert reply.choices[0].message.content is not None
+
+
+def hf_checkpoint(source: Path, target: Path) -> Path:
+    """A Hugging Face-format copy of a generated model: the same tensors, saved as PyTorch would tag them."""
+    import mlx.core as mx
+
+    shutil.copytree(source, target)
+    weights = mx.load(str(source / "model.safetensors"))
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "pt"})
+    return target
+
+
+def test_ensure_converts_offline_and_offload_guards_what_is_served(tmp_path: Path, tiny_llama: Path) -> None:
+    cache = tmp_path / "hub"
+    cache_repo(cache, "acme/tiny-hf", hf_checkpoint(tiny_llama, tmp_path / "src-hf"))
+    cache_repo(cache, "mlx-community/tiny-ready", tiny_llama)
+    path = tmp_path / "hub.yaml"
+    path.write_text(
+        f"# hand-written\nport: {free_port()}\nlog_path: {tmp_path / 'logs'}\nmodels:\n  - name: keep\n    model_path: mlx-community/tiny-ready\n"
+    )
+    env = {**ENV, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "mlx_hub.cli", *args, "--config", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    ready = cli("ensure", "mlx-community/tiny-ready")
+    assert ready.returncode == 0 and "MLX-ready in the Hugging Face cache" in ready.stdout, ready.stderr
+    refused = cli("ensure", "acme/tiny-hf", "--convert", "skip")
+    assert refused.returncode == 1 and "not MLX-ready" in refused.stderr
+    missing = cli("ensure", "acme/not-cached")
+    assert missing.returncode == 1 and "cannot ensure acme/not-cached" in missing.stderr
+
+    converted = cli("ensure", "acme/tiny-hf", "--quantize", "4", "--add")
+    assert converted.returncode == 0, converted.stderr
+    target = cache / "mlx-hub-converted" / "acme--tiny-hf-4bit"
+    record = json.loads((target / "hub_source.json").read_text())
+    assert record["source_repo"] == "acme/tiny-hf" and record["quantize_bits"] == 4
+    assert json.loads((target / "config.json").read_text())["quantization"]["bits"] == 4
+    cfg = load_config(path)
+    assert cfg.models[-1].model_path == str(target) and "# hand-written" in path.read_text()
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(target))
+    assert mlx_lm.generate(model, tokenizer, "Hello", max_tokens=3) is not None
+
+    # The base checkpoint may go to the backroom only while nothing serves from it.
+    with path.open("a") as handle:
+        handle.write("  - name: base\n    model_path: acme/tiny-hf\n")
+    blocked = cli("offload", "acme/tiny-hf", "--to", str(tmp_path / "backroom"))
+    assert blocked.returncode == 1 and "model(s) base serve from it" in blocked.stderr
+    path.write_text(path.read_text().replace("  - name: base\n    model_path: acme/tiny-hf\n", ""))
+    not_source = cli("offload", "mlx-community/tiny-ready", "--to", str(tmp_path / "backroom"))
+    assert not_source.returncode == 1 and "not the recorded source" in not_source.stderr
+    moved = cli("offload", "acme/tiny-hf", "--to", str(tmp_path / "backroom"))
+    assert moved.returncode == 0, moved.stderr
+    assert (tmp_path / "backroom" / "models--acme--tiny-hf" / "refs" / "main").exists()
+    assert not (cache / "models--acme--tiny-hf").exists() and (target / "model.safetensors").exists()
+
+
+def test_add_keeps_a_flush_list_style(tmp_path: Path) -> None:
+    from mlx_hub.registry import add_to_config
+
+    path = tmp_path / "hub.yaml"
+    path.write_text("models:\n- name: a  # first\n  model_path: org/a\n")
+    assert add_to_config(path, ["org/b-model"]) == ["b-model"]
+    text = path.read_text()
+    assert "- name: a  # first\n" in text and "\n- name: b-model\n" in text
+    assert [m.name for m in load_config(path).models] == ["a", "b-model"]
