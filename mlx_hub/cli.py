@@ -255,7 +255,8 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
 
 def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> None:
     from . import logs
-    from .daemon import DaemonError, connect_host, serve
+    from .daemon import DaemonError, serve
+    from .ports import connect_host
 
     logs.setup(cfg, console=True)
     url = f"http://{connect_host(cfg.host)}:{cfg.port}"

@@ -25,7 +25,7 @@ from . import __version__, logs
 from .config import ConfigError, HubConfig, find_config, load_config
 from .fsutil import atomic_write_json, atomic_write_text, read_json
 from .hub import Hub
-from .ports import PortError
+from .ports import PortError, connect_host
 from .web.controller import build_controller_app
 from .web.server import AppServer
 
@@ -37,11 +37,6 @@ PID_FILE = "hub.pid"
 
 class DaemonError(RuntimeError):
     """The hub cannot run; the message says what to do."""
-
-
-def connect_host(host: str) -> str:
-    """Where a local client reaches a server bound to ``host``."""
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 @dataclass(frozen=True)

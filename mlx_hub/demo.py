@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     path = prepare(Path(args.cache).resolve(), args.port, args.starting_port)
     from . import logs
     from .cli import print_status
-    from .daemon import connect_host, serve
+    from .daemon import serve
+    from .ports import connect_host
 
     cfg = load_config(path)
     logs.setup(cfg, console=True)

@@ -133,6 +133,13 @@ def _trim_heap() -> None:
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".bin", ".gguf", ".pt")
 
 
+def hf_cache_repo(repo_id: str) -> Path:
+    """The Hugging Face cache's folder for a model repo (``models--org--name``)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+
+
 def model_folder(model_path: str) -> Path | None:
     """The folder holding a model's files: the path itself, or its Hugging Face cache snapshot."""
     path = Path(model_path).expanduser()
@@ -141,10 +148,9 @@ def model_folder(model_path: str) -> Path | None:
     if path.is_absolute() or model_path.count("/") != 1:
         return None
     try:
-        from huggingface_hub.constants import HF_HUB_CACHE
+        snapshots = hf_cache_repo(model_path) / "snapshots"
     except ImportError:
         return None
-    snapshots = Path(HF_HUB_CACHE) / f"models--{model_path.replace('/', '--')}" / "snapshots"
     candidates = (
         sorted(snapshots.glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
         if snapshots.is_dir()

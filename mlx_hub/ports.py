@@ -26,6 +26,11 @@ class PortError(RuntimeError):
     """A port cannot be had; the message names the port and who wanted it."""
 
 
+def connect_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host`` (0.0.0.0 is not an address)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
 def _bind_host(host: str) -> str:
     return "" if host in ("0.0.0.0", "") else host
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import HubConfig, load_config
+from .engine import hf_cache_repo
 from .fsutil import atomic_write_text
-from .ports import PortBook
+from .ports import PortBook, connect_host
 
 WEIGHT_GLOBS = ("*.safetensors", "*.npz")
 
@@ -239,15 +240,13 @@ def offload(repo_or_path: str, to: Path, config: HubConfig) -> Path:
     Only the recorded source of a conversion qualifies, and only while no
     hub.yaml entry points at it (by repo id or into its folder).
     """
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     path = Path(repo_or_path).expanduser()
     if path.exists():
         folder = path.resolve()
-        repo_id = next((r for r in conversion_sources() if _cache_folder(r, HF_HUB_CACHE) == folder), None)
+        repo_id = next((r for r in conversion_sources() if hf_cache_repo(r).resolve() == folder), None)
     else:
         repo_id = repo_or_path
-        folder = _cache_folder(repo_or_path, HF_HUB_CACHE)
+        folder = hf_cache_repo(repo_or_path).resolve()
     if repo_id is None or repo_id not in conversion_sources():
         raise ValueError(
             f"{repo_or_path} is not the recorded source of a converted model; only those are offloaded"
@@ -269,15 +268,7 @@ def offload(repo_or_path: str, to: Path, config: HubConfig) -> Path:
     return destination
 
 
-def _cache_folder(repo_id: str, cache: str) -> Path:
-    return (Path(cache) / f"models--{repo_id.replace('/', '--')}").resolve()
-
-
 # --------------------------------------------------------------------------- LiteLLM
-
-
-def _connect(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def litellm_model_list(
@@ -288,7 +279,7 @@ def litellm_model_list(
     keys = sorted(config.api_keys)
     out = []
     for entry in config.models:
-        server = host or _connect(entry.host or config.host)
+        server = host or connect_host(entry.host or config.host)
         port = config.port if via == "controller" else (entry.fixed_port or ports.get(entry.name))
         if port is None:
             raise ValueError(
