@@ -4,8 +4,8 @@ All models share one process, so upstream's loguru messages carry no model
 name of their own. The hub marks each request and each load with the model it
 serves (a context variable, which asyncio tasks and ``to_thread`` inherit), and
 a loguru patcher copies that mark onto every record; per-model sinks filter on
-it. Records without a mark (upstream's own worker threads start with an empty
-context) go to the hub log.
+it. Threads that upstream starts for a model inherit its mark when they start.
+Records without a mark (the hub's own work) go to the hub log.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,29 @@ def setup(config: HubConfig, *, console: bool, detached: bool = False) -> Path:
 
 
 def _patch(record: dict[str, Any]) -> None:
-    record["extra"].setdefault("hub_model", current_model.get())
+    model = current_model.get() or getattr(threading.current_thread(), "_hub_model", None)
+    record["extra"].setdefault("hub_model", model)
+
+
+def _tag_threads() -> None:
+    """Threads take the model mark of the code that starts them.
+
+    Context variables do not cross into new threads, so without this the
+    lines of upstream's inference and batching threads would lose their
+    model. Executor threads are shared across models and skipped: work sent
+    to them through ``asyncio.to_thread`` carries its context anyway.
+    """
+    if getattr(threading.Thread.start, "_hub_tagging", False):
+        return
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if not self.name.startswith(("asyncio_", "ThreadPoolExecutor")):
+            self._hub_model = current_model.get()  # type: ignore[attr-defined]
+        original(self)
+
+    start._hub_tagging = True  # type: ignore[attr-defined]
+    threading.Thread.start = start  # type: ignore[method-assign]
 
 
 def _to_hub_log(message: Any) -> None:
@@ -98,6 +121,7 @@ def _setup_loguru(level: str) -> None:
         return
     logger.remove()
     _model_sinks.clear()
+    _tag_threads()
     logger.configure(patcher=_patch)
     logger.add(_to_hub_log, level=level, format="{message}")
 

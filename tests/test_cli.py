@@ -133,7 +133,10 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
         base_url=f"http://127.0.0.1:{ports['beta']}/v1", api_key="x"
     ).chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert reply.choices[0].message.content is not None
-    assert "Initialized MLXHandler" in (logs / "beta.log").read_text()
+    beta_log = (logs / "beta.log").read_text()
+    assert "Initialized MLXHandler" in beta_log  # the load, in beta's context
+    assert "BatchScheduler admitted" in beta_log  # upstream's own scheduler thread, started for beta
+    assert "BatchScheduler admitted" not in (logs / "hub.log").read_text()
     assert not (logs / "gamma.log").exists()  # no_log_file
 
     out = cli(path, "start-model", "gamma")
