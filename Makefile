@@ -58,7 +58,7 @@ test: setup $(COMPAT)/.installed lint browser
 
 # The reliability suite at full length (CI runs it with a 15 s soak).
 soak: setup
-	HF_HUB_OFFLINE=1 MLX_HUB_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -s tests/reliability
+	HF_HUB_OFFLINE=1 MLX_HUB_SOAK_SECONDS=60 $(BIN)/python -m pytest -q -s -m reliability tests/reliability
 
 # Speed and memory against a process per model and bare mlx-lm; see benchmarks/README.md.
 bench: setup

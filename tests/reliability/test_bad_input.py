@@ -44,6 +44,8 @@ VALUES = st.one_of(
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
 )
 
+pytestmark = pytest.mark.reliability  # `make soak` runs these at full length
+
 
 def entries(known: list[str], required: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
     """Entries with real fields, typos and junk values, or not a mapping at all."""

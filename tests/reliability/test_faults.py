@@ -26,6 +26,8 @@ from mlx_hub.hub import Hub
 from ..helpers import base_url, meta
 from ..test_hub import chat, eventually, lm
 
+pytestmark = pytest.mark.reliability  # `make soak` runs these at full length
+
 
 def copy_model(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)

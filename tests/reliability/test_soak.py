@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from mlx_hub import engine
 from mlx_hub.hub import Hub
@@ -24,6 +25,8 @@ from ..test_hub import lm
 SOAK_SECONDS = float(os.environ.get("MLX_HUB_SOAK_SECONDS", "15"))
 CLIENTS = 8
 REQUEST_TIMEOUT = 60.0
+
+pytestmark = pytest.mark.reliability  # `make soak` runs these at full length
 
 
 def open_fds() -> int:
