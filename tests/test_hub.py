@@ -188,12 +188,13 @@ async def test_idle_trigger_protects_recent_members(
         lm("a", tiny_llama, default=True, jit_enabled=True, group="g"),
         lm("b", tiny_qwen, default=True, jit_enabled=True, group="g", queue_timeout=0.3),
     ]
-    groups = [{"name": "g", "max_loaded": 1, "idle_unload_trigger_min": 0.01}]  # 0.6 s
+    groups = [{"name": "g", "max_loaded": 1, "idle_unload_trigger_min": 0.05}]  # 3 s
     hub = await make_hub(hub_config(models, groups=groups))
     await chat(hub, "a")
+    hub.slots["a"].touch()  # a was just used: 3 s must pass before it may give way; b waits 0.3 s
     with pytest.raises(openai.RateLimitError):
-        await chat(hub, "b")  # a is idle, but not for 0.6 s yet
-    await asyncio.sleep(0.7)
+        await chat(hub, "b")
+    hub.slots["a"].last_used -= 3.5  # as if a had been idle for 3.5 s (the monotonic clock, not a sleep)
     assert await chat(hub, "b")
     assert meta(hub, "a")["memory_state"] == "unloaded"
 
