@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
                 f'-d \'{{"model": "{row["id"]}", "messages": [{{"role": "user", "content": "Hello"}}], '
                 f'"max_tokens": 16}}\''
             )
-        print(f"dashboard: {url}/hub/   every model through one endpoint: {url}/v1 (\"model\": name)", flush=True)
+        print(
+            f'dashboard: {url}/hub/   every model through one endpoint: {url}/v1 ("model": name)', flush=True
+        )
         print(f"config: {path}   Ctrl-C stops the hub", flush=True)
 
     asyncio.run(serve(cfg, config_path=path, on_ready=ready))
