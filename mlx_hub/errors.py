@@ -18,22 +18,16 @@ class HubError(RuntimeError):
         self.message = message
         self.model = model
 
-    def envelope(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": "model" if self.model else None,
-                "code": self.code,
-            }
-        }
-
 
 class UnknownModelError(HubError, KeyError):
     status, error_type, code = 404, "invalid_request_error", "model_not_found"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
+
+
+class InvalidKeepAliveError(HubError):
+    status, error_type, code = 400, "invalid_request_error", "invalid_keep_alive"
 
 
 class NotRunningError(HubError):

@@ -174,12 +174,17 @@ def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
 SOURCE_FILE = "hub_source.json"  # written beside converted weights: where they came from
 
 
-def converted_dir(repo_id: str, bits: int | None) -> Path:
-    """Where ``ensure`` puts a conversion: inside the Hugging Face cache folder, by repo and bits."""
+def converted_root() -> Path:
+    """Where ``ensure`` keeps conversions: a folder inside the Hugging Face cache."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    return Path(HF_HUB_CACHE) / "mlx-hub-converted"
+
+
+def converted_dir(repo_id: str, bits: int | None) -> Path:
+    """One conversion's folder, by repo and bits."""
     suffix = f"-{bits}bit" if bits else ""
-    return Path(HF_HUB_CACHE) / "mlx-hub-converted" / f"{repo_id.replace('/', '--')}{suffix}"
+    return converted_root() / f"{repo_id.replace('/', '--')}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -221,9 +226,9 @@ def ensure(repo_id: str, *, convert: str = "auto", quantize: int | None = None) 
     return Ensured(repo_id, str(target), converted=True, source=snapshot)
 
 
-def conversion_sources(cache_root: Path | None = None) -> dict[str, list[Path]]:
+def conversion_sources() -> dict[str, list[Path]]:
     """Base repos that conversions were made from, with the converted folders that record them."""
-    root = cache_root or converted_dir("x/x", None).parent
+    root = converted_root()
     sources: dict[str, list[Path]] = {}
     for record in sorted(root.glob(f"*/{SOURCE_FILE}")) if root.is_dir() else []:
         try:

@@ -26,7 +26,7 @@ from ..errors import HubError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .dashboard import ASSETS, asset
 from .openai_routes import OpenAIRoutes
-from .responses import error_response
+from .responses import error_json, error_response
 from .security import ApiKeyGuard, SameOriginGuard
 
 if TYPE_CHECKING:
@@ -96,11 +96,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def envelope(status: int, message: str, error_type: str, code: str | int | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
 def _open_path(path: str) -> bool:
     """Reachable without a key: health checks, and the dashboard page that asks for one."""
     return path in ("/health", "/hub", "/hub/") or path.startswith("/hub/assets/")
@@ -132,22 +127,22 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
     @app.exception_handler(ConfigError)
     async def config_error(_: Request, exc: ConfigError) -> JSONResponse:
         message = "hub.yaml was not applied; the running config keeps serving:\n" + "\n".join(exc.problems)
-        return envelope(400, message, "invalid_request_error", "config_invalid")
+        return error_json(400, message, "invalid_request_error", "config_invalid")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("controller request failed")
-        return envelope(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error")
+        return error_json(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return envelope(exc.status_code, str(exc.detail), "invalid_request_error", exc.status_code)
+        return error_json(exc.status_code, str(exc.detail), "invalid_request_error", exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
-        return envelope(422, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
+        return error_json(422, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
@@ -163,7 +158,7 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
     @app.get("/hub/", include_in_schema=False)
     async def dashboard() -> Response:
         if not hub.config.enable_status_page:
-            return envelope(
+            return error_json(
                 404, "the status page is disabled (enable_status_page: false)", "invalid_request_error", 404
             )
         return Response(
@@ -173,7 +168,7 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
     @app.get("/hub/assets/{name}", include_in_schema=False)
     async def dashboard_asset(name: str) -> Response:
         if not hub.config.enable_status_page or name not in ASSETS or name == "index.html":
-            return envelope(404, f"no asset named {name!r}", "invalid_request_error", 404)
+            return error_json(404, f"no asset named {name!r}", "invalid_request_error", 404)
         return Response(asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics", include_in_schema=True, response_class=Response)

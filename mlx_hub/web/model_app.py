@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import HubError
+from ..errors import HubError, InvalidKeepAliveError
 from ..logs import current_model
 from ..metrics import ResponseWatch
 from ..policy import parse_keep_alive
@@ -64,12 +64,7 @@ class LoadGate:
                     try:
                         keep_alive = parse_keep_alive(data.pop("keep_alive"))
                     except ValueError as exc:
-                        error = HubError(str(exc), model=self.slot.name)
-                        error.status, error.error_type, error.code = (
-                            400,
-                            "invalid_request_error",
-                            "invalid_keep_alive",
-                        )
+                        error = InvalidKeepAliveError(str(exc), model=self.slot.name)
                         await error_response(error)(scope, receive, watch.send)
                         return
                     body = json.dumps(data).encode()

@@ -1,4 +1,4 @@
-"""One way to turn a hub error into an HTTP response, used by every app."""
+"""One way to write an error, OpenAI's ``{"error": {...}}`` envelope, used by every app."""
 
 from __future__ import annotations
 
@@ -7,8 +7,26 @@ from starlette.responses import JSONResponse
 from ..errors import HubError
 
 
+def error_json(
+    status: int,
+    message: str,
+    error_type: str,
+    code: str | int | None,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def error_response(exc: HubError) -> JSONResponse:
-    headers = {}
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(int(exc.retry_after))
-    return JSONResponse(exc.envelope(), status_code=exc.status, headers=headers)
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
+    return error_json(
+        exc.status,
+        exc.message,
+        exc.error_type,
+        exc.code,
+        param="model" if exc.model else None,
+        headers=headers,
+    )

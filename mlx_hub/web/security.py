@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .asgi import header
+from .responses import error_json
 
 KEY_ENV = "MLX_HUB_API_KEY"
 
@@ -26,11 +26,6 @@ def api_keys(configured: Iterable[str]) -> frozenset[str]:
     keys = {k for k in configured if k}
     keys.update(k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip())
     return frozenset(keys)
-
-
-def _envelope(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ApiKeyGuard:
@@ -57,7 +52,9 @@ class ApiKeyGuard:
             await self.app(scope, receive, send)
             return
         message = "missing or wrong API key: send 'Authorization: Bearer <key>' (one of hub.yaml api_keys)"
-        await _envelope(401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await error_json(
+            401, message, "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )(scope, receive, send)
 
 
 class SameOriginGuard:
@@ -74,9 +71,12 @@ class SameOriginGuard:
         ):
             reason = self._cross_site(scope)
             if reason:
-                await _envelope(403, f"cross-site control request refused: {reason}", "cross_site")(
-                    scope, receive, send
-                )
+                await error_json(
+                    403,
+                    f"cross-site control request refused: {reason}",
+                    "invalid_request_error",
+                    "cross_site",
+                )(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
