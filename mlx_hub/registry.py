@@ -245,14 +245,15 @@ def offload(repo_or_path: str, to: Path, config: HubConfig) -> Path:
     Only the recorded source of a conversion qualifies, and only while no
     hub.yaml entry points at it (by repo id or into its folder).
     """
+    sources = conversion_sources()
     path = Path(repo_or_path).expanduser()
     if path.exists():
         folder = path.resolve()
-        repo_id = next((r for r in conversion_sources() if hf_cache_repo(r).resolve() == folder), None)
+        repo_id = next((r for r in sources if hf_cache_repo(r).resolve() == folder), None)
     else:
         repo_id = repo_or_path
         folder = hf_cache_repo(repo_or_path).resolve()
-    if repo_id is None or repo_id not in conversion_sources():
+    if repo_id is None or repo_id not in sources:
         raise ValueError(
             f"{repo_or_path} is not the recorded source of a converted model; only those are offloaded"
         )
