@@ -132,6 +132,18 @@ def _write_tokenizer(folder: Path, vocab_size: int, max_length: int) -> dict[str
     }
 
 
+def text_only_logit_bias(path: str | os.PathLike[str]) -> dict[str, int]:
+    """An OpenAI ``logit_bias`` that keeps a generated model from sampling its special tokens.
+
+    Random weights make ``<|im_end|>`` as likely as any other token, so a reply
+    can legitimately end after one token with no text. Requests that need text
+    back (a test asserting on content, a stream expected to have several chunks)
+    send this bias and get exactly ``max_tokens`` tokens of plain text.
+    """
+    config = json.loads((Path(path) / "tokenizer_config.json").read_text())
+    return {token_id: -100 for token_id in config["added_tokens_decoder"]}
+
+
 def _save(folder: Path, model: Any, config: dict[str, Any]) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten

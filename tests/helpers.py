@@ -1,9 +1,12 @@
-"""Small helpers the tests share: free ports and status lookups."""
+"""Small helpers the tests share: free ports, status lookups, request arguments."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
+
+from mlx_hub.tinymodel import text_only_logit_bias
 
 
 def free_port() -> int:
@@ -29,6 +32,19 @@ def free_range(width: int = 8) -> int:
         if ok:
             return start
     raise RuntimeError("no free port range")
+
+
+def text_only(model_path: str | Path) -> dict[str, Any]:
+    """Request arguments that make a generated model answer with text, never an early stop.
+
+    A random model may pick its end-of-turn token first and reply with nothing;
+    tests that assert on content send this. A folder without a tokenizer (a test
+    of a broken model) gets no bias and fails the way it would anyway.
+    """
+    try:
+        return {"logit_bias": text_only_logit_bias(model_path)}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def base_url(hub: Any, name: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from mlx_hub import engine
 from mlx_hub.config import ModelConfig
+from mlx_hub.tinymodel import text_only_logit_bias
 
 
 def entry(path: Path | str, **kw) -> ModelConfig:
@@ -86,3 +87,15 @@ async def test_corrupt_weights_fail_and_free(tiny_llama: Path, tmp_path: Path) -
         await engine.load(entry(broken))
     engine.free_memory()
     assert engine.active_memory() - before < 64 * 1024
+
+
+def test_text_only_bias_covers_exactly_the_special_tokens(tiny_llama: Path) -> None:
+    """The bias tests lean on must name the end-of-turn token and leave plain text alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    bias = text_only_logit_bias(tiny_llama)
+    ids = {int(i) for i in bias}
+    assert tokenizer.eos_token_id in ids and set(tokenizer.all_special_ids) <= ids
+    assert ids == set(tokenizer.added_tokens_decoder)  # and no ordinary token
+    assert set(bias.values()) == {-100}

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_hub.hub import Hub
 
-from .helpers import LiveController, free_port, meta
+from .helpers import LiveController, free_port, meta, text_only
 from .test_hub import eventually, lm
 
 Start = Callable[..., Any]
@@ -55,10 +55,10 @@ async def test_routes_by_name_and_by_path(
         )
     )
     client = gateway(live)
-    reply = await ask(client, "llama")
+    reply = await ask(client, "llama", **text_only(tiny_llama))
     assert reply.choices[0].message.content and reply.model == "llama"
     assert meta(live.hub, "qwen")["memory_state"] == "unloaded"
-    reply = await ask(client, str(tiny_qwen))  # by model_path
+    reply = await ask(client, str(tiny_qwen), **text_only(tiny_qwen))  # by model_path
     assert reply.choices[0].message.content
     assert meta(live.hub, "qwen")["memory_state"] == "loaded"  # JIT load through the controller
     listed = await client.models.list()
@@ -72,7 +72,9 @@ async def test_routes_by_name_and_by_path(
 
 async def test_streaming_passes_through(start: Start, hub_config, tiny_llama: Path) -> None:
     live = await start(hub_config([lm("llama", tiny_llama, default=True)]))
-    stream = await ask(gateway(live), "llama", stream=True, stream_options={"include_usage": True})
+    stream = await ask(
+        gateway(live), "llama", stream=True, stream_options={"include_usage": True}, **text_only(tiny_llama)
+    )
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and len(chunks) > 3
