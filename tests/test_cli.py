@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -57,6 +59,46 @@ def wait_gone(pid: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"pid {pid} still running")
+
+
+def interrupt_in_terminal(args: list[str], once_shown: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal, press Ctrl-C once ``once_shown`` is on screen.
+
+    Waiting for the screen, not a fixed sleep, keeps a slow machine from
+    interrupting the command while it is still importing.
+    """
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_hub.cli", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=ENV,
+    )
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while once_shown.encode() not in screen:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise AssertionError(f"{once_shown!r} never appeared:\n{screen.decode(errors='replace')}")
+            if select.select([leader], [], [], 0.2)[0]:
+                screen += os.read(leader, 65536)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        while select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    return code, screen.decode(errors="replace")
 
 
 @pytest.fixture
@@ -153,17 +195,10 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     out = cli(path, "stop-model", "gamma")
     assert out.returncode == 0 and "gamma: stopped" in out.stdout
 
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "mlx_hub.cli", "watch", "--interval", "0.5", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
+    code, watch_out = interrupt_in_terminal(
+        ["watch", "--interval", "0.5", "--config", str(path)], once_shown="alpha.log"
     )
-    time.sleep(3)
-    watch.send_signal(signal.SIGINT)
-    watch_out, _ = watch.communicate(timeout=30)
-    assert watch.returncode == 0
+    assert code == 0, watch_out
     for column in ("NAME", "STATE", "PID", "GROUP", "UPTIME", "EXIT", "LOG", "PORT", "MEMORY", "MB"):
         assert column in watch_out
     assert str(logs / "alpha.log") in watch_out
