@@ -34,6 +34,16 @@ def free_range(width: int = 8) -> int:
     raise RuntimeError("no free port range")
 
 
+def hello(model: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """The chat request the tests send: one greeting, a short answer, any extra fields."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
+
+
 def text_only(model_path: str | Path) -> dict[str, Any]:
     """Request arguments that make a generated model answer with text, never an early stop.
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_hub.hub import Hub
 
-from .helpers import LiveController, free_port, meta, text_only
+from .helpers import LiveController, free_port, hello, meta, text_only
 from .test_hub import eventually, lm
 
 Start = Callable[..., Any]
@@ -41,9 +41,7 @@ def gateway(live: LiveController, key: str = "unused") -> openai.AsyncOpenAI:
 
 
 async def ask(client: openai.AsyncOpenAI, model: str, **extra: Any) -> Any:
-    return await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, **extra
-    )
+    return await client.chat.completions.create(**hello(model, 5, **extra))
 
 
 async def test_routes_by_name_and_by_path(

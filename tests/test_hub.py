@@ -14,7 +14,7 @@ import pytest
 from mlx_hub import engine
 from mlx_hub.errors import CapacityError, NotRunningError, PortStartError, UnknownModelError
 
-from .helpers import base_url, meta, text_only
+from .helpers import base_url, hello, meta, text_only
 
 
 def client(hub: Any, name: str, **kw: Any) -> openai.AsyncOpenAI:
@@ -22,12 +22,9 @@ def client(hub: Any, name: str, **kw: Any) -> openai.AsyncOpenAI:
 
 
 async def chat(hub: Any, name: str, **kw: Any) -> str:
+    bias = text_only(hub.slots[name].entry.model_path) if name in hub.slots else {}
     reply = await client(hub, name).chat.completions.create(
-        model=name,
-        messages=[{"role": "user", "content": "Hello"}],
-        max_tokens=kw.pop("max_tokens", 6),
-        **(text_only(hub.slots[name].entry.model_path) if name in hub.slots else {}),
-        **kw,
+        **hello(name, kw.pop("max_tokens", 6), **bias, **kw)
     )
     return reply.choices[0].message.content or ""
 
@@ -54,10 +51,10 @@ async def test_two_models_side_by_side(make_hub, hub_config, tiny_llama: Path, t
     assert hub.slots["llama"].port != hub.slots["qwen"].port
     for name, path in (("llama", tiny_llama), ("qwen", tiny_qwen)):
         c = client(hub, name)
-        hello = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}
-        reply = await c.chat.completions.create(**hello, **text_only(path))
+        request = hello(name, 6, **text_only(path))
+        reply = await c.chat.completions.create(**request)
         assert reply.choices[0].message.content and reply.usage.completion_tokens == 6
-        stream = await c.chat.completions.create(**hello, **text_only(path), stream=True)
+        stream = await c.chat.completions.create(**request, stream=True)
         pieces = [
             ch.choices[0].delta.content async for ch in stream if ch.choices and ch.choices[0].delta.content
         ]

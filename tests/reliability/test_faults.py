@@ -23,7 +23,7 @@ from mlx_hub import engine, fsutil
 from mlx_hub.errors import HubError
 from mlx_hub.hub import Hub
 
-from ..helpers import base_url, meta, text_only
+from ..helpers import base_url, hello, meta, text_only
 from ..test_hub import chat, eventually, lm
 
 pytestmark = pytest.mark.reliability  # `make soak` runs these at full length
@@ -69,13 +69,7 @@ async def test_load_that_fails_halfway_frees_what_it_took(
 
 async def test_client_disconnect_mid_stream(make_hub, hub_config, small_llama: Path) -> None:
     hub = await make_hub(hub_config([lm("s", small_llama, default=True)]))
-    body = {
-        "model": "s",
-        "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": 400,
-        "stream": True,
-        **text_only(small_llama),
-    }
+    body = hello("s", 400, stream=True, **text_only(small_llama))
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{base_url(hub, 's')}/chat/completions", json=body) as response:
             seen = 0
@@ -91,13 +85,7 @@ async def test_client_disconnect_mid_stream(make_hub, hub_config, small_llama: P
 
 async def test_unload_during_a_stream_waits_for_it(make_hub, hub_config, small_llama: Path) -> None:
     hub = await make_hub(hub_config([lm("s", small_llama, default=True)]))
-    body = {
-        "model": "s",
-        "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": 60,
-        "stream": True,
-        **text_only(small_llama),
-    }
+    body = hello("s", 60, stream=True, **text_only(small_llama))
     unloading: asyncio.Task[str] | None = None
     finish = None
     async with httpx.AsyncClient(timeout=120) as http:

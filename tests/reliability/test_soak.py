@@ -19,7 +19,7 @@ import pytest
 from mlx_hub import engine
 from mlx_hub.hub import Hub
 
-from ..helpers import LiveController, free_port
+from ..helpers import LiveController, free_port, hello
 from ..test_hub import lm
 
 SOAK_SECONDS = float(os.environ.get("MLX_HUB_SOAK_SECONDS", "15"))
@@ -39,12 +39,7 @@ def hub_threads() -> list[str]:
 
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: bool) -> str:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": 12,
-        "stream": stream,
-    }
+    body = hello(model, 12, stream=stream)
     if not stream:
         response = await http.post(url, json=body)
         if response.status_code == 200:
