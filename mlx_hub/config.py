@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
 DEFAULT_CONFIG_NAME = "hub.yaml"
@@ -106,13 +106,15 @@ class ModelConfig(_Strict):
     no_log_file: bool = False
     log_level: LogLevel | None = None
     pinned: bool = False
-    # server options, passed through to mlx-openai-server's handler
+    # Server options, handed to mlx-openai-server as its own ModelEntryConfig
+    # (see engine.upstream_entry). Names and defaults are upstream's.
     model_type: Literal["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"] = "lm"
-    context_length: Annotated[int, Field(ge=1)] = 32768
+    served_model_name: str | None = None  # unset: model_path, as upstream
+    context_length: Annotated[int, Field(ge=1)] | None = None  # unset: the model's own, no rotating cache
     max_concurrency: Annotated[int, Field(ge=1)] = 1
     queue_timeout: Annotated[float, Field(gt=0)] = 300
     queue_size: Annotated[int, Field(ge=1)] = 100
-    quantize: int = 8
+    quantize: int | None = None
     config_name: str | None = None
     lora_paths: list[str] | None = None
     lora_scales: list[float] | None = None
@@ -124,9 +126,62 @@ class ModelConfig(_Strict):
     chat_template_file: str | None = None
     disable_auto_resize: bool = False
     debug: bool = False
+    prompt_cache_size: Annotated[int, Field(ge=0)] = 10
+    prompt_cache_max_bytes: Annotated[int, Field(ge=1)] = 1 << 63
+    prompt_cache_dir: str | None = None
+    draft_model_path: str | None = None
+    num_draft_tokens: Annotated[int, Field(ge=1)] = 2
+    kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = None
+    kv_group_size: Literal[32, 64, 128] = 64
+    quantized_kv_start: Annotated[int, Field(ge=0)] = 0
+    batch_completion_size: Annotated[int, Field(ge=1)] = 32
+    batch_prefill_size: Annotated[int, Field(ge=1)] = 8
+    batch_prefill_step_size: Annotated[int, Field(ge=1)] = 2048
+    disable_batching: bool = False
+    # Sampling defaults: what a request that leaves the field out gets.
+    default_max_tokens: Annotated[int, Field(ge=1)] | None = None
+    default_temperature: Annotated[float, Field(ge=0)] | None = None
+    default_top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    default_top_k: Annotated[int, Field(ge=0)] | None = None
+    default_min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    default_repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    default_presence_penalty: float | None = None
+    default_xtc_probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    default_xtc_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+    default_seed: int | None = None
+    default_repetition_context_size: Annotated[int, Field(ge=1)] | None = None
 
     _check_name = field_validator("name", "group")(lambda v: None if v is None else _check_slug(v))
     _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upstream_aliases(cls, data: Any) -> Any:
+        """Accept upstream's multi-model YAML keys for JIT: ``on_demand`` and ``on_demand_idle_timeout``.
+
+        An entry copied from an ``mlx-openai-server launch --config`` file then
+        behaves as it did there: on demand, unloaded after 60 idle seconds
+        unless it says otherwise.
+        """
+        if not isinstance(data, dict) or not ({"on_demand", "on_demand_idle_timeout"} & data.keys()):
+            return data
+        data = dict(data)
+        on_demand = data.pop("on_demand", None)
+        timeout = data.pop("on_demand_idle_timeout", None)
+        if on_demand is not None:
+            if "jit_enabled" in data and data["jit_enabled"] != on_demand:
+                raise ValueError(
+                    "on_demand (upstream's name for jit_enabled) contradicts jit_enabled; keep one"
+                )
+            data["jit_enabled"] = on_demand
+        if data.get("jit_enabled") and "auto_unload_minutes" not in data:
+            seconds = 60 if timeout is None else timeout
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+                raise ValueError(
+                    f"on_demand_idle_timeout must be a positive number of seconds, not {seconds!r}"
+                )
+            data["auto_unload_minutes"] = seconds / 60.0
+        return data
 
     @field_validator("port", mode="before")
     @classmethod
@@ -158,6 +213,16 @@ class ModelConfig(_Strict):
         if value is not None and not info.data.get("jit_enabled", False):
             raise ValueError("auto_unload_minutes needs jit_enabled: true on the same model")
         return value
+
+    @property
+    def served_name(self) -> str:
+        """The name upstream serves this model as: ``served_model_name``, else ``model_path``."""
+        return self.served_model_name or self.model_path
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every ``model`` value a request may use for this entry: served name, entry name, path."""
+        return tuple(dict.fromkeys((self.served_name, self.name, self.model_path)))
 
     def same_runtime(self, other: ModelConfig) -> bool:
         """True when a reload can leave this model's port and weights untouched."""
@@ -347,6 +412,23 @@ def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
     seen_twice("models", [m.name for m in cfg.models])
     seen_twice("groups", [g.name for g in cfg.groups])
 
+    # An explicit served_model_name is a routing name: it may not stand for two entries.
+    owners = {m.name: m.name for m in cfg.models}
+    for i, entry in enumerate(cfg.models):
+        served = entry.served_model_name
+        if served is None:
+            continue
+        other = owners.get(served)
+        if other is not None and other != entry.name:
+            problems.append(
+                where.line(
+                    ("models", i, "served_model_name"), f"'{served}' is already the name of model '{other}'"
+                )
+            )
+        else:
+            owners[served] = entry.name
+    problems.extend(_choice_problems(cfg, where))
+
     group_names = {g.name for g in cfg.groups}
     for i, entry in enumerate(cfg.models):
         if entry.group is not None and entry.group not in group_names:
@@ -392,6 +474,35 @@ def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
     return problems
 
 
+#: Fields whose value must be one of the names the installed upstream release knows.
+CHOICE_FIELDS = ("tool_call_parser", "reasoning_parser", "message_converter")
+
+
+def _choice_problems(cfg: HubConfig, where: _Where) -> list[str]:
+    """Parser and converter names upstream would not recognise, with the names it would.
+
+    Upstream itself lets a misspelt parser through to a model that silently
+    never parses tool calls; here it is a config error. The names come from the
+    installed release (engine.option_choices), imported only when an entry sets one.
+    """
+    wanted = [(i, f, getattr(m, f)) for i, m in enumerate(cfg.models) for f in CHOICE_FIELDS if getattr(m, f)]
+    if not wanted:
+        return []
+    from .engine import option_choices  # lazy: the parser tables cost 0.3 s of imports
+
+    choices = option_choices()
+    problems = []
+    for i, field, value in wanted:
+        valid = choices.get(field)
+        if valid is not None and value.lower() not in valid:
+            problems.append(
+                where.line(
+                    ("models", i, field), f"unknown name {value!r}; valid names: {', '.join(sorted(valid))}"
+                )
+            )
+    return problems
+
+
 def _resolve(value: str, base: Path) -> str:
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
@@ -412,9 +523,11 @@ def _resolve_paths(cfg: HubConfig, base: Path) -> HubConfig:
     models = []
     for entry in cfg.models:
         updates: dict[str, Any] = {}
-        if _looks_local(entry.model_path, base):
-            updates["model_path"] = _resolve(entry.model_path, base)
-        for key in ("log_file", "chat_template_file"):
+        for key in ("model_path", "draft_model_path"):
+            value = getattr(entry, key)
+            if value and _looks_local(value, base):
+                updates[key] = _resolve(value, base)
+        for key in ("log_file", "chat_template_file", "prompt_cache_dir"):
             value = getattr(entry, key)
             if value:
                 updates[key] = _resolve(value, base)

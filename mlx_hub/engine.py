@@ -1,8 +1,10 @@
 """The one bridge to mlx-openai-server and MLX: build, start, stop and free handlers.
 
-Everything release-specific lives here, so the rest of the hub works the same
-on 1.6.x (handlers take ``max_concurrency``) and 1.8.x (they take batching and
-KV options instead): the constructor's signature decides which options it gets.
+Everything release-specific lives here. A handler is built the way upstream's
+own ``launch`` builds it: the entry becomes the installed release's
+``ModelEntryConfig`` and goes through its ``create_handler_from_config``, so
+1.6.x (``max_concurrency``, ``model_id``) and 1.8.x (batching, KV, draft and
+sampling defaults) each get exactly the options they know.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import time
@@ -37,25 +41,27 @@ HANDLER_CLASSES: dict[str, tuple[str, str]] = {
 }
 IMAGE_TYPES = ("image-generation", "image-edit")
 
-#: hub.yaml options that are the handler's business (everything else is the hub's).
-SERVER_OPTIONS = (
-    "context_length",
-    "max_concurrency",
-    "quantize",
-    "config_name",
-    "lora_paths",
-    "lora_scales",
-    "enable_auto_tool_choice",
-    "tool_call_parser",
-    "reasoning_parser",
-    "message_converter",
-    "trust_remote_code",
-    "chat_template_file",
-    "disable_auto_resize",
-    "debug",
+#: hub.yaml fields that are the hub's own business. Every other ModelConfig
+#: field is one of upstream's per-model options and goes to its ModelEntryConfig.
+HUB_FIELDS = frozenset(
+    {
+        "name",
+        "port",
+        "host",
+        "jit_enabled",
+        "auto_unload_minutes",
+        "group",
+        "default",
+        "log_file",
+        "no_log_file",
+        "log_level",
+        "pinned",
+    }
 )
+#: hub.yaml fields that older releases call something else.
+OLD_NAMES = {"served_model_name": "model_id"}  # 1.6.x
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[str] = set()
 
 
 class EngineError(RuntimeError):
@@ -159,6 +165,31 @@ def model_folder(model_path: str) -> Path | None:
     return candidates[0] if candidates else None
 
 
+#: config.json keys that hold a model's trained context, in the order architectures use them.
+CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "n_ctx")
+
+
+def native_context_length(model_path: str) -> int | None:
+    """The context the model was built for, from its config.json (a VLM's text_config too); None if unknown.
+
+    This is what upstream uses when ``context_length`` is unset, so it is what a
+    gateway should be told the model takes.
+    """
+    folder = model_folder(model_path)
+    if folder is None:
+        return None
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (data, data.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def estimate_bytes(entry: ModelConfig) -> int:
     """What loading ``entry`` will add, from the size of its weight files (0 if unknown).
 
@@ -204,6 +235,8 @@ def preload(model_types: set[str]) -> None:
     Types that cannot load here (image types without mflux) are skipped;
     their own load reports why.
     """
+    with contextlib.suppress(ImportError):
+        importlib.import_module("app.server")  # the factory every load goes through
     for model_type in sorted(model_types):
         try:
             handler_class(model_type)
@@ -211,31 +244,77 @@ def preload(model_types: set[str]) -> None:
             continue
 
 
-def handler_kwargs(entry: ModelConfig, cls: type) -> dict[str, Any]:
-    """The constructor arguments ``cls`` accepts, from the entry's server options.
+def upstream_options() -> list[str]:
+    """The hub.yaml fields that are upstream options, in hub.yaml's order."""
+    # queue_timeout is both: upstream's queue wait, and how long the hub lets a
+    # request wait for a group place or the memory budget.
+    return [f for f in ModelConfig.model_fields if f not in HUB_FIELDS]
 
-    An option the user wrote that this release's handler does not take is
-    dropped with one warning per option and class, not an error: hub.yaml
-    files move between Macs with different upstream releases.
+
+def upstream_entry(entry: ModelConfig) -> Any:
+    """The entry as the installed release's own ``ModelEntryConfig``, ready for its factory.
+
+    Upstream's ``launch`` (flags or ``--config`` YAML) builds exactly this object
+    and hands it to ``create_handler_from_config``; building it here means its
+    ``__post_init__`` applies upstream's rules (message converter from the
+    parser names, KV and draft options only where the model type takes them)
+    and the factory decides which argument reaches which handler. An option the
+    user wrote that this release lacks is dropped with one warning per option:
+    hub.yaml files move between Macs with different upstream releases.
     """
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs: dict[str, Any] = {"model_path": entry.model_path}
-    for option in SERVER_OPTIONS:
-        if option in params or takes_any:
-            kwargs[option] = getattr(entry, option)
+    from app.config import ModelEntryConfig
+
+    accepted = {f.name for f in dataclasses.fields(ModelEntryConfig) if f.init}
+    kwargs: dict[str, Any] = {}
+    for option in upstream_options():
+        target = option if option in accepted else OLD_NAMES.get(option)
+        value = entry.served_name if option == "served_model_name" else getattr(entry, option)
+        if target in accepted:
+            kwargs[target] = value
         elif option in entry.model_fields_set:
-            key = (cls.__name__, option)
-            if key not in _warned:
-                _warned.add(key)
-                log.warning(
-                    "model '%s': option %s is not used by %s in mlx-openai-server %s; ignored",
-                    entry.name,
-                    option,
-                    cls.__name__,
-                    upstream_version() or "?",
-                )
-    return kwargs
+            _warn_ignored(entry.name, option)
+    return ModelEntryConfig(**kwargs)
+
+
+def _warn_ignored(name: str, option: str) -> None:
+    if option in _warned:
+        return
+    _warned.add(option)
+    log.warning(
+        "model '%s': option %s does not exist in mlx-openai-server %s; ignored",
+        name,
+        option,
+        upstream_version() or "?",
+    )
+
+
+def build_handler(entry: ModelConfig) -> Any:
+    """Construct (not yet initialize) the handler as upstream's launch does. Reads the weights: call off the loop.
+
+    Upstream's ``HandlerProcessProxy`` exposes ``served_model_name``; its
+    endpoints read it to name omitted-model replies, so the bare handler gets it too.
+    """
+    from app.server import create_handler_from_config
+
+    handler = create_handler_from_config(upstream_entry(entry))
+    handler.served_model_name = entry.served_name
+    return handler
+
+
+@functools.cache
+def option_choices() -> dict[str, frozenset[str]]:
+    """The names the installed release knows for its parser and converter options ({} without upstream)."""
+    try:
+        import app.message_converters as converters
+        import app.parsers as parsers
+    except ImportError:
+        return {}
+    unified = set(getattr(parsers, "UNIFIED_PARSER_MAP", {}))
+    return {
+        "tool_call_parser": frozenset(set(parsers.TOOL_PARSER_MAP) | unified),
+        "reasoning_parser": frozenset(set(parsers.REASONING_PARSER_MAP) | unified),
+        "message_converter": frozenset(converters.MESSAGE_CONVERTER_MAP),
+    }
 
 
 def queue_config(entry: ModelConfig) -> dict[str, Any]:
@@ -260,14 +339,13 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
     _check_local_path(entry)
     # The first import of a handler module pulls in mlx-lm and transformers
     # (seconds); in a thread it does not stall every other port on the loop.
-    cls = await asyncio.to_thread(handler_class, entry.model_type)
-    kwargs = handler_kwargs(entry, cls)
+    await asyncio.to_thread(handler_class, entry.model_type)
     async with lock or contextlib.nullcontext():
         before = active_memory()  # excludes MLX's buffer cache: no collection needed first
         started = time.perf_counter()
         handler = None
         try:
-            handler = await _construct(cls, kwargs)
+            handler = await _construct(entry)
             await handler.initialize(queue_config(entry))
         except BaseException as exc:
             if handler is not None:
@@ -282,7 +360,7 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
     return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds)
 
 
-async def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
+async def _construct(entry: ModelConfig) -> Any:
     """Run the constructor in a thread without the handler passing through a future.
 
     A finished ``asyncio.to_thread`` future keeps its result, and asyncio can
@@ -293,7 +371,7 @@ async def _construct(cls: type, kwargs: dict[str, Any]) -> Any:
     box: dict[str, Any] = {}
 
     def build() -> None:
-        box["handler"] = cls(**kwargs)
+        box["handler"] = build_handler(entry)
 
     await asyncio.to_thread(build)
     return box.pop("handler")

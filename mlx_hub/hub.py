@@ -609,13 +609,13 @@ class Hub:
     # --------------------------------------------------------------- helpers
 
     def find(self, requested: str) -> ModelSlot | None:
-        """The slot a request's ``model`` means: an entry name, else a model_path.
+        """The slot a request's ``model`` means: an entry name, else a served_model_name or model_path.
 
         Several entries may serve one path; the loaded one wins, then a running one.
         """
         if requested in self.slots:
             return self.slots[requested]
-        matches = [s for s in self.slots.values() if s.entry.model_path == requested]
+        matches = [s for s in self.slots.values() if requested in s.entry.names]
         matches.sort(
             key=lambda s: (s.memory_state is not MemoryState.LOADED, s.port_state is not PortState.RUNNING)
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import HubConfig, load_config
-from .engine import hf_cache_repo
+from .engine import hf_cache_repo, native_context_length
 from .fsutil import atomic_write_text
 from .ports import PortBook, connect_host
 
@@ -293,13 +293,11 @@ def litellm_model_list(
             )
         params: dict[str, Any] = {"model": f"openai/{entry.name}", "api_base": f"http://{server}:{port}/v1"}
         params["api_key"] = keys[0] if keys else "none"
-        out.append(
-            {
-                "model_name": entry.name,
-                "litellm_params": params,
-                "model_info": {"max_input_tokens": entry.context_length, "mode": _mode(entry.model_type)},
-            }
-        )
+        info: dict[str, Any] = {"mode": _mode(entry.model_type)}
+        context = entry.context_length or native_context_length(entry.model_path)
+        if context is not None:
+            info["max_input_tokens"] = context
+        out.append({"model_name": entry.name, "litellm_params": params, "model_info": info})
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_hub.config import ConfigError, find_config, load_config, parse_config
+from mlx_hub.config import ConfigError, ModelConfig, find_config, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,16 +33,28 @@ def test_defaults_match_the_reference_hub(tmp_path: Path) -> None:
     assert cfg.enable_status_page is True and cfg.groups == []
     assert cfg.log_path == str(Path("~/mlx-openai-server-hub/logs").expanduser())
     m = cfg.models[0]
-    assert (m.model_type, m.context_length, m.max_concurrency, m.queue_timeout, m.queue_size, m.quantize) == (
-        "lm",
-        32768,
-        1,
-        300,
-        100,
-        8,
-    )
+    assert (m.model_type, m.max_concurrency, m.queue_timeout, m.queue_size) == ("lm", 1, 300, 100)
     assert m.jit_enabled is False and m.default is False and m.port is None and m.auto_unload_minutes is None
     assert m.model_path == "org/repo"  # a repo id is not a path: untouched
+
+
+@pytest.mark.compat
+def test_server_option_defaults_are_upstreams() -> None:
+    """Every option the installed release takes defaults to what its own ModelEntryConfig defaults to."""
+    import dataclasses
+
+    from app.config import ModelEntryConfig
+
+    from mlx_hub import engine
+
+    fields = dataclasses.fields(ModelEntryConfig)
+    upstream = {f.name: f.default for f in fields if f.init and f.default is not dataclasses.MISSING}
+    ours = ModelConfig.model_fields
+    shared = [o for o in engine.upstream_options() if o in upstream]
+    assert len(shared) >= 15, shared
+    for option in shared:
+        assert ours[option].default == upstream[option], option
+    assert ours["context_length"].default is None  # no rotating KV cache unless asked for
 
 
 def test_example_config_loads() -> None:
@@ -66,6 +78,63 @@ def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
     assert a.model_path == str(tmp_path / "weights") == b.model_path
     assert a.log_file == str(tmp_path / "a.log") and a.chat_template_file == str(tmp_path / "t.jinja")
     assert c.model_path == str(Path("~/m").expanduser())
+
+
+def test_parser_names_list_every_valid_name(tmp_path: Path) -> None:
+    from mlx_hub.engine import option_choices
+
+    (line,) = problems(tmp_path, "models:\n  - {name: a, model_path: x, tool_call_parser: hermez}\n")
+    assert all(name in line for name in option_choices()["tool_call_parser"])
+    ok = load_config(write(tmp_path, "models:\n  - {name: a, model_path: x, tool_call_parser: Hermes}\n"))
+    assert ok.models[0].tool_call_parser == "Hermes"  # upstream matches parser names case-insensitively
+
+
+def test_an_upstream_multi_model_entry_loads_with_only_a_name_added(tmp_path: Path) -> None:
+    """A model entry of `mlx-openai-server launch --config` YAML, field for field, plus `name`."""
+    (tmp_path / "draft").mkdir()
+    cfg = load_config(
+        write(
+            tmp_path,
+            "models:\n"
+            "  - name: qwen\n"
+            "    model_path: mlx-community/Qwen3-4B-4bit\n"
+            "    model_type: lm\n"
+            "    served_model_name: qwen3\n"
+            "    context_length: 8192\n"
+            "    tool_call_parser: qwen3\n"
+            "    reasoning_parser: qwen3\n"
+            "    enable_auto_tool_choice: true\n"
+            "    draft_model_path: ./draft\n"
+            "    num_draft_tokens: 3\n"
+            "    kv_bits: 8\n"
+            "    prompt_cache_size: 4\n"
+            "    disable_batching: true\n"
+            "    default_temperature: 0.6\n"
+            "    default_top_p: 0.95\n"
+            "    default_max_tokens: 512\n"
+            "    default_seed: 7\n"
+            "    on_demand: true\n"
+            "    on_demand_idle_timeout: 300\n"
+            "  - name: embed\n"
+            "    model_path: mlx-community/bge-small\n"
+            "    model_type: embeddings\n"
+            "    on_demand: true\n",
+        )
+    )
+    qwen, embed = cfg.models
+    assert qwen.served_name == "qwen3" and qwen.names == ("qwen3", "qwen", "mlx-community/Qwen3-4B-4bit")
+    assert qwen.draft_model_path == str(tmp_path / "draft")
+    assert (qwen.default_temperature, qwen.default_max_tokens, qwen.kv_bits) == (0.6, 512, 8)
+    assert qwen.jit_enabled and qwen.auto_unload_minutes == 5  # on_demand_idle_timeout is in seconds
+    assert embed.jit_enabled and embed.auto_unload_minutes == 1  # upstream's 60 s default
+    assert embed.served_name == "mlx-community/bge-small"  # unset: the model_path, as upstream
+
+
+def test_on_demand_must_agree_with_jit_enabled(tmp_path: Path) -> None:
+    (line,) = problems(
+        tmp_path, "models:\n  - {name: a, model_path: x, on_demand: true, jit_enabled: false}\n"
+    )
+    assert "model 'a'" in line and "on_demand" in line and "jit_enabled" in line
 
 
 def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
@@ -98,6 +167,40 @@ def test_unknown_keys_get_a_did_you_mean(tmp_path: Path) -> None:
         ),
         ("models: []\n", "hub", "models", "at least 1"),
         ("log_level: LOUD\nmodels:\n  - {name: a, model_path: x}\n", "hub", "log_level", "INFO"),
+        ("models:\n  - {name: a, model_path: x, kv_bits: 7}\n", "model 'a'", "kv_bits", "8"),
+        ("models:\n  - {name: a, model_path: x, kv_group_size: 48}\n", "model 'a'", "kv_group_size", "64"),
+        ("models:\n  - {name: a, model_path: x, default_top_p: 1.5}\n", "model 'a'", "default_top_p", "1"),
+        (
+            "models:\n  - {name: a, model_path: x, num_draft_tokens: 0}\n",
+            "model 'a'",
+            "num_draft_tokens",
+            "1",
+        ),
+        ("models:\n  - {name: a, model_path: x, context_length: 0}\n", "model 'a'", "context_length", "1"),
+        (
+            "models:\n  - {name: a, model_path: x, tool_call_parser: hermez}\n",
+            "model 'a'",
+            "tool_call_parser",
+            "unknown name 'hermez'; valid names: ",
+        ),
+        (
+            "models:\n  - {name: a, model_path: x, reasoning_parser: nope}\n",
+            "model 'a'",
+            "reasoning_parser",
+            "qwen3",
+        ),
+        (
+            "models:\n  - {name: a, model_path: x, message_converter: nope}\n",
+            "model 'a'",
+            "message_converter",
+            "glm4_moe",
+        ),
+        (
+            "models:\n  - {name: a, model_path: x, served_model_name: b}\n  - {name: b, model_path: y}\n",
+            "model 'a'",
+            "served_model_name",
+            "already the name of model 'b'",
+        ),
     ],
 )
 def test_field_errors_name_entry_and_field(

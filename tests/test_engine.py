@@ -19,28 +19,38 @@ def entry(path: Path | str, **kw) -> ModelConfig:
 
 
 @pytest.mark.compat
-def test_constructor_arguments_follow_the_installed_release() -> None:
-    cls = engine.handler_class("lm")
-    kwargs = engine.handler_kwargs(entry("/x", context_length=4096), cls)
-    assert kwargs["model_path"] == "/x" and kwargs["context_length"] == 4096
+def test_entry_becomes_the_installed_releases_own_config() -> None:
+    cfg = engine.upstream_entry(entry("/x", context_length=4096, served_model_name="nick"))
+    assert type(cfg).__module__ == "app.config" and type(cfg).__name__ == "ModelEntryConfig"
+    assert cfg.model_path == "/x" and cfg.context_length == 4096
     expected = os.environ.get("MLX_HUB_EXPECT_UPSTREAM")
     if expected:
         assert engine.upstream_version() == expected
-    # 1.6.x language-model handlers take max_concurrency; 1.8.x dropped it.
-    takes = engine.upstream_version().startswith("1.6.")
-    assert ("max_concurrency" in kwargs) is takes
-    assert "quantize" not in kwargs  # an image-model option, never sent to a language model
+    if engine.upstream_version().startswith("1.6."):
+        # 1.6.x calls the served name model_id and still takes max_concurrency.
+        assert cfg.model_id == "nick" and cfg.max_concurrency == 1
+    else:
+        assert cfg.served_model_name == "nick" and not hasattr(cfg, "max_concurrency")
+        assert cfg.kv_group_size == 64 and cfg.batch_prefill_step_size == 2048
+    # Upstream's own __post_init__ ran: a parser name picks its message converter.
+    assert engine.upstream_entry(entry("/x", tool_call_parser="glm4_moe")).message_converter == "glm4_moe"
 
 
-def test_ignored_option_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    class Narrow:
-        def __init__(self, model_path: str, context_length: int | None = None): ...
+@pytest.mark.compat
+def test_option_the_release_lacks_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
 
+    from app.config import ModelEntryConfig
+
+    known = {f.name for f in dataclasses.fields(ModelEntryConfig)}
+    lacking = "max_concurrency" if "max_concurrency" not in known else "kv_bits"
+    value = {"max_concurrency": 2, "kv_bits": 8}[lacking]
+    engine._warned.discard(lacking)
     caplog.set_level(logging.WARNING, "mlx_hub.engine")
     for _ in range(3):
-        kwargs = engine.handler_kwargs(entry("/x", debug=True), Narrow)
-    assert kwargs == {"model_path": "/x", "context_length": 32768}
-    warnings = [r.getMessage() for r in caplog.records if "debug" in r.getMessage()]
+        cfg = engine.upstream_entry(entry("/x", **{lacking: value}))
+    assert not hasattr(cfg, lacking)
+    warnings = [r.getMessage() for r in caplog.records if lacking in r.getMessage()]
     assert len(warnings) == 1 and "ignored" in warnings[0]
 
 

@@ -1,7 +1,11 @@
 """The app on a model's own port: upstream's OpenAI routes, unchanged, behind a gate.
 
-Upstream endpoints find their handler in ``app.state.handler``; the hub sets
-it on load and clears it on unload. The gate in front makes the routes JIT-
+Upstream's ``launch`` serves every model through a ``ModelRegistry``: its
+endpoints look the request's ``model`` up there (404 ``model_not_found`` for a
+name it does not serve) and fall back to ``app.state.handler`` when ``model``
+is omitted. The hub attaches a registry of one slot that answers to the same
+names plus the entry's own, so the routes resolve, name and refuse exactly as
+upstream's do. The gate in front makes the routes JIT-
 and group-aware without touching them: it waits for (or triggers) the load,
 and counts the request as in flight until its last byte is sent, which for a
 stream means until the stream ends or the client goes away.
@@ -28,6 +32,55 @@ from .security import ApiKeyGuard
 if TYPE_CHECKING:
     from ..hub import Hub
     from ..slot import ModelSlot
+
+
+class SlotRegistry:
+    """The part of upstream's ``ModelRegistry`` its endpoints call, for one slot.
+
+    Lookups never load anything: the gate has already loaded the model for a
+    name this slot answers to, and a name it does not answer to raises the
+    ``KeyError`` upstream's registry raises, with the same message.
+    """
+
+    def __init__(self, slot: ModelSlot):
+        self.slot = slot
+
+    def has_model(self, model_id: str) -> bool:
+        return model_id in self.slot.entry.names
+
+    def get_handler(self, model_id: str) -> Any:
+        if not self.has_model(model_id):
+            available = ", ".join(self.list_model_ids()) or "(none)"
+            raise KeyError(f"Model '{model_id}' not found in registry. Available models: {available}")
+        return self.slot.handler
+
+    def list_model_ids(self) -> list[str]:
+        return [self.slot.entry.served_name]
+
+    def get_model_count(self) -> int:
+        return 0 if self.slot.handler is None else 1
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Upstream's model card (served name, load time, ``local``), plus the hub's view beside it."""
+        slot = self.slot
+        return [
+            {
+                "id": slot.entry.served_name,
+                "object": "model",
+                "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
+                "owned_by": "local",
+                "hub_name": slot.name,
+                "model_path": slot.entry.model_path,
+                "model_type": slot.entry.model_type,
+                "memory_state": slot.memory_state.value,
+            }
+        ]
+
+
+def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
+    """The body asks for a model this port does not serve: upstream's route answers 404, nothing loads."""
+    requested = data.get("model") if data else None
+    return isinstance(requested, str) and bool(requested) and requested not in slot.entry.names
 
 
 def _gated(scope: Scope) -> bool:
@@ -60,6 +113,9 @@ class LoadGate:
                 if gone:
                     return
                 data = json_object(body)
+                if _names_another_model(data, self.slot):
+                    await self.app(scope, replay(body, receive), watch.send)
+                    return
                 if data is not None and "keep_alive" in data:
                     try:
                         keep_alive = parse_keep_alive(data.pop("keep_alive"))
@@ -84,15 +140,6 @@ class LoadGate:
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
 
 
-def _model_card(slot: ModelSlot) -> dict[str, Any]:
-    return {
-        "id": slot.entry.model_path,
-        "object": "model",
-        "created": int(slot.memory_changed_at or time.time()),
-        "owned_by": "local",
-    }
-
-
 def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     """A fresh app for one model port."""
     from app.api.endpoints import router  # upstream; imported here because it is slow (~1.5 s)
@@ -102,6 +149,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
         description=f"OpenAI-compatible API for model '{slot.name}', served by mlx-openai-server-hub.",
     )
     app.state.handler = slot.handler
+    app.state.registry = registry = SlotRegistry(slot)
 
     # Defined before upstream's router so these win: upstream answers 503 while
     # no handler is attached, but an unloaded JIT model is healthy and listed.
@@ -109,19 +157,15 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
-            "model_id": slot.entry.model_path,
+            "model_id": slot.entry.served_name,
             "model_status": "loaded" if slot.handler is not None else "unloaded",
             "memory_state": slot.memory_state.value,
+            "hub_name": slot.name,
         }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        handler = slot.handler
-        if handler is not None and hasattr(handler, "get_models"):
-            data = await handler.get_models()
-        else:
-            data = [_model_card(slot)]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": registry.list_models()}
 
     app.include_router(router)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
