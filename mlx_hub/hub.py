@@ -585,6 +585,7 @@ class Hub:
                 "jit_enabled": entry.jit_enabled,
                 "model_type": entry.model_type,
                 "model_path": entry.model_path,
+                "served_model_name": entry.served_name,
                 "auto_unload_minutes": entry.auto_unload_minutes,
                 "memory_last_transition_at": slot.memory_changed_at,
                 "memory_last_error": slot.memory_error,

@@ -54,6 +54,52 @@ def test_option_the_release_lacks_warns_once(caplog: pytest.LogCaptureFixture) -
     assert len(warnings) == 1 and "ignored" in warnings[0]
 
 
+async def test_every_option_reaches_the_handler(tiny_llama: Path, tmp_path: Path) -> None:
+    """What a differential run cannot see (greedy speculative decoding answers as plain greedy) is checked here."""
+    options = {
+        "served_model_name": "nick",
+        "draft_model_path": str(tiny_llama),
+        "num_draft_tokens": 3,
+        "kv_bits": 4,
+        "kv_group_size": 32,
+        "quantized_kv_start": 5,
+        "prompt_cache_size": 3,
+        "prompt_cache_max_bytes": 1 << 20,
+        "prompt_cache_dir": str(tmp_path / "pc"),
+        "batch_completion_size": 4,
+        "batch_prefill_size": 2,
+        "batch_prefill_step_size": 256,
+        "disable_batching": True,
+        "context_length": 1024,
+        "default_temperature": 0.3,
+        "default_max_tokens": 7,
+        "default_seed": 9,
+        "default_repetition_context_size": 11,
+    }
+    loaded = await engine.load(entry(tiny_llama, **options))
+    h = loaded.handler
+    try:
+        assert h.served_model_name == "nick" and h.model_path == str(tiny_llama)
+        assert h.model.draft_model is not None and h.model.num_draft_tokens == 3
+        assert (h.kv_bits, h.kv_group_size, h.quantized_kv_start) == (4, 32, 5)
+        assert (h.prompt_cache.max_size, h.prompt_cache.max_bytes) == (3, 1 << 20)
+        assert h.prompt_cache.cache_dir == tmp_path / "pc"
+        assert (h._batch_completion_size, h._batch_prefill_size, h._batch_prefill_step_size) == (4, 2, 256)
+        assert h._disable_batching is True
+        assert h.model.context_length is None  # upstream's rule: a draft model drops context_length
+        assert h._uses_model_sampling_defaults  # upstream's endpoints read the defaults off the handler
+        assert (h.default_temperature, h.default_max_tokens, h.default_seed) == (0.3, 7, 9)
+        assert h.default_repetition_context_size == 11 and h.default_top_p is None
+    finally:
+        await engine.unload(h, "m")
+        del h, loaded
+    bounded = await engine.load(entry(tiny_llama, context_length=1024))
+    assert bounded.handler.model.context_length == 1024
+    await engine.unload(bounded.handler, "m")
+    del bounded
+    engine.free_memory()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mflux") is not None, reason="mflux is installed here")
 def test_image_model_without_mflux_is_a_clear_error() -> None:
     with pytest.raises(engine.EngineError, match="needs the mflux package"):

@@ -49,12 +49,20 @@ async def test_routes_by_name_and_by_path(
 ) -> None:
     live = await start(
         hub_config(
-            [lm("llama", tiny_llama, default=True), lm("qwen", tiny_qwen, default=True, jit_enabled=True)]
+            [
+                lm("llama", tiny_llama, default=True, served_model_name="Llama-Tiny"),
+                lm("qwen", tiny_qwen, default=True, jit_enabled=True),
+            ]
         )
     )
     client = gateway(live)
     reply = await ask(client, "llama", **text_only(tiny_llama))
     assert reply.choices[0].message.content and reply.model == "llama"
+    reply = await ask(client, "Llama-Tiny", **text_only(tiny_llama))  # by served_model_name
+    assert reply.model == "Llama-Tiny"
+    async with httpx.AsyncClient(base_url=live.url) as http:
+        lost = await http.post("/v1/no/such/route", json={"model": "llama"})
+    assert lost.status_code == 404 and lost.json()["error"]["type"] == "invalid_request_error"
     assert meta(live.hub, "qwen")["memory_state"] == "unloaded"
     reply = await ask(client, str(tiny_qwen), **text_only(tiny_qwen))  # by model_path
     assert reply.choices[0].message.content

@@ -69,6 +69,7 @@ class SlotRegistry:
                 "object": "model",
                 "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
                 "owned_by": "local",
+                "metadata": None,
                 "hub_name": slot.name,
                 "model_path": slot.entry.model_path,
                 "model_type": slot.entry.model_type,

@@ -1,6 +1,6 @@
 """``/v1`` on the controller port: one OpenAI endpoint for every model.
 
-The request's ``model`` (an entry's name, or its model_path) picks the model,
+The request's ``model`` (an entry's name, served_model_name or model_path) picks the model,
 and the request is handed to that model's own app in this process: no HTTP
 hop, streams pass straight through, and the model's gate applies JIT loading,
 group rules and keep_alive exactly as on its own port.
@@ -8,6 +8,7 @@ group rules and keep_alive exactly as on its own port.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import HubError, NotRunningError, UnknownModelError
 from .asgi import header, is_json, json_object, read_body, replay
-from .responses import error_response
+from .responses import error_json, error_response
 
 if TYPE_CHECKING:
     from ..hub import Hub
     from ..slot import ModelSlot
+
+
+@functools.cache
+def _upstream_post_paths() -> frozenset[str]:
+    """The POST routes a model port serves: upstream's router decides, not a copy of its list."""
+    from app.api.endpoints import router
+
+    return frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ()))
 
 
 def _is_v1(path: str) -> bool:
@@ -42,6 +51,12 @@ class OpenAIRoutes:
                 await JSONResponse(self.models())(scope, receive, send)
             else:
                 await self.app(scope, receive, send)  # 404 in the OpenAI envelope
+            return
+        if scope["path"] not in _upstream_post_paths():
+            message = (
+                f"no route {scope['method']} {scope['path']}; see GET /v1/models and the OpenAI API paths"
+            )
+            await error_json(404, message, "invalid_request_error", "not_found")(scope, receive, send)
             return
         body, gone = await read_body(receive)
         if gone:

@@ -1,0 +1,191 @@
+"""The hub's model ports answer exactly as `mlx-openai-server launch` does, option by option.
+
+Every test sends one request to upstream and the same request to the hub and
+compares the answers, ids and clocks aside. Tests also check that the option
+under test visibly took effect, so two servers that both ignored it would fail.
+The tests share the servers' prompt caches, so each request goes to both sides
+in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ..helpers import text_only
+from .conftest import FLAG_CASE
+from .servers import Pair
+
+pytestmark = pytest.mark.timeout(600)
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def chat(served: str, cases: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A greedy chat request for case ``served``; ``extra`` adds or replaces fields (``model`` too)."""
+    body = {
+        "model": served,
+        "messages": [{"role": "user", "content": "Hello, how are you?"}],
+        "max_tokens": 12,
+        "temperature": 0.0,
+        **text_only(cases[served]["model_path"]),
+    }
+    body.update(extra)
+    return body
+
+
+def same(pair: Pair, served: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    upstream, hub = pair.send(served, path, body)
+    assert hub == upstream
+    return upstream
+
+
+@pytest.mark.parametrize("served", ["chat", "spec", "kvq"])
+def test_chat(pair: Pair, cases: dict[str, Any], served: str) -> None:
+    reply = same(pair, served, "/v1/chat/completions", chat(served, cases))
+    assert reply["status"] == 200
+    assert reply["body"]["choices"][0]["message"]["content"]
+    assert reply["body"]["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("served", ["chat", "spec", "kvq"])
+def test_chat_stream_chunk_by_chunk(pair: Pair, cases: dict[str, Any], served: str) -> None:
+    reply = same(pair, served, "/v1/chat/completions", chat(served, cases, stream=True))
+    assert reply["type"] == "text/event-stream" and reply["body"][-1] == "[DONE]"
+    assert len(reply["body"]) > 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses(pair: Pair, cases: dict[str, Any], stream: bool) -> None:
+    body = {"model": "chat", "input": "Hello", "max_output_tokens": 8, "temperature": 0.0, "stream": stream}
+    reply = same(pair, "chat", "/v1/responses", body)
+    assert reply["status"] == 200
+    if stream:
+        assert reply["type"] == "text/event-stream" and len(reply["body"]) > 3
+
+
+def test_embeddings(pair: Pair) -> None:
+    reply = same(pair, "embed", "/v1/embeddings", {"model": "embed", "input": ["Hello", "Paris is a city"]})
+    assert reply["status"] == 200 and len(reply["body"]["data"]) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_and_reasoning_parsers_with_a_template_file(
+    pair: Pair, cases: dict[str, Any], stream: bool
+) -> None:
+    body = chat("tools", cases, tools=[WEATHER_TOOL], tool_choice="auto", stream=stream)
+    with_tools = same(pair, "tools", "/v1/chat/completions", body)
+    assert with_tools["status"] == 200
+    if not stream:
+        # qwen3_moe's parser opens the reply with <think> (its prompt opened one);
+        # a random model never closes it, so upstream hands it back as content.
+        message = with_tools["body"]["choices"][0]["message"]
+        assert message["content"].startswith("<think>"), message
+        plain = same(pair, "tools", "/v1/chat/completions", chat("tools", cases))
+        # The template file renders the tools into the prompt.
+        assert with_tools["body"]["usage"]["prompt_tokens"] > plain["body"]["usage"]["prompt_tokens"] + 20
+
+
+def test_tool_call_history_round_trip(pair: Pair, cases: dict[str, Any]) -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    reply = same(
+        pair, "tools", "/v1/chat/completions", chat("tools", cases, messages=messages, tools=[WEATHER_TOOL])
+    )
+    assert reply["status"] == 200
+
+
+def test_sampling_defaults_fill_what_a_request_leaves_out(pair: Pair, cases: dict[str, Any]) -> None:
+    body = {
+        "model": FLAG_CASE,
+        "messages": [{"role": "user", "content": "Hello"}],
+        **text_only(cases[FLAG_CASE]["model_path"]),
+    }
+    reply = same(pair, FLAG_CASE, "/v1/chat/completions", body)
+    assert reply["body"]["usage"]["completion_tokens"] == 5  # default_max_tokens (--max-tokens 5)
+    again = same(pair, FLAG_CASE, "/v1/chat/completions", body)
+    assert again["body"]["choices"] == reply["body"]["choices"]  # default_temperature 0: greedy
+
+
+def test_prompt_cache_size_one_keeps_only_the_last_prompt(pair: Pair, cases: dict[str, Any]) -> None:
+    first = chat(FLAG_CASE, cases, messages=[{"role": "user", "content": "Paris is the capital of France."}])
+    second = chat(FLAG_CASE, cases, messages=[{"role": "user", "content": "0123456789 + - * / ="}])
+    cached = []
+    for body in (first, second, first):
+        reply = same(pair, FLAG_CASE, "/v1/chat/completions", body)
+        cached.append(reply["body"]["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[2] < 10, cached  # the first prompt was evicted by the second
+
+
+def test_seeded_requests_without_batching_repeat(pair: Pair, cases: dict[str, Any]) -> None:
+    body = chat("seeded", cases, temperature=0.9, seed=42, max_tokens=16)
+    first = same(pair, "seeded", "/v1/chat/completions", body)
+    second = same(pair, "seeded", "/v1/chat/completions", body)
+    assert first["body"]["choices"] == second["body"]["choices"]
+    other = same(pair, "seeded", "/v1/chat/completions", {**body, "seed": 43})
+    assert other["body"]["choices"] != first["body"]["choices"]  # the seed is honoured, not ignored
+
+
+def test_errors(pair: Pair, cases: dict[str, Any]) -> None:
+    missing = same(pair, FLAG_CASE, "/v1/chat/completions", {"model": FLAG_CASE})
+    assert missing["status"] == 422
+    wrong = same(pair, FLAG_CASE, "/v1/chat/completions", chat(FLAG_CASE, cases, model="elsewhere"))
+    assert wrong["status"] == 404 and wrong["body"]["detail"]["error"]["type"] == "model_not_found"
+    # Intended difference (README): upstream names its subprocess proxy's class, the hub the handler's.
+    upstream, hub = pair.send("embed", "/v1/chat/completions", chat("chat", cases, model="embed"))
+    message = upstream["body"]["error"]["message"].replace("HandlerProcessProxy", "MLXEmbeddingsHandler")
+    upstream["body"]["error"]["message"] = message
+    assert hub == upstream and hub["status"] == 400
+    unknown = same(pair, FLAG_CASE, "/v1/nothing-here", {"model": FLAG_CASE})
+    assert unknown["status"] == 404
+
+
+def test_omitted_model_resolves_as_upstream(pair: Pair, cases: dict[str, Any]) -> None:
+    body = chat(FLAG_CASE, cases)
+    del body["model"]
+    reply = same(pair, FLAG_CASE, "/v1/chat/completions", body)
+    assert reply["body"]["model"] == FLAG_CASE
+    responses = same(pair, FLAG_CASE, "/v1/responses", {"input": "Hello", "max_output_tokens": 4})
+    assert responses["status"] == 200
+
+
+def test_health_and_models_keep_upstreams_fields(pair: Pair) -> None:
+    upstream, hub = pair.send(FLAG_CASE, "/health")
+    assert hub["status"] == upstream["status"] == 200
+    assert {k: hub["body"][k] for k in ("status", "model_id")} == {
+        k: upstream["body"][k] for k in ("status", "model_id")
+    }
+    assert (
+        hub["body"]["model_status"] == "loaded"
+    )  # the reference hub's word; upstream says "initialized (1 model(s))"
+    upstream, hub = pair.send(FLAG_CASE, "/v1/models")
+    (up_card,), (hub_card,) = upstream["body"]["data"], hub["body"]["data"]
+    assert {k: hub_card[k] for k in up_card} == up_card  # every upstream field, same value
+    assert hub_card["hub_name"] == f"hub-{FLAG_CASE}" and hub_card["memory_state"] == "loaded"
+
+
+def test_the_hub_port_also_answers_to_the_entry_name_and_path(pair: Pair, cases: dict[str, Any]) -> None:
+    """An intended difference: upstream accepts only the served name."""
+    import httpx
+
+    for name in (f"hub-{FLAG_CASE}", cases[FLAG_CASE]["model_path"]):
+        reply = httpx.post(
+            f"{pair.hub[FLAG_CASE]}/v1/chat/completions", json=chat(FLAG_CASE, cases, model=name), timeout=60
+        )
+        assert reply.status_code == 200 and reply.json()["model"] == name
