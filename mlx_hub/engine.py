@@ -21,6 +21,10 @@ import inspect
 import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +82,7 @@ class Loaded:
 
 
 def upstream_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("mlx-openai-server")
-    except Exception:
-        return None
+    return _version("mlx-openai-server")
 
 
 def active_memory() -> int:
@@ -224,7 +223,228 @@ def handler_class(model_type: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise EngineError(f"cannot import the {model_type} handler from mlx-openai-server: {exc}") from exc
+    adapt_libraries()
     return getattr(module, class_name)
+
+
+# ------------------------------------------------------------------ threads
+#
+# Libraries that keep MLX state at module level, made safe for a process that
+# builds, runs and frees models on different threads. Each adaptation replaces
+# a module attribute at run time (site-packages stay as installed), is
+# idempotent, and runs once the library is imported (from handler_class).
+
+
+def adapt_libraries() -> None:
+    """Apply every adaptation whose library is imported by now; safe to call often."""
+    _thread_local_vlm_stream()
+    _vlm_batching_capability()
+    _whisper_weights_per_folder()
+
+
+def _thread_local_vlm_stream() -> None:
+    """mlx-vlm 0.4 makes ``generation_stream`` with ``mx.new_stream`` at import.
+
+    Since MLX 0.31.2 such a stream exists only on the thread that made it: the
+    thread that imported mlx-vlm. Every generation runs on a handler's worker
+    thread, which then fails with "There is no Stream(cpu, 0) in current
+    thread" (upstream issue #290 on Apple silicon). A thread-local stream, as
+    mlx-lm has used since 0.31, is one stream per thread that uses it.
+    """
+    module = sys.modules.get("mlx_vlm.generate")
+    if module is None or getattr(module, "_mlx_hub_thread_local", False):
+        return
+    import mlx.core as mx
+
+    make = getattr(mx, "new_thread_local_stream", None)
+    if make is None:  # MLX before 0.31.2: streams were not tied to threads
+        return
+    module.generation_stream = make(mx.default_device())
+    module._mlx_hub_thread_local = True
+
+
+def _vlm_batching_capability() -> None:
+    """Turn upstream's VLM batching off where the installed mlx-vlm cannot do what it asks.
+
+    Upstream 1.8.1's VLM scheduler calls ``BatchGenerator(kv_bits=..., stream=...)``
+    and ``insert(prompt_kwargs=...)``, which arrived after mlx-vlm 0.4, the
+    newest release 1.8.1 allows; on 0.4 the scheduler thread dies and the
+    request hangs. Upstream's own switch for "no VLM batching",
+    ``VLM_BATCHING_AVAILABLE``, then sends every multimodal request down its
+    one-at-a-time path instead.
+    """
+    handler_module = sys.modules.get("app.handler.mlx_vlm")
+    if handler_module is None or not getattr(handler_module, "VLM_BATCHING_AVAILABLE", False):
+        return
+    generator = getattr(sys.modules.get("app.core.vlm_batch_scheduler"), "BatchGenerator", None)
+    if generator is not None and "prompt_kwargs" in inspect.signature(generator.insert).parameters:
+        return
+    handler_module.VLM_BATCHING_AVAILABLE = False
+    log.warning(
+        "mlx-vlm %s cannot run mlx-openai-server's batched multimodal generation; "
+        "multimodal requests are served one at a time",
+        _version("mlx-vlm") or "?",
+    )
+
+
+@dataclass
+class _HeldWhisper:
+    model: Any
+    dtype: Any
+    refs: int
+
+
+#: Whisper weights the hub loaded, by model folder (mlx_whisper itself keeps one model for the process).
+_whispers: dict[str, _HeldWhisper] = {}
+_whispers_lock = threading.Lock()
+
+
+def _whisper_weights_per_folder() -> None:
+    """mlx_whisper's ``ModelHolder`` keeps one model for the whole process, loaded on first use.
+
+    Two whisper entries would swap it back and forth, an unload would free
+    nothing, and the weights would load inside the first request, uncounted.
+    The hub loads each folder's weights at load time (``_hold_whisper``) and
+    the holder hands them out; a folder the hub did not load falls through to
+    mlx_whisper's own holder.
+    """
+    module = sys.modules.get("mlx_whisper.transcribe")
+    holder = getattr(module, "ModelHolder", None)
+    if holder is None or getattr(holder, "_mlx_hub_per_folder", False):
+        return
+    original = holder.get_model
+
+    def get_model(cls: type, model_path: str, dtype: Any) -> Any:
+        held = _whispers.get(model_path)
+        if held is not None and held.dtype == dtype:
+            return held.model
+        return original(model_path, dtype)
+
+    holder.get_model = classmethod(get_model)
+    holder._mlx_hub_per_folder = True
+
+
+def _hold_whisper(model_path: str) -> None:
+    """Load (or take another reference to) a whisper folder's weights, in fp16 as mlx_whisper decodes."""
+    import mlx.core as mx
+    from mlx_whisper.load_models import load_model
+
+    with _whispers_lock:
+        held = _whispers.get(model_path)
+        if held is not None:
+            held.refs += 1
+            return
+    model = load_model(model_path, dtype=mx.float16)
+    materialize(model)
+    with _whispers_lock:
+        _whispers.setdefault(model_path, _HeldWhisper(model, mx.float16, 0)).refs += 1
+
+
+def materialize(model: Any) -> None:
+    """Evaluate every array a model holds, parameters and private buffers alike, on this thread.
+
+    An MLX array that is still a lazy graph remembers the stream of the thread
+    that built it, and evaluating it on another thread fails ("There is no
+    Stream(cpu, 2) in current thread"). A model built on the hub's load thread
+    must therefore leave it fully computed. ``parameters()`` misses buffers kept
+    under underscore names, such as whisper's sinusoidal position table.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    arrays: list[Any] = [model.parameters()]
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        # A Module is a dict: underscore keys live there too, but parameters() skips them.
+        arrays.extend(v for v in (*module.values(), *vars(module).values()) if isinstance(v, mx.array))
+    mx.eval(arrays)
+
+
+def _release_whisper(model_path: str) -> None:
+    """Drop a reference; the last one frees the weights, and with no whisper left, the audio caches too."""
+    with _whispers_lock:
+        held = _whispers.get(model_path)
+        if held is not None:
+            held.refs -= 1
+            if held.refs <= 0:
+                del _whispers[model_path]
+        if _whispers:
+            return
+    # mlx_whisper keeps its mel filter bank and window (MLX arrays) and upstream
+    # the decoded audio of recent uploads in lru_caches; none of it outlives the models.
+    for module_name, names in (
+        ("mlx_whisper.audio", ("mel_filters", "hanning")),
+        ("app.models.mlx_whisper", ("load_audio", "calculate_audio_duration")),
+    ):
+        module = sys.modules.get(module_name)
+        for name in names:
+            clear = getattr(getattr(module, name, None), "cache_clear", None)
+            if clear is not None:
+                clear()
+
+
+def _ensure_ffmpeg() -> None:
+    """mlx_whisper decodes every upload by running ``ffmpeg``; without it each request would fail.
+
+    Where the program is missing but the ``imageio-ffmpeg`` wheel (a static
+    build) is installed, its binary is put on this process's PATH as ``ffmpeg``.
+    """
+    if shutil.which("ffmpeg"):
+        return
+    try:
+        import imageio_ffmpeg
+
+        binary = Path(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError):
+        raise EngineError(
+            "whisper models need the ffmpeg program to read audio, and it is not on PATH; "
+            "install it (macOS: `brew install ffmpeg`; Debian: `apt install ffmpeg`) or `pip install imageio-ffmpeg`"
+        ) from None
+    folder = Path(tempfile.gettempdir()) / f"mlx-hub-ffmpeg-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    link = folder / "ffmpeg"
+    if not link.exists():
+        with contextlib.suppress(FileExistsError):
+            link.symlink_to(binary)
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+    log.info("using imageio-ffmpeg's %s as ffmpeg for whisper models", binary)
+
+
+def _serve_like_launch(handler: Any) -> None:
+    """Give a bare whisper handler the methods upstream's endpoints call on ``launch``'s proxy.
+
+    ``mlx-openai-server launch`` serves every model through its subprocess
+    proxy, and the transcription route calls what the proxy offers:
+    ``prepare_transcription_request`` (the bare handler has it only as a private
+    method), a one-argument ``generate_transcription_stream_from_data``, and a
+    ``generate_transcription_response`` that answers JSON whatever the format.
+    Bound here to the handler's own ``*_from_data`` methods, which the proxy calls
+    in its child, so a hub port answers exactly as a launch port does.
+    """
+
+    async def prepare_transcription_request(request: Any) -> dict[str, Any]:
+        return await handler._prepare_transcription_request(request)
+
+    async def generate_transcription_response(request: Any) -> Any:
+        return await handler.transcribe_from_data(await prepare_transcription_request(request))
+
+    async def generate_transcription_stream_from_data(
+        request_data: dict[str, Any], *_: Any, **__: Any
+    ) -> Any:
+        async for chunk in handler.transcribe_stream_from_data(request_data):
+            yield chunk
+
+    handler.prepare_transcription_request = prepare_transcription_request
+    handler.generate_transcription_response = generate_transcription_response
+    handler.generate_transcription_stream_from_data = generate_transcription_stream_from_data
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return None
 
 
 def preload(model_types: set[str]) -> None:
@@ -298,6 +518,10 @@ def build_handler(entry: ModelConfig) -> Any:
 
     handler = create_handler_from_config(upstream_entry(entry))
     handler.served_model_name = entry.served_name
+    if getattr(handler, "handler_type", None) == "whisper":
+        _ensure_ffmpeg()
+        _serve_like_launch(handler)
+        _hold_whisper(handler.model_path)  # nothing to undo if this fails: no threads run before initialize
     return handler
 
 
@@ -395,14 +619,16 @@ def _explain(exc: Exception, entry: ModelConfig) -> str:
 
 async def _cleanup(handler: Any, name: str) -> None:
     cleanup = getattr(handler, "cleanup", None)
-    if cleanup is None:
-        return
     try:
-        result = cleanup()
-        if inspect.isawaitable(result):
-            await result
+        if cleanup is not None:
+            result = cleanup()
+            if inspect.isawaitable(result):
+                await result
     except Exception:
         log.exception("model '%s': handler cleanup failed; freeing its memory anyway", name)
+    finally:
+        if getattr(handler, "handler_type", None) == "whisper":
+            _release_whisper(handler.model_path)
 
 
 async def unload(handler: Any, name: str) -> None:

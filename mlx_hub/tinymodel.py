@@ -58,7 +58,7 @@ _CORPUS = (
 )
 
 
-def _train_tokenizer(vocab_size: int) -> Any:
+def _train_tokenizer(vocab_size: int, specials: list[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -72,7 +72,7 @@ def _train_tokenizer(vocab_size: int) -> Any:
     alphabet = [chr(b) for b in range(33, 127)] + [chr(256 + 32), chr(256 + 10)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=alphabet,
         limit_alphabet=len(alphabet),
         show_progress=False,
@@ -82,14 +82,14 @@ def _train_tokenizer(vocab_size: int) -> Any:
 
 
 @contextmanager
-def _building(path: str | os.PathLike[str]) -> Iterator[Path | None]:
+def _building(path: str | os.PathLike[str], weights: str = "model.safetensors") -> Iterator[Path | None]:
     """Yield a temporary sibling folder to fill, renamed to ``path`` when complete.
 
     A crash never leaves a half-written model that a later run would trust.
     Yields None when a complete model is already there (the ``make run`` cache).
     """
     target = Path(path)
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if (target / "config.json").exists() and (target / weights).exists():
         yield None
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,15 @@ def _building(path: str | os.PathLike[str]) -> Iterator[Path | None]:
         raise
 
 
-def _write_tokenizer(folder: Path, vocab_size: int, max_length: int) -> dict[str, Any]:
+def _write_tokenizer(
+    folder: Path,
+    vocab_size: int,
+    max_length: int,
+    specials: list[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+) -> dict[str, Any]:
     """Train and save the tokenizer; return the config.json keys that depend on it."""
-    tokenizer = _train_tokenizer(vocab_size)
+    tokenizer = _train_tokenizer(vocab_size, specials)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -116,9 +122,9 @@ def _write_tokenizer(folder: Path, vocab_size: int, max_length: int) -> dict[str
         "bos_token": None,
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "added_tokens_decoder": {
-            str(tokenizer.token_to_id(tok)): {"content": tok, "special": True} for tok in SPECIAL_TOKENS
+            str(tokenizer.token_to_id(tok)): {"content": tok, "special": True} for tok in specials
         },
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -216,4 +222,156 @@ def make_embedding_model(
             mx.random.seed(seed)
             model = Model(ModelArgs.from_dict(config))
             _save(work, model, config)
+    return Path(path)
+
+
+#: A llava-style chat template: image parts become the processor's ``<image>`` token.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGE_SIZE = 28  # pixels a side: 2 x 2 patches of 14
+
+
+def make_vlm_model(path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a tiny llava folder (a CLIP vision tower and a llama) that ``mlx_vlm.load`` accepts.
+
+    The processor files are transformers' own ``LlavaProcessor`` and
+    ``CLIPImageProcessor`` configs, which need no torchvision; the tokenizer
+    carries llava's ``<image>`` token.
+    """
+    import mlx.core as mx
+    from mlx_vlm.models.llava import config as llava_config
+    from mlx_vlm.models.llava import llava
+
+    with _building(path) as work:
+        if work is not None:
+            text = {"model_type": "llama", **TINY_SHAPE, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+            ids = _write_tokenizer(
+                work,
+                vocab_size,
+                text["max_position_embeddings"],
+                [*SPECIAL_TOKENS, "<image>"],
+                VLM_CHAT_TEMPLATE,
+            )
+            image_token = json.loads((work / "tokenizer.json").read_text())["added_tokens"][-1]["id"]
+            text["vocab_size"] = ids["vocab_size"]
+            vision = {
+                "model_type": "clip_vision_model",
+                "num_hidden_layers": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_attention_heads": 2,
+                "image_size": IMAGE_SIZE,
+                "patch_size": 14,
+                "projection_dim": 32,
+                "layer_norm_eps": 1e-5,
+            }
+            config = {
+                "model_type": "llava",
+                "architectures": ["LlavaForConditionalGeneration"],
+                "text_config": text,
+                "vision_config": vision,
+                "image_token_index": image_token,
+                "vision_feature_select_strategy": "default",
+                "vision_feature_layer": -2,
+                "projector_hidden_act": "gelu",
+                "torch_dtype": "float16",
+                **ids,
+            }
+            mx.random.seed(seed)
+            model_config = llava_config.ModelConfig.from_dict(config)
+            model_config.text_config = llava_config.TextConfig.from_dict(text)
+            model_config.vision_config = llava_config.VisionConfig.from_dict(vision)
+            model = llava.Model(model_config)
+            model.set_dtype(mx.float16)
+            _save(work, model, config)
+            clip = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            (work / "preprocessor_config.json").write_text(
+                json.dumps(
+                    {
+                        "image_processor_type": "CLIPImageProcessor",
+                        "processor_class": "LlavaProcessor",
+                        "do_resize": True,
+                        "size": {"shortest_edge": IMAGE_SIZE},
+                        "do_center_crop": True,
+                        "crop_size": clip,
+                        "do_rescale": True,
+                        "rescale_factor": 1 / 255,
+                        "do_normalize": True,
+                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                        "image_std": [0.26862954, 0.26130258, 0.27577711],
+                        "do_convert_rgb": True,
+                    },
+                    indent=2,
+                )
+            )
+            (work / "processor_config.json").write_text(
+                json.dumps(
+                    {
+                        "processor_class": "LlavaProcessor",
+                        "patch_size": 14,
+                        "vision_feature_select_strategy": "default",
+                        "image_token": "<image>",
+                        "num_additional_image_tokens": 1,
+                    },
+                    indent=2,
+                )
+            )
+            (work / "chat_template.json").write_text(json.dumps({"chat_template": VLM_CHAT_TEMPLATE}))
+    return Path(path)
+
+
+def make_whisper_model(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write a tiny random whisper folder (``mlx_whisper`` loads it) with the bundled multilingual tokenizer.
+
+    ``n_vocab`` 51865 picks mlx_whisper's own multilingual tokenizer and
+    ``n_audio_ctx`` 1500 matches its 30 s mel window; everything else is tiny.
+    The weights are fp16, the dtype mlx_whisper decodes in by default.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_whisper.whisper import ModelDimensions, Whisper
+
+    dims = {
+        "n_mels": 80,
+        "n_audio_ctx": 1500,
+        "n_audio_state": 32,
+        "n_audio_head": 2,
+        "n_audio_layer": 1,
+        "n_vocab": 51865,
+        "n_text_ctx": 64,
+        "n_text_state": 32,
+        "n_text_head": 2,
+        "n_text_layer": 1,
+    }
+    with _building(path, weights="weights.safetensors") as work:
+        if work is not None:
+            mx.random.seed(seed)
+            model = Whisper(ModelDimensions(**dims), mx.float16)
+            weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+            mx.save_safetensors(str(work / "weights.safetensors"), weights)
+            (work / "config.json").write_text(json.dumps({"model_type": "whisper", **dims}, indent=2))
+    return Path(path)
+
+
+def make_speech(path: str | os.PathLike[str], seconds: float = 1.5) -> Path:
+    """A short 16 kHz mono WAV (a tone), enough for a transcription request."""
+    import math
+    import struct
+    import wave
+
+    rate = 16000
+    frames = b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
+        for i in range(int(rate * seconds))
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(frames)
     return Path(path)

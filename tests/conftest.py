@@ -87,3 +87,24 @@ def tiny_embedder(models_dir: Path) -> Path:
     from mlx_hub.tinymodel import make_embedding_model
 
     return make_embedding_model(models_dir / "tiny-embed", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_vlm_model
+
+    return make_vlm_model(models_dir / "tiny-llava", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_whisper_model
+
+    return make_whisper_model(models_dir / "tiny-whisper", seed=7)
+
+
+@pytest.fixture(scope="session")
+def speech(models_dir: Path) -> Path:
+    from mlx_hub.tinymodel import make_speech
+
+    return make_speech(models_dir / "tone.wav")

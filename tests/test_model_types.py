@@ -1,0 +1,156 @@
+"""Every model type the hub serves: multimodal and whisper beside lm and embeddings.
+
+Each through a real port and the official openai client, and each must give its
+memory back on unload. The thread test runs in a fresh interpreter so that it
+sees mlx-vlm exactly as imported, before the hub adapts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mlx_hub import engine
+
+from .helpers import base_url, meta, text_only
+
+
+def _png(color: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE_URL = f"data:image/png;base64,{_png((200, 30, 30))}"
+
+
+def vlm_entry(name: str, path: Path, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "model_path": str(path), "model_type": "multimodal", "default": True, **kw}
+
+
+def image_chat(model: str, path: Path, **extra: Any) -> dict[str, Any]:
+    content = [
+        {"type": "text", "text": "What is in the picture?"},
+        {"type": "image_url", "image_url": {"url": IMAGE_URL}},
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 6,
+        **text_only(path),
+        **extra,
+    }
+
+
+def test_generation_on_another_thread_needs_the_thread_local_stream(tiny_vlm: Path) -> None:
+    """mlx-vlm, imported on one thread, generates on another: fails as installed, works once adapted."""
+    script = textwrap.dedent(
+        f"""
+        import sys, threading
+        from mlx_vlm import load, generate
+        from mlx_vlm.prompt_utils import apply_chat_template
+        from mlx_hub import engine
+        model, processor = load({str(tiny_vlm)!r})
+        prompt = apply_chat_template(processor, model.config, "Hi", num_images=0)
+        def attempt():
+            try:
+                generate(model, processor, prompt, max_tokens=3, verbose=False)
+                print("ok")
+            except Exception as exc:
+                print("error:", exc)
+        for _ in range(2):
+            worker = threading.Thread(target=attempt)
+            worker.start(); worker.join()
+            engine.adapt_libraries()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("ok", "error:"))]
+    assert len(lines) == 2, out.stdout + out.stderr
+    assert lines[0].startswith("error:") and "Stream" in lines[0], lines  # as installed
+    assert lines[1] == "ok", lines  # after engine.adapt_libraries()
+
+
+@pytest.mark.parametrize("batching", ["on", "off"])
+async def test_multimodal_chat_with_an_image(make_hub, hub_config, tiny_vlm: Path, batching: str) -> None:
+    engine.free_memory()
+    before = engine.active_memory()
+    hub = await make_hub(hub_config([vlm_entry("see", tiny_vlm, disable_batching=batching == "off")]))
+    client = openai.AsyncOpenAI(base_url=base_url(hub, "see"), api_key="unused", max_retries=0)
+    reply = await client.chat.completions.create(**image_chat("see", tiny_vlm))
+    assert reply.choices[0].message.content and reply.usage.completion_tokens == 6
+    assert reply.usage.prompt_tokens > 10  # the image's patch tokens are in the prompt
+    chunks = [
+        c async for c in await client.chat.completions.create(**image_chat("see", tiny_vlm, stream=True))
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and any(c.choices and c.choices[0].finish_reason for c in chunks)
+    held = meta(hub, "see")["memory_bytes"]
+    assert held > 100_000
+    assert await hub.unload("see") == "unloaded"
+    engine.free_memory()
+    assert abs(engine.active_memory() - before) <= 0.02 * held
+
+
+async def test_whisper_transcribes_streams_and_frees(
+    make_hub, hub_config, tiny_whisper: Path, speech: Path
+) -> None:
+    engine.free_memory()
+    before = engine.active_memory()
+    entry = {"name": "ears", "model_path": str(tiny_whisper), "model_type": "whisper", "default": True}
+    hub = await make_hub(hub_config([entry]))
+    held = meta(hub, "ears")["memory_bytes"]
+    assert held > 1_000_000  # the weights load with the model, not inside its first request
+    client = openai.AsyncOpenAI(base_url=base_url(hub, "ears"), api_key="unused", max_retries=0)
+    with speech.open("rb") as audio:
+        result = await client.audio.transcriptions.create(model="ears", file=audio, temperature=0.0)
+    assert isinstance(result.text, str)
+    with speech.open("rb") as audio:
+        text_reply = await client.audio.transcriptions.create(
+            model="ears", file=audio, temperature=0.0, response_format="text"
+        )
+    assert text_reply  # launch answers JSON for "text" too; the SDK hands it over as it came
+    async with httpx.AsyncClient(timeout=120) as http:
+        with speech.open("rb") as audio:
+            streamed = await http.post(
+                f"{base_url(hub, 'ears')}/audio/transcriptions",
+                data={"model": "ears", "stream": "true", "temperature": "0"},
+                files={"file": ("tone.wav", audio, "audio/wav")},
+            )
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert await hub.unload("ears") == "unloaded"
+    engine.free_memory()
+    assert abs(engine.active_memory() - before) <= 0.01 * held
+
+
+async def test_two_whisper_entries_hold_their_own_weights(
+    make_hub, hub_config, tiny_whisper: Path, models_dir: Path, speech: Path
+) -> None:
+    from mlx_hub.tinymodel import make_whisper_model
+
+    other = make_whisper_model(models_dir / "tiny-whisper-2", seed=8)
+    entries = [
+        {"name": name, "model_path": str(path), "model_type": "whisper", "default": True}
+        for name, path in (("one", tiny_whisper), ("two", other))
+    ]
+    hub = await make_hub(hub_config(entries))
+    assert meta(hub, "one")["memory_bytes"] > 1_000_000 and meta(hub, "two")["memory_bytes"] > 1_000_000
+    client = openai.AsyncOpenAI(base_url=base_url(hub, "two"), api_key="unused", max_retries=0)
+    assert await hub.unload("one") == "unloaded"
+    with speech.open("rb") as audio:  # "two" still answers with its own weights
+        assert isinstance(
+            (await client.audio.transcriptions.create(model="two", file=audio, temperature=0.0)).text, str
+        )
+    assert engine._whispers.keys() == {str(other)}
