@@ -248,6 +248,7 @@ class HubConfig(_Strict):
     log_level: LogLevel = "INFO"
     log_path: str = str(DEFAULT_HOME / "logs")
     enable_status_page: bool = True
+    drain_timeout: Annotated[float, Field(gt=0)] = 30  # seconds a stop lets running requests finish
     max_memory: int | float | str | None = None
     api_keys: list[str] = Field(default_factory=list)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)

@@ -5,6 +5,33 @@ own ``launch`` builds it: the entry becomes the installed release's
 ``ModelEntryConfig`` and goes through its ``create_handler_from_config``, so
 1.6.x (``max_concurrency``, ``model_id``) and 1.8.x (batching, KV, draft and
 sampling defaults) each get exactly the options they know.
+
+Threads. MLX (>= 0.31.2) ties a stream to the thread that made it, and a lazy
+array to the stream it was built on; Metal punishes a stream used on another
+thread, CPU MLX reports it ("There is no Stream(cpu, N) in current thread").
+Which thread does what, for every model:
+
+- **Import**: a worker thread of the loop's default executor imports the
+  handler modules (``preload``, ``handler_class``); module-level streams made
+  then belong to that thread, so ``adapt_libraries`` replaces them.
+- **Build**: one load thread at a time (``asyncio.to_thread`` under the hub's
+  memory lock) runs the constructor, which reads and evaluates the weights.
+  Anything the hub itself builds there is evaluated before the thread ends
+  (``materialize``), so no lazy graph of the load thread is left for others.
+- **Run**: upstream's own threads. Each handler's ``InferenceWorker`` thread
+  (one request at a time, embeddings, whisper) and its batch scheduler thread
+  (continuous batching) make their own thread-local stream and evaluate
+  everything under it. The event loop thread never evaluates an array; it only
+  reads memory counters.
+- **Free**: on the loop thread, ``handler.cleanup()`` stops and joins those
+  threads first; then the hub drops its references and ``free_memory`` runs
+  ``gc.collect()`` and ``mx.clear_cache()``, neither of which uses a stream.
+
+Library state that would break this, adapted here at run time (site-packages
+stay as installed): mlx-vlm's import-time ``generation_stream`` (made
+thread-local), mlx_whisper's process-wide ``ModelHolder`` (one model per
+folder, loaded by the hub's load and freed by its unload), and upstream's VLM
+batching switch on an mlx-vlm too old for its scheduler.
 """
 
 from __future__ import annotations

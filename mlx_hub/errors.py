@@ -38,6 +38,12 @@ class NotLoadedError(HubError):
     status, error_type, code = 503, "service_unavailable", "model_not_loaded"
 
 
+class StoppedError(HubError):
+    """A request the model could not finish because the model was stopped under it."""
+
+    status, error_type, code = 503, "service_unavailable", "model_stopped"
+
+
 class ModelLoadError(HubError):
     status, error_type, code = 503, "service_unavailable", "model_load_failed"
 

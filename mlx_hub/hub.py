@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ConfigSource = HubConfig | dict[str, Any] | str | os.PathLike[str]
 
+#: How long cancelled requests get to unwind before a stop frees their model regardless.
+CANCEL_GRACE_SECONDS = 5.0
+
 
 def _as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
     if isinstance(source, HubConfig):
@@ -148,20 +151,22 @@ class Hub:
                 log.error("model '%s' did not start: %s", name, exc)
         return started
 
-    async def stop_all(self) -> list[str]:
+    async def stop_all(self, *, drain_timeout: float | None = None) -> list[str]:
         """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped."""
         names = list(self.slots)
-        results = await asyncio.gather(*(self.stop_model(n) for n in names), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.stop_model(n, drain_timeout=drain_timeout) for n in names), return_exceptions=True
+        )
         return [n for n, r in zip(names, results, strict=True) if r == "stopped"]
 
-    async def shutdown(self) -> None:
-        """Stop every model (letting requests finish), free memory, close every port."""
+    async def shutdown(self, *, drain_timeout: float | None = None) -> None:
+        """Stop every model (requests get ``drain_timeout`` s to finish), free memory, close every port."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
-        await self.stop_all()
+        await self.stop_all(drain_timeout=drain_timeout)
         for task in list(self._tasks):
             task.cancel()
         self.started_at = None
@@ -199,13 +204,17 @@ class Hub:
             await self.load(name)
         return "started"
 
-    async def stop_model(self, name: str, *, drain_timeout: float = 30.0) -> str:
+    async def stop_model(self, name: str, *, drain_timeout: float | None = None) -> str:
         """Stop accepting, let in-flight requests finish, unload, close. ``stopped`` or ``not_running``.
 
-        Requests still running after ``drain_timeout`` seconds are cut off by
-        closing the port, so a hung client cannot hold a shutdown forever.
+        Requests still running after ``drain_timeout`` seconds (hub.yaml's
+        ``drain_timeout`` unless given) are cancelled: a stream ends where it
+        is, a request not yet answered gets 503 ``model_stopped``. So neither a
+        stuck generation nor a client that never reads holds a stop forever.
         """
         slot = self._slot(name)
+        if drain_timeout is None:
+            drain_timeout = self.config.drain_timeout
         async with slot.op_lock:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
                 return "not_running"
@@ -221,7 +230,7 @@ class Hub:
             await self._drain(slot, drain_timeout)
             await slot.close_port(timeout=1.0)
             if slot.memory_state in OCCUPYING:
-                await self.unload(name)
+                await self.unload(name, wait_for_requests=False)
             if self.model_logs:
                 logs.detach_model(name)
             slot.set_port(PortState.INACTIVE)
@@ -236,12 +245,24 @@ class Hub:
         deadline = loop.time() + timeout
         while slot.active > 0 and loop.time() < deadline:
             await self._wait_change(deadline - loop.time())
+        if slot.active == 0:
+            return
+        log.warning(
+            "model '%s': %d request(s) still running after %g s; cancelling them",
+            slot.name,
+            slot.active,
+            timeout,
+        )
+        for task in list(slot.requests):
+            task.cancel()
+        deadline = loop.time() + CANCEL_GRACE_SECONDS
+        while slot.active > 0 and loop.time() < deadline:
+            await self._wait_change(deadline - loop.time())
         if slot.active > 0:
-            log.warning(
-                "model '%s': %d request(s) still running after %g s; closing anyway",
+            log.error(
+                "model '%s': %d request(s) did not end when cancelled; freeing the model anyway",
                 slot.name,
                 slot.active,
-                timeout,
             )
 
     async def load(self, name: str) -> str:
@@ -256,11 +277,12 @@ class Hub:
         await asyncio.shield(self._load_task(slot))
         return "loaded"
 
-    async def unload(self, name: str) -> str:
+    async def unload(self, name: str, *, wait_for_requests: bool = True) -> str:
         """Free the weights, keeping the port open. ``unloaded`` or ``not_loaded``.
 
-        Waits for running requests and streams to finish; requests that arrive
-        meanwhile wait, then load the model again if it is JIT.
+        Waits for running requests and streams to finish (unless a stop has
+        already drained and cancelled them); requests that arrive meanwhile
+        wait, then load the model again if it is JIT.
         """
         slot = self._slot(name)
         if slot.load_task is not None and not slot.load_task.done():
@@ -268,7 +290,9 @@ class Hub:
                 await asyncio.shield(slot.load_task)
         if slot.memory_state not in (MemoryState.LOADED, MemoryState.UNLOADING):
             return "not_loaded"
-        await self._await_unload(slot, reason="manual")
+        await self._await_unload(
+            slot, reason="manual" if wait_for_requests else "stop", patient=wait_for_requests
+        )
         return "unloaded"
 
     # ------------------------------------------------------- request gate
@@ -409,17 +433,17 @@ class Hub:
         )
         return "memory budget", decision
 
-    async def _await_unload(self, slot: ModelSlot, reason: str = "manual") -> None:
+    async def _await_unload(self, slot: ModelSlot, reason: str = "manual", *, patient: bool = True) -> None:
         if slot.unload_task is None or slot.unload_task.done():
-            slot.unload_task = self._spawn(self._unload_flow(slot, reason), f"unload:{slot.name}")
+            slot.unload_task = self._spawn(self._unload_flow(slot, reason, patient), f"unload:{slot.name}")
         await asyncio.shield(slot.unload_task)
 
-    async def _unload_flow(self, slot: ModelSlot, reason: str) -> None:
+    async def _unload_flow(self, slot: ModelSlot, reason: str, patient: bool = True) -> None:
         if slot.memory_state is not MemoryState.LOADED:
             return
         slot.set_memory(MemoryState.UNLOADING)
         self._notify()
-        while slot.active > 0:
+        while patient and slot.active > 0:
             await self._wait_change()
         async with self._memory_lock:
             before = engine.active_memory()

@@ -126,12 +126,14 @@ class ResponseWatch:
     def __init__(self, send: Callable[[dict[str, Any]], Any]):
         self._send = send
         self.status = 500
+        self.started = False  # the response's first message has gone out
         self.tokens = 0
         self._tail = b""
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            self.started = True
         elif message["type"] == "http.response.body":
             chunk = self._tail + message.get("body", b"")
             for match in _COMPLETION_TOKENS.finditer(chunk):

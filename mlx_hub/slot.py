@@ -60,6 +60,7 @@ class ModelSlot:
         self.app: Any = None
         self.active = 0  # requests the handler is serving now
         self.waiting = 0  # requests waiting for a load or a group place
+        self.requests: set[asyncio.Task[Any]] = set()  # tasks serving the active requests, for a forced stop
         self.last_used = time.monotonic()
         self.memory_bytes = 0
         self.estimate = 0  # bytes a load is expected to add, from the weight files

@@ -13,6 +13,8 @@ stream means until the stream ends or the client goes away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,10 +23,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import HubError, InvalidKeepAliveError
+from ..errors import HubError, InvalidKeepAliveError, StoppedError
 from ..logs import current_model
 from ..metrics import ResponseWatch
 from ..policy import parse_keep_alive
+from ..slot import PortState
 from .asgi import is_json, json_object, read_body, replay, with_length
 from .responses import error_response
 from .security import ApiKeyGuard
@@ -132,9 +135,21 @@ class LoadGate:
             except HubError as exc:
                 await error_response(exc)(scope, receive, watch.send)
                 return
+            task = asyncio.current_task()
+            self.slot.requests.add(task)
             try:
                 await self.app(scope, receive, watch.send)
+            except asyncio.CancelledError:
+                # The hub cancels what is still running when a stop's drain time is up.
+                if self.slot.port_state is PortState.STOPPING and not watch.started:
+                    stopped = StoppedError(
+                        f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
+                    )
+                    with contextlib.suppress(Exception):
+                        await error_response(stopped)(scope, receive, watch.send)
+                raise
             finally:
+                self.slot.requests.discard(task)
                 self.hub.release(self.slot, keep_alive=keep_alive)
         finally:
             current_model.reset(token)

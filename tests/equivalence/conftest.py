@@ -50,7 +50,12 @@ def kv_llama(models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cases(
-    tiny_llama: Path, draft_llama: Path, kv_llama: Path, tiny_embedder: Path, models_dir: Path
+    tiny_llama: Path,
+    draft_llama: Path,
+    kv_llama: Path,
+    tiny_embedder: Path,
+    tiny_whisper: Path,
+    models_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """Served name -> the options both sides get (upstream's field names, which hub.yaml shares)."""
     template = models_dir / "tools.jinja"
@@ -69,6 +74,7 @@ def cases(
         "spec": {"model_path": llama, "draft_model_path": str(draft_llama), "num_draft_tokens": 3},
         "kvq": {"model_path": str(kv_llama), "kv_bits": 8, "kv_group_size": 32},
         "embed": {"model_path": str(tiny_embedder), "model_type": "embeddings"},
+        "ears": {"model_path": str(tiny_whisper), "model_type": "whisper"},
         FLAG_CASE: {"model_path": llama, **FLAG_FIELDS},
     }
 

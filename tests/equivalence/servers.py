@@ -108,14 +108,23 @@ class Pair:
         self.controller = controller
         self.client = httpx.Client(timeout=120)
 
-    def send(self, served: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, Any]:
-        """The same request to upstream and to the hub's port for ``served``; their answers, normalized."""
+    def send(
+        self, served: str, path: str, body: dict[str, Any] | None = None, files: dict[str, Any] | None = None
+    ) -> tuple[Any, Any]:
+        """The same request to upstream and to the hub's port for ``served``; their answers, normalized.
+
+        With ``files`` the request is multipart (``body`` becomes its form fields);
+        without a body it is a GET.
+        """
         replies = []
         for base in (self.upstream[served], self.hub[served]):
-            if body is None:
-                replies.append(answer(self.client.get(base + path)))
+            if files is not None:
+                response = self.client.post(base + path, data=body, files=files)
+            elif body is None:
+                response = self.client.get(base + path)
             else:
-                replies.append(answer(self.client.post(base + path, json=body)))
+                response = self.client.post(base + path, json=body)
+            replies.append(answer(response))
         return replies[0], replies[1]
 
 
@@ -124,6 +133,9 @@ def serve_pair(
     work: Path, cases: dict[str, dict[str, Any]], flag_case: str, flags: list[str], ports: list[int]
 ) -> Iterator[Pair]:
     """Start both sides on ``cases`` (served name -> upstream fields); ``flag_case`` gets its own flag launch."""
+    from mlx_hub.engine import _ensure_ffmpeg
+
+    _ensure_ffmpeg()  # upstream's whisper needs the program on PATH as much as the hub's does
     up_port, flag_port, hub_port, *model_ports = ports
     host = "127.0.0.1"
     listed = {served: fields for served, fields in cases.items() if served != flag_case}
