@@ -154,3 +154,64 @@ async def test_two_whisper_entries_hold_their_own_weights(
             (await client.audio.transcriptions.create(model="two", file=audio, temperature=0.0)).text, str
         )
     assert engine._whispers.keys() == {str(other)}
+
+
+#: What upstream's routes call on a handler of each type (after checking its handler_type).
+ROUTE_METHODS = {
+    "lm": {"generate_text_stream", "generate_text_response"},
+    "multimodal": {"generate_multimodal_stream", "generate_multimodal_response"},
+    "embeddings": {"generate_embeddings_response"},
+    "whisper": {
+        "prepare_transcription_request",
+        "generate_transcription_response",
+        "generate_transcription_stream_from_data",
+    },
+    "image": {"generate_image", "edit_image"},
+}
+EVERY_TYPE = {"get_models", "get_queue_stats"}
+
+
+def test_the_route_table_covers_every_handler_call_upstream_makes() -> None:
+    """Read upstream's endpoints: a call the table above does not know fails here first."""
+    import re
+
+    import app.api.endpoints as endpoints
+
+    called = set(re.findall(r"handler\.([a-z_]+)\(", Path(endpoints.__file__).read_text()))
+    assert called == set().union(*ROUTE_METHODS.values(), EVERY_TYPE), called
+
+
+@pytest.mark.parametrize("kind", ["lm", "multimodal", "embeddings", "whisper"])
+async def test_hub_handlers_offer_what_upstreams_routes_call(
+    kind: str, tiny_llama: Path, tiny_vlm: Path, tiny_embedder: Path, tiny_whisper: Path
+) -> None:
+    """The hub serves bare handlers where launch serves its proxy: each must answer the same calls."""
+    from mlx_hub.config import ModelConfig
+
+    path = {"lm": tiny_llama, "multimodal": tiny_vlm, "embeddings": tiny_embedder, "whisper": tiny_whisper}[
+        kind
+    ]
+    engine.free_memory()
+    before = engine.active_memory()
+    loaded = await engine.load(ModelConfig(name="m", model_path=str(path), model_type=kind))
+    handler = loaded.handler
+    try:
+        assert handler.handler_type == kind
+        missing = {m for m in ROUTE_METHODS[kind] | EVERY_TYPE if not callable(getattr(handler, m, None))}
+        assert not missing, missing
+        assert loaded.memory_bytes > 100_000  # every type's weights are resident once loaded
+        assert (await handler.get_models())[0]["id"] == str(path)
+        assert isinstance(await handler.get_queue_stats(), dict)
+    finally:
+        await engine.unload(handler, "m")
+        held = loaded.memory_bytes
+        del handler, loaded
+    engine.free_memory()
+    assert abs(engine.active_memory() - before) <= 0.01 * held, kind  # and all of it comes back
+
+
+async def test_queue_stats_route_on_a_hub_port(make_hub, hub_config, tiny_llama: Path) -> None:
+    hub = await make_hub(hub_config([{"name": "q", "model_path": str(tiny_llama), "default": True}]))
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{base_url(hub, 'q')}/queue/stats")
+    assert reply.status_code == 200 and reply.json()["status"] == "ok"
