@@ -227,3 +227,24 @@ def test_add_keeps_a_flush_list_style(tmp_path: Path) -> None:
     text = path.read_text()
     assert "- name: a  # first\n" in text and "\n- name: b-model\n" in text
     assert [m.name for m in load_config(path).models] == ["a", "b-model"]
+
+
+def test_litellm_export_takes_the_models_own_context_when_unset(tmp_path: Path, tiny_llama: Path) -> None:
+    """context_length unset means the model's own (as upstream); the export says what that is."""
+    from mlx_hub.config import parse_config
+
+    shaped = make_model(tmp_path / "long", arch="llama", shape={"max_position_embeddings": 4096})
+    cfg = parse_config(
+        {
+            "log_path": str(tmp_path / "logs"),
+            "models": [
+                {"name": "own", "model_path": str(shaped)},
+                {"name": "capped", "model_path": str(shaped), "context_length": 1024},
+                {"name": "remote", "model_path": "org/not-in-any-cache"},
+            ],
+        }
+    )
+    info = {e["model_name"]: e["model_info"] for e in litellm_model_list(cfg, via="controller")}
+    assert info["own"]["max_input_tokens"] == 4096
+    assert info["capped"]["max_input_tokens"] == 1024
+    assert "max_input_tokens" not in info["remote"]  # unknown: better unsaid than made up
