@@ -9,7 +9,7 @@ __all__ = ["Hub", "HubConfig", "ConfigError", "HubError", "load_config", "__vers
 
 def __getattr__(name: str):  # keep `import mlx_hub` light: MLX loads only when used
     if name == "Hub":
-        from .hub import Hub
+        from .api import Hub
 
         return Hub
     if name in ("HubConfig", "ConfigError", "load_config"):

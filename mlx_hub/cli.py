@@ -272,7 +272,8 @@ def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> Non
 
 
 def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seconds: float) -> None:
-    from .daemon import read_runtime, spawn
+    from .daemon import spawn
+    from .runtime import read_runtime
 
     process = spawn(path, cfg, names)
     hub_log = cfg.log_dir / "hub.log"
@@ -326,7 +327,7 @@ def _tail(path: Path, lines: int) -> str:
 @config_option
 def shutdown(config: str | None) -> None:
     """Stop every model and the hub itself."""
-    from .daemon import pid_alive
+    from .runtime import pid_alive
 
     log_dir = _log_dir(config)
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from .daemon import Runtime, clear_runtime, pid_alive, read_runtime
+from .runtime import Runtime, clear_runtime, pid_alive, read_runtime
 
 #: Loads of big models take minutes; the controller answers when they finish.
 ACTION_TIMEOUT = 900.0

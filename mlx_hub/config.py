@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
 DEFAULT_CONFIG_NAME = "hub.yaml"
 CONFIG_ENV = "MLX_HUB_CONFIG"
+KEY_ENV = "MLX_HUB_API_KEY"
 
-MODEL_TYPES = ("lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 # strict: YAML's "8000" (a string) is a mistake worth naming, not something to coerce.
@@ -290,11 +289,12 @@ class HubConfig(_Strict):
             raise ValueError("api_keys must not contain empty keys")
         return value
 
-    def model(self, name: str) -> ModelConfig:
-        for entry in self.models:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every accepted API key: ``api_keys`` plus ``$MLX_HUB_API_KEY`` (comma-separated), read now."""
+        keys = {k for k in self.api_keys if k}
+        keys.update(k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip())
+        return frozenset(keys)
 
     def group(self, name: str | None) -> GroupConfig | None:
         for group in self.groups:

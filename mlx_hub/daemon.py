@@ -1,10 +1,7 @@
-"""Running the hub as a long-lived process: runtime files, signals, detaching, clean shutdown.
+"""Running the hub as a long-lived process: signals, detaching, clean shutdown.
 
-The CLI finds a running hub through ``<log_path>/hub_runtime.json`` (pid,
-host, port, config path, start time), written atomically once the controller
-port answers and removed on a clean exit. A file left by a killed hub is
-recognised as stale (its pid is gone, or its port answers with another pid)
-and replaced.
+The CLI finds a running hub through the runtime files (``runtime.py``),
+written once the controller port answers and removed on a clean exit.
 """
 
 from __future__ import annotations
@@ -18,86 +15,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__, logs
 from .config import ConfigError, HubConfig, find_config, load_config
-from .fsutil import atomic_write_json, atomic_write_text, read_json
 from .hub import Hub
 from .ports import PortError, connect_host
+from .runtime import Runtime, clear_runtime, write_runtime
+from .server import AppServer
 from .web.controller import build_controller_app
-from .web.server import AppServer
+from .web.model_app import build_model_app
 
 log = logging.getLogger("mlx_hub.daemon")
-
-RUNTIME_FILE = "hub_runtime.json"
-PID_FILE = "hub.pid"
 
 
 class DaemonError(RuntimeError):
     """The hub cannot run; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    pid: int
-    host: str
-    port: int
-    config_path: str
-    started_at: float
-    version: str = __version__
-
-    @property
-    def url(self) -> str:
-        return f"http://{connect_host(self.host)}:{self.port}"
-
-
-def read_runtime(log_dir: Path) -> Runtime | None:
-    data = read_json(log_dir / RUNTIME_FILE)
-    if not isinstance(data, dict):
-        return None
-    try:
-        return Runtime(**{k: data[k] for k in ("pid", "host", "port", "config_path", "started_at")})
-    except (KeyError, TypeError):
-        return None
-
-
-def write_runtime(log_dir: Path, runtime: Runtime) -> None:
-    atomic_write_json(log_dir / RUNTIME_FILE, asdict(runtime))
-    atomic_write_text(log_dir / PID_FILE, f"{runtime.pid}\n")
-
-
-def clear_runtime(log_dir: Path, pid: int | None = None) -> None:
-    """Remove the runtime files, only if they still describe ``pid`` (when given)."""
-    current = read_runtime(log_dir)
-    if pid is not None and current is not None and current.pid != pid:
-        return
-    for name in (RUNTIME_FILE, PID_FILE):
-        try:
-            (log_dir / name).unlink()
-        except FileNotFoundError:
-            pass
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (killed, not yet reaped) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        pass
-    try:
-        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
-        return bool(out.stdout.strip()) and not out.stdout.strip().startswith("Z")
-    except (OSError, subprocess.SubprocessError):
-        return True
 
 
 # --------------------------------------------------------------------------- serving
@@ -120,7 +53,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = Hub(config, config_path=config_path, model_logs=True, freeze_gc=True)
+    hub = Hub(config, app_factory=build_model_app, config_path=config_path, model_logs=True, freeze_gc=True)
     # The answer to POST /hub/shutdown is sent before the hub stops.
     app = build_controller_app(hub, request_shutdown=lambda: loop.call_later(0.1, stop.set))
     controller = AppServer(app, config.host, config.port, name="controller")

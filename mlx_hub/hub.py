@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,13 @@ from .errors import (
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
 from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
-from .web.security import api_keys
 
 log = logging.getLogger(__name__)
 
 ConfigSource = HubConfig | dict[str, Any] | str | os.PathLike[str]
+
+#: Builds the ASGI app a model's port serves; the web layer supplies it, so the core never imports web.
+AppFactory = Callable[["Hub", ModelSlot], Any]
 
 #: How long cancelled requests get to unwind before a stop frees their model regardless.
 CANCEL_GRACE_SECONDS = 5.0
@@ -67,12 +69,14 @@ class Hub:
         self,
         config: HubConfig,
         *,
+        app_factory: AppFactory,
         config_path: Path | None = None,
         reap_interval: float = 1.0,
         model_logs: bool = False,
         freeze_gc: bool = False,
     ):
         self.config = config
+        self.app_factory = app_factory  # the ASGI app each model port serves (web.model_app)
         self.config_path = config_path
         self.reap_interval = reap_interval
         self.model_logs = model_logs  # per-model log files; the daemon turns this on
@@ -88,7 +92,7 @@ class Hub:
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.budget = self._budget(config)
-        self._api_keys = api_keys(config.api_keys)
+        self._api_keys = config.keys
         self.metrics = HubMetrics(self.status)
 
     @staticmethod
@@ -185,14 +189,12 @@ class Hub:
         async with slot.op_lock:
             if slot.port_state is PortState.RUNNING:
                 return "already_running"
-            from .web.model_app import build_model_app
-
             slot.set_port(PortState.STARTING)
             self._notify()
             if self.model_logs:
                 logs.attach_model(slot.entry, self.config)
             try:
-                await slot.open_port(build_model_app(self, slot))
+                await slot.open_port(self.app_factory(self, slot))
             except (PortError, OSError) as exc:
                 slot.set_port(PortState.FAILED, str(exc))
                 self._notify()
@@ -528,7 +530,7 @@ class Hub:
             self.slots = {name: self.slots[name] for name in new_entries}
             self.config = new
             self.budget = self._budget(new)
-            self._api_keys = api_keys(new.api_keys)
+            self._api_keys = new.keys
             if path is not None:
                 self.config_path = path
             result["started"] = await self.start_many(restart)

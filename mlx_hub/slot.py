@@ -18,7 +18,7 @@ from typing import Any
 from .config import ModelConfig
 from .engine import Loaded
 from .policy import Candidate
-from .web.server import AppServer
+from .server import AppServer
 
 log = logging.getLogger(__name__)
 

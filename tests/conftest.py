@@ -67,11 +67,13 @@ def hub_config(tmp_path: Path) -> Callable[..., dict[str, Any]]:
 async def make_hub() -> AsyncIterator[Callable[..., Any]]:
     """Start hubs for a test and always shut them down, even when the test fails."""
     from mlx_hub.hub import Hub
+    from mlx_hub.web.model_app import build_model_app
 
     hubs: list[Hub] = []
 
     async def start(config: Any, **kwargs: Any) -> Hub:
         kwargs.setdefault("reap_interval", 0.05)
+        kwargs.setdefault("app_factory", build_model_app)
         hub = Hub.from_config(config, **kwargs)
         hubs.append(hub)
         await hub.start()

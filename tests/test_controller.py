@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from mlx_hub.hub import Hub
+from mlx_hub import Hub
 
 from .helpers import LiveController, free_port
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_hub.hub import Hub
+from mlx_hub import Hub
 
 from .helpers import LiveController, free_port, hello, meta, text_only
 from .test_hub import eventually, lm

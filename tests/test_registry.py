@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from mlx_hub import Hub
 from mlx_hub.config import load_config
-from mlx_hub.hub import Hub
 from mlx_hub.registry import litellm_from_hubs, litellm_model_list, scan
 from mlx_hub.tinymodel import make_model
 

@@ -10,22 +10,13 @@ not the controller itself are refused.
 from __future__ import annotations
 
 import hmac
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .asgi import header
 from .responses import error_json
-
-KEY_ENV = "MLX_HUB_API_KEY"
-
-
-def api_keys(configured: Iterable[str]) -> frozenset[str]:
-    keys = {k for k in configured if k}
-    keys.update(k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip())
-    return frozenset(keys)
 
 
 class ApiKeyGuard:

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlx_hub import Hub
 from mlx_hub.config import ConfigError, GroupConfig, HubConfig, ModelConfig, parse_config
-from mlx_hub.hub import Hub
 
 from ..helpers import LiveController, free_port, free_range
 

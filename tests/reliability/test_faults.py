@@ -19,9 +19,8 @@ import mlx.core as mx
 import openai
 import pytest
 
-from mlx_hub import engine, fsutil
+from mlx_hub import Hub, engine, fsutil
 from mlx_hub.errors import HubError
-from mlx_hub.hub import Hub
 
 from ..helpers import base_url, hello, meta, text_only
 from ..test_hub import chat, eventually, lm

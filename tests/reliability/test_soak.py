@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_hub import engine
-from mlx_hub.hub import Hub
+from mlx_hub import Hub, engine
 
 from ..helpers import LiveController, free_port, hello
 from ..test_hub import lm

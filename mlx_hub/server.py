@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from ..ports import bind_socket
+from .ports import bind_socket
 
 log = logging.getLogger(__name__)
 
