@@ -83,7 +83,7 @@ def cold_start(hub: HubProcess, bare: BareWorker, workdir: Path, path: Path, rep
             if contender == "hub":
                 hub.act("cold", "unload")
                 hub_s.append(stream_chat(hub.port_url("cold"), "cold", 1)["first_token_s"])
-                hub_load.append(hub.model("cold")["load_seconds"])
+                hub_load.append(hub.model("cold").load_seconds)
             elif contender == "subprocess":
                 server = LaunchedServer(path, workdir)
                 try:
@@ -123,13 +123,13 @@ def memory(hub: HubProcess, workdir: Path, models: dict[str, Path], cycles: int)
     for name in ("qwen05-f16", "qwen05-q4"):
         entry = f"mem-{name}"
         before_rss = baseline_rss
-        before_active = hub.status()["memory"]["active_bytes"]
+        before_active = hub.status().memory.active_bytes
         hub.act(entry, "load")
         time.sleep(1)
         loaded_rss = hub.rss()
-        weights = hub.model(entry)["memory_bytes"]
+        weights = hub.model(entry).memory_bytes
         hub.act(entry, "unload")
-        after_active = hub.status()["memory"]["active_bytes"]
+        after_active = hub.status().memory.active_bytes
         server = LaunchedServer(models[name], workdir)
         try:
             server.wait_ready()

@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import yaml
 
+from mlx_hub.status import HubStatus, ModelMetadata
+
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
@@ -158,11 +160,11 @@ class HubProcess:
     def rss(self) -> int:
         return rss_bytes(self.pid)
 
-    def status(self) -> dict[str, Any]:
-        return self.http.get("/hub/status").json()
+    def status(self) -> HubStatus:
+        return HubStatus.model_validate(self.http.get("/hub/status").json())
 
-    def model(self, name: str) -> dict[str, Any]:
-        return next(m["metadata"] for m in self.status()["models"] if m["id"] == name)
+    def model(self, name: str) -> ModelMetadata:
+        return self.status().model(name)
 
     def act(self, name: str, action: str) -> str:
         response = self.http.post(f"/hub/models/{name}/{action}")

@@ -20,27 +20,15 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, views
 from .client import ClientError, HubClient, connect, find_running
 from .config import ConfigError, HubConfig, find_config, load_config, log_dir_of
+from .status import HubStatus
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 CONFIG_HELP = "hub.yaml to use (default: $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml)."
-STATE_STYLE = {
-    "running": "green",
-    "loaded": "green",
-    "starting": "yellow",
-    "loading": "yellow",
-    "stopping": "yellow",
-    "unloading": "yellow",
-    "failed": "bold red",
-    "inactive": "dim",
-    "unloaded": "dim",
-}
-
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -59,100 +47,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _styled(state: str | None) -> Text:
-    state = state or "-"
-    return Text(state, style=STATE_STYLE.get(state, ""))
-
-
-def _mb(value: int | None) -> str:
-    return f"{value / 1e6:,.1f}" if value else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
-
-
-def _pick(status: dict[str, Any], names: Iterable[str]) -> list[dict[str, Any]]:
-    rows = status["models"]
-    wanted = list(names)
-    if not wanted:
-        return rows
-    known = {row["id"] for row in rows}
-    unknown = [n for n in wanted if n not in known]
+def print_status(status: HubStatus, url: str, names: Iterable[str] = ()) -> None:
+    rows, unknown = views.pick(status, names)
     if unknown:
-        fail(f"no model named {', '.join(unknown)} (models: {', '.join(sorted(known))})")
-    return [row for row in rows if row["id"] in wanted]
-
-
-def _summary(status: dict[str, Any], url: str) -> Text:
-    counts = status["counts"]
-    memory = status.get("memory", {})
-    line = Text()
-    line.append(f"hub pid {status.get('pid', '?')}", style="bold")
-    line.append(f" · {url}")
-    line.append(f" · {counts['started']}/{counts['registered']} started")
-    line.append(f" · {counts['loaded']}/{counts['registered']} loaded")
-    if memory:
-        line.append(
-            f" · models {_mb(memory.get('models_bytes'))} MB, MLX active {_mb(memory.get('active_bytes'))} MB"
+        fail(
+            f"no model named {', '.join(unknown)} (models: {', '.join(sorted(r.id for r in status.models))})"
         )
-    return line
-
-
-def status_table(status: dict[str, Any], names: Iterable[str] = ()) -> Table:
-    """The ``status`` view: one row per model with both states, port, memory and idle timer."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("MODEL", "PROCESS", "MEMORY", "PORT", "GROUP", "TYPE", "MB", "IDLE UNLOAD", "IN FLIGHT"):
-        table.add_column(column, justify="right" if column in ("PORT", "MB", "IN FLIGHT") else "left")
-    for row in _pick(status, names):
-        m = row["metadata"]
-        idle = m.get("idle_seconds_left")
-        table.add_row(
-            row["id"],
-            _styled(m["process_state"]),
-            _styled(m["memory_state"]),
-            str(m.get("port") or "-"),
-            m.get("group") or "-",
-            m.get("model_type") or "-",
-            _mb(m.get("memory_bytes")),
-            _duration(idle) if idle is not None else "-",
-            str(m.get("in_flight", 0)),
-        )
-    return table
-
-
-def watch_table(status: dict[str, Any], now: float) -> Table:
-    """The ``watch`` view: the reference's columns plus port, memory state and MB."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "STATE", "PID", "GROUP", "UPTIME", "EXIT", "LOG", "PORT", "MEMORY", "MB"):
-        table.add_column(column)
-    for row in status["models"]:
-        m = row["metadata"]
-        started = m.get("started_at")
-        table.add_row(
-            row["id"],
-            _styled(m["process_state"]),
-            str(m.get("pid") or "-"),
-            m.get("group") or "-",
-            _duration(now - started) if started else "-",
-            str(m["exit_code"]) if m.get("exit_code") is not None else "-",
-            m.get("log_file") or "-",
-            str(m.get("port") or "-"),
-            _styled(m["memory_state"]),
-            _mb(m.get("memory_bytes")),
-        )
-    return table
-
-
-def print_status(status: dict[str, Any], url: str, names: Iterable[str] = ()) -> None:
-    console.print(_summary(status, url))
-    console.print(status_table(status, names))
-    for warning in status.get("warnings", []):
+    console.print(views.summary(status, url))
+    console.print(views.status_table(rows))
+    for warning in status.warnings:
         warn(warning)
 
 
@@ -262,7 +165,7 @@ def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> Non
     url = f"http://{connect_host(cfg.host)}:{cfg.port}"
 
     def ready(hub: Any) -> None:
-        print_status(hub.status(), url)
+        print_status(hub.status_document(), url)
         ok(f"hub running in the foreground; dashboard {url}/hub/ · Ctrl-C stops it")
 
     try:
@@ -293,9 +196,9 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
                 except ClientError:
                     status = None
                 if status is not None:
-                    if status.get("ready"):
+                    if status.ready:
                         break
-                    busy = [r["id"] for r in status["models"] if r["metadata"]["memory_state"] == "loading"]
+                    busy = views.loading_models(status)
                     spinner.update(
                         f"starting the hub… loading {', '.join(busy)}" if busy else "starting the hub…"
                     )
@@ -307,11 +210,7 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
     assert client is not None and runtime is not None
     print_status(status, runtime.url)
     ok(f"hub started (pid {process.pid}); dashboard {runtime.url}/hub/ · log {hub_log}")
-    failed = [
-        r["id"]
-        for r in status["models"]
-        if "failed" in (r["metadata"]["process_state"], r["metadata"]["memory_state"])
-    ]
+    failed = views.failed_models(status)
     if failed:
         fail(f"some models did not start: {', '.join(failed)} (see the warnings above)")
 
@@ -438,7 +337,7 @@ def watch(config: str | None, interval: float) -> None:
         except ClientError as exc:
             return Group(Text(f"{time.strftime('%H:%M:%S')} · {exc.message}", style="red"))
         header = Text(f"{time.strftime('%H:%M:%S')} · every {interval:g}s · Ctrl-C to quit\n", style="dim")
-        return Group(header, _summary(status, url), watch_table(status, time.time()))
+        return Group(header, views.summary(status, url), views.watch_table(status, time.time()))
 
     try:
         with Live(frame(), console=console, auto_refresh=False) as live:

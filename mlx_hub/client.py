@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from .runtime import Runtime, clear_runtime, pid_alive, read_runtime
+from .status import HubStatus
 
 #: Loads of big models take minutes; the controller answers when they finish.
 ACTION_TIMEOUT = 900.0
@@ -59,8 +60,8 @@ class HubClient:
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health")
 
-    def status(self) -> dict[str, Any]:
-        return self._call("GET", "/hub/status")
+    def status(self) -> HubStatus:
+        return HubStatus.model_validate(self._call("GET", "/hub/status"))
 
     def model(self, name: str, action: str) -> dict[str, Any]:
         return self._call("POST", f"/hub/models/{name}/{action}")

@@ -223,10 +223,6 @@ class ModelConfig(_Strict):
         """Every ``model`` value a request may use for this entry: served name, entry name, path."""
         return tuple(dict.fromkeys((self.served_name, self.name, self.model_path)))
 
-    def same_runtime(self, other: ModelConfig) -> bool:
-        """True when a reload can leave this model's port and weights untouched."""
-        return self.model_dump() == other.model_dump()
-
 
 class GroupConfig(_Strict):
     """Caps how many members hold weights at once."""

@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def ready(hub) -> None:
         url = f"http://{connect_host(cfg.host)}:{cfg.port}"
-        print_status(hub.status(), url)
-        for row in hub.status()["models"]:
-            port = row["metadata"]["port"]
+        status = hub.status_document()
+        print_status(status, url)
+        for row in status.models:
+            port = row.metadata.port
             print(
                 f"try: curl http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' "
-                f'-d \'{{"model": "{row["id"]}", "messages": [{{"role": "user", "content": "Hello"}}], '
+                f'-d \'{{"model": "{row.id}", "messages": [{{"role": "user", "content": "Hello"}}], '
                 f'"max_tokens": 16}}\''
             )
         print(

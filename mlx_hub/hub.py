@@ -35,6 +35,7 @@ from .errors import (
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
 from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
+from .status import Counts, GroupStatus, HubStatus, MemoryStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.budget = self._budget(config)
         self._api_keys = config.keys
-        self.metrics = HubMetrics(self.status)
+        self.metrics = HubMetrics(self.status_document)
 
     @staticmethod
     def _budget(config: HubConfig) -> int | None:
@@ -156,11 +157,17 @@ class Hub:
         return started
 
     async def stop_all(self, *, drain_timeout: float | None = None) -> list[str]:
-        """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped."""
+        """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped.
+
+        One model failing to stop does not keep the others running; its error is logged by name.
+        """
         names = list(self.slots)
         results = await asyncio.gather(
             *(self.stop_model(n, drain_timeout=drain_timeout) for n in names), return_exceptions=True
         )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("model '%s' did not stop cleanly: %s", name, result, exc_info=result)
         return [n for n, r in zip(names, results, strict=True) if r == "stopped"]
 
     async def shutdown(self, *, drain_timeout: float | None = None) -> None:
@@ -189,17 +196,17 @@ class Hub:
         async with slot.op_lock:
             if slot.port_state is PortState.RUNNING:
                 return "already_running"
-            slot.set_port(PortState.STARTING)
+            slot.move_port(PortState.STARTING)
             self._notify()
             if self.model_logs:
                 logs.attach_model(slot.entry, self.config)
             try:
                 await slot.open_port(self.app_factory(self, slot))
             except (PortError, OSError) as exc:
-                slot.set_port(PortState.FAILED, str(exc))
+                slot.move_port(PortState.FAILED, str(exc))
                 self._notify()
                 raise PortStartError(f"model '{name}': {exc}", model=name) from None
-            slot.set_port(PortState.RUNNING)
+            slot.move_port(PortState.RUNNING)
             self._notify()
             log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
         if not slot.entry.jit_enabled:
@@ -221,7 +228,7 @@ class Hub:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
                 return "not_running"
             was_running = slot.port_state is not PortState.FAILED
-            slot.set_port(PortState.STOPPING)  # the gate now turns new requests away
+            slot.move_port(PortState.STOPPING)  # the gate now turns new requests away
             self._notify()
             task = slot.load_task
             if task is not None and not task.done():
@@ -235,9 +242,9 @@ class Hub:
                 await self.unload(name, wait_for_requests=False)
             if self.model_logs:
                 logs.detach_model(name)
-            slot.set_port(PortState.INACTIVE)
+            slot.move_port(PortState.INACTIVE)
             if slot.memory_state is MemoryState.FAILED:
-                slot.set_memory(MemoryState.UNLOADED)
+                slot.move_memory(MemoryState.UNLOADED)
             self._notify()
             log.info("model '%s' stopped", name)
         return "stopped" if was_running else "not_running"
@@ -313,9 +320,9 @@ class Hub:
                     raise NotRunningError(f"model '{slot.name}' is stopping", model=slot.name)
                 state = slot.memory_state
                 if state is MemoryState.LOADED:
-                    slot.active += 1
+                    slot.begin_request()
                     return
-                pending = slot.load_task is not None and not slot.load_task.done()
+                pending = slot.load_in_progress()
                 if state is MemoryState.UNLOADING:
                     await self._wait_change()
                 elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
@@ -335,8 +342,7 @@ class Hub:
 
     def release(self, slot: ModelSlot, keep_alive: float | None = None) -> None:
         """Count a request out. ``keep_alive`` (seconds; inf = never) overrides a JIT model's idle timer."""
-        slot.active -= 1
-        slot.touch()
+        slot.end_request()
         if keep_alive is not None and slot.entry.jit_enabled:
             slot.keep_alive = keep_alive
             if keep_alive == 0 and not slot.busy and slot.memory_state is MemoryState.LOADED:
@@ -347,9 +353,7 @@ class Hub:
 
     def _load_task(self, slot: ModelSlot) -> asyncio.Task[None]:
         """The one load in progress for ``slot``, started if there is none (single flight)."""
-        if slot.load_task is None or slot.load_task.done():
-            slot.load_task = self._spawn(self._load_flow(slot), f"load:{slot.name}")
-        return slot.load_task
+        return slot.single_load(lambda: self._spawn(self._load_flow(slot), f"load:{slot.name}"))
 
     async def _load_flow(self, slot: ModelSlot) -> None:
         logs.current_model.set(slot.name)  # this task's context: upstream's load lines go to its log
@@ -358,15 +362,15 @@ class Hub:
         try:
             loaded = await engine.load(slot.entry, lock=self._memory_lock)
         except engine.EngineError as exc:
-            slot.set_memory(MemoryState.FAILED, str(exc))
+            slot.move_memory(MemoryState.FAILED, str(exc))
             self._notify()
             log.error("model '%s' failed to load: %s", slot.name, exc)
             raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
         except BaseException:
-            slot.set_memory(MemoryState.UNLOADED)
+            slot.move_memory(MemoryState.UNLOADED)
             self._notify()
             raise
-        slot.attach(loaded)
+        slot.loaded(loaded)
         self.metrics.loaded(slot.name, loaded.load_seconds)
         self._notify()
         log.info(
@@ -387,7 +391,7 @@ class Hub:
         while True:
             blocker, decision = self._admission(slot, group)
             if decision.admit:
-                slot.set_memory(MemoryState.LOADING)
+                slot.move_memory(MemoryState.LOADING)
                 return
             if decision.impossible:
                 raise BudgetError(
@@ -436,27 +440,25 @@ class Hub:
         return "memory budget", decision
 
     async def _await_unload(self, slot: ModelSlot, reason: str = "manual", *, patient: bool = True) -> None:
-        if slot.unload_task is None or slot.unload_task.done():
-            slot.unload_task = self._spawn(self._unload_flow(slot, reason, patient), f"unload:{slot.name}")
-        await asyncio.shield(slot.unload_task)
+        task = slot.single_unload(
+            lambda: self._spawn(self._unload_flow(slot, reason, patient), f"unload:{slot.name}")
+        )
+        await asyncio.shield(task)
 
     async def _unload_flow(self, slot: ModelSlot, reason: str, patient: bool = True) -> None:
         if slot.memory_state is not MemoryState.LOADED:
             return
-        slot.set_memory(MemoryState.UNLOADING)
+        slot.move_memory(MemoryState.UNLOADING)  # from here new requests wait in the gate
         self._notify()
         while patient and slot.active > 0:
             await self._wait_change()
         async with self._memory_lock:
             before = engine.active_memory()
-            handler = slot.detach()
+            handler = slot.release_handler()
             await engine.unload(handler, slot.name)
             del handler
             engine.free_memory()
-            slot.freed_bytes = before - engine.active_memory()
-        slot.memory_bytes = 0
-        slot.keep_alive = None
-        slot.set_memory(MemoryState.UNLOADED)
+            slot.unloaded(before - engine.active_memory())
         self.metrics.unloaded(slot.name, reason)
         self._notify()
         log.info("model '%s' unloaded (%s), %.1f MB freed", slot.name, reason, (slot.freed_bytes or 0) / 1e6)
@@ -499,139 +501,101 @@ class Hub:
             source = self.config_path
         new, path = _as_config(source)
         async with self._reload_lock:
-            held = {n: s.port for n, s in self.slots.items() if s.port_state is PortState.RUNNING}
-            ports = PortBook.for_config(new).assign(new, held=held)
-            old_names = set(self.slots)
-            new_entries = {m.name: m for m in new.models}
-            result: dict[str, list[str]] = {"started": [], "stopped": [], "unchanged": []}
-            restart: list[str] = []
-            for name in sorted(old_names - set(new_entries)):
-                if await self.stop_model(name) == "stopped":
-                    result["stopped"].append(name)
-                del self.slots[name]
-            for name, entry in new_entries.items():
-                slot = self.slots.get(name)
-                host = self._host(entry, new)
-                if (
-                    slot is not None
-                    and slot.entry.same_runtime(entry)
-                    and slot.port == ports[name]
-                    and slot.host == host
-                ):
-                    result["unchanged"].append(name)
-                    continue
-                was_running = slot is not None and slot.port_state is PortState.RUNNING
-                if slot is not None and await self.stop_model(name) == "stopped":
-                    result["stopped"].append(name)
-                self.slots[name] = ModelSlot(entry, ports[name], host)
-                if entry.default or was_running:
-                    restart.append(name)
+            running = {n for n, s in self.slots.items() if s.port_state is PortState.RUNNING}
+            ports = PortBook.for_config(new).assign(new, held={n: self.slots[n].port for n in running})
+            plan = policy.reload_plan(
+                [policy.Placement(n, s.entry.model_dump(), s.port, s.host) for n, s in self.slots.items()],
+                running,
+                [
+                    policy.Placement(m.name, m.model_dump(), ports[m.name], self._host(m, new), m.default)
+                    for m in new.models
+                ],
+            )
+            stopped = [
+                n
+                for n in plan.remove + plan.replace
+                if n in self.slots and await self.stop_model(n) == "stopped"
+            ]
+            kept = {n: self.slots[n] for n in plan.keep}
             # New entries keep hub.yaml's order, which dashboards show.
-            self.slots = {name: self.slots[name] for name in new_entries}
+            self.slots = {
+                m.name: kept.get(m.name) or ModelSlot(m, ports[m.name], self._host(m, new))
+                for m in new.models
+            }
             self.config = new
             self.budget = self._budget(new)
             self._api_keys = new.keys
             if path is not None:
                 self.config_path = path
-            result["started"] = await self.start_many(restart)
+            started = await self.start_many(plan.start)
             self._notify()
-        return result
+        return {"started": started, "stopped": stopped, "unchanged": plan.keep}
 
     # ---------------------------------------------------------------- status
 
-    def status(self) -> dict[str, Any]:
-        """The ``/hub/status`` document: the reference hub's shape plus memory figures."""
+    def status_document(self) -> HubStatus:
+        """The ``/hub/status`` document, typed: the reference hub's shape plus memory figures.
+
+        Read in one pass with no awaits, so it is one consistent instant.
+        """
         now = time.monotonic()
-        models = [self._model_status(slot, now) for slot in self.slots.values()]
-        running = [s for s in self.slots.values() if s.port_state is PortState.RUNNING]
-        loaded = [s for s in self.slots.values() if s.memory_state is MemoryState.LOADED]
-        groups = []
-        warnings = []
+        slots = list(self.slots.values())
+        loaded = [s for s in slots if s.memory_state is MemoryState.LOADED]
+        groups, warnings = [], []
         for group in self.config.groups:
-            members = [s for s in self.slots.values() if s.entry.group == group.name]
+            members = [s for s in slots if s.entry.group == group.name]
             held = sum(1 for s in members if s.memory_state in OCCUPYING)
             groups.append(
-                {
-                    "name": group.name,
-                    "max_loaded": group.max_loaded,
-                    "idle_unload_trigger_min": group.idle_unload_trigger_min,
-                    "loaded": held,
-                    "models": [s.name for s in members],
-                }
+                GroupStatus(
+                    name=group.name,
+                    max_loaded=group.max_loaded,
+                    idle_unload_trigger_min=group.idle_unload_trigger_min,
+                    loaded=held,
+                    models=[s.name for s in members],
+                )
             )
             if group.max_loaded is not None and held >= group.max_loaded:
                 warnings.append(f"Group '{group.name}' is at max_loaded ({group.max_loaded})")
-        for slot in self.slots.values():
+        for slot in slots:
             if slot.port_state is PortState.FAILED:
                 warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
             elif slot.memory_state is MemoryState.FAILED:
                 warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
-        failed = any(
-            s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED
-            for s in self.slots.values()
+        failed = any(s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in slots)
+        return HubStatus(
+            status="degraded" if failed else "ok",
+            timestamp=time.time(),
+            host=self.config.host,
+            port=self.config.port,
+            controller_available=True,
+            ready=self.ready,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            upstream_version=engine.upstream_version(),
+            counts=Counts(
+                registered=len(slots),
+                started=sum(1 for s in slots if s.port_state is PortState.RUNNING),
+                loaded=len(loaded),
+            ),
+            memory=MemoryStatus(
+                active_bytes=engine.active_memory(),
+                cache_bytes=engine.cache_memory(),
+                models_bytes=sum(s.memory_bytes for s in loaded),
+                system_total_bytes=engine.system_memory(),
+                budget_bytes=self.budget,
+            ),
+            warnings=warnings,
+            groups=groups,
+            models=[s.status(now, self._log_file(s)) for s in slots],
         )
-        return {
-            "status": "degraded" if failed else "ok",
-            "timestamp": time.time(),
-            "host": self.config.host,
-            "port": self.config.port,
-            "controller_available": True,
-            "ready": self.ready,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "upstream_version": engine.upstream_version(),
-            "counts": {"registered": len(self.slots), "started": len(running), "loaded": len(loaded)},
-            "memory": {
-                "active_bytes": engine.active_memory(),
-                "cache_bytes": engine.cache_memory(),
-                "models_bytes": sum(s.memory_bytes for s in loaded),
-                "system_total_bytes": engine.system_memory(),
-                "budget_bytes": self.budget,
-            },
-            "warnings": warnings,
-            "groups": groups,
-            "models": models,
-        }
 
-    def _model_status(self, slot: ModelSlot, now: float) -> dict[str, Any]:
-        entry = slot.entry
-        running = slot.port_state is PortState.RUNNING
-        log_file = logs.model_log_path(entry, self.config) if self.model_logs else None
-        idle_left = policy.seconds_until_idle_unload(slot.candidate(), now)
-        return {
-            "id": slot.name,
-            "metadata": {
-                "process_state": slot.port_state.value,
-                "memory_state": slot.memory_state.value,
-                "pid": os.getpid() if running else None,
-                "port": slot.port,
-                "host": slot.host,
-                "group": entry.group,
-                "default": entry.default,
-                "jit_enabled": entry.jit_enabled,
-                "model_type": entry.model_type,
-                "model_path": entry.model_path,
-                "served_model_name": entry.served_name,
-                "auto_unload_minutes": entry.auto_unload_minutes,
-                "memory_last_transition_at": slot.memory_changed_at,
-                "memory_last_error": slot.memory_error,
-                "process_last_error": slot.port_error,
-                "exit_code": 1 if slot.port_state is PortState.FAILED else None,
-                "memory_bytes": slot.memory_bytes,
-                "in_flight": slot.active,
-                "waiting": slot.waiting,
-                "idle_seconds_left": None if idle_left is None else round(idle_left, 1),
-                "load_seconds": None if slot.load_seconds is None else round(slot.load_seconds, 3),
-                "load_count": slot.load_count,
-                "freed_bytes": slot.freed_bytes,
-                "pinned": entry.pinned,
-                "keep_alive_seconds": None
-                if slot.keep_alive is None
-                else (-1 if slot.keep_alive == float("inf") else slot.keep_alive),
-                "started_at": slot.port_changed_at if running else None,
-                "log_file": str(log_file) if log_file else None,
-            },
-        }
+    def _log_file(self, slot: ModelSlot) -> str | None:
+        path = logs.model_log_path(slot.entry, self.config) if self.model_logs else None
+        return str(path) if path else None
+
+    def status(self) -> dict[str, Any]:
+        """``status_document()`` as the JSON-ready dict ``/hub/status`` sends."""
+        return self.status_document().model_dump(mode="json")
 
     # --------------------------------------------------------------- helpers
 
@@ -677,13 +641,17 @@ class Hub:
         return True
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """A background task of the hub; a failure nobody awaits is logged with the task's name."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled():
-                t.exception()  # retrieved: waiters already received it
-
-        task.add_done_callback(done)
+        task.add_done_callback(self._reap_task)
         return task
+
+    def _reap_task(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved, so asyncio does not warn about it
+        if error is not None and task.get_name().startswith("keep-alive:"):
+            # Nobody awaits a keep_alive unload; loads and unloads are awaited by their callers.
+            log.error("%s failed: %s", task.get_name(), error, exc_info=error)

@@ -15,13 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .status import HubStatus
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
 
 
 class _StateCollector:
-    def __init__(self, status: Callable[[], dict[str, Any]]):
+    def __init__(self, status: Callable[[], HubStatus]):
         self.status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -40,28 +42,27 @@ class _StateCollector:
         )
         in_flight = GaugeMetricFamily("mlx_hub_model_in_flight", "requests being served", labels=["model"])
         waiting = GaugeMetricFamily("mlx_hub_model_waiting", "requests waiting for a load", labels=["model"])
-        for row in status["models"]:
-            name, meta = row["id"], row["metadata"]
-            running.add_metric([name], 1.0 if meta["process_state"] == "running" else 0.0)
-            loaded.add_metric([name], 1.0 if meta["memory_state"] == "loaded" else 0.0)
+        for row in status.models:
+            name, meta = row.id, row.metadata
+            running.add_metric([name], 1.0 if meta.process_state == "running" else 0.0)
+            loaded.add_metric([name], 1.0 if meta.memory_state == "loaded" else 0.0)
             for value in ("unloaded", "loading", "loaded", "unloading", "failed"):
-                state.add_metric([name, value], 1.0 if meta["memory_state"] == value else 0.0)
-            memory.add_metric([name], float(meta["memory_bytes"] or 0))
-            in_flight.add_metric([name], float(meta["in_flight"]))
-            waiting.add_metric([name], float(meta["waiting"]))
+                state.add_metric([name, value], 1.0 if meta.memory_state == value else 0.0)
+            memory.add_metric([name], float(meta.memory_bytes))
+            in_flight.add_metric([name], float(meta.in_flight))
+            waiting.add_metric([name], float(meta.waiting))
         yield from (running, loaded, state, memory, in_flight, waiting)
-        mem = status["memory"]
         active = GaugeMetricFamily("mlx_hub_mlx_active_memory_bytes", "MLX active memory of the hub process")
-        active.add_metric([], float(mem["active_bytes"]))
+        active.add_metric([], float(status.memory.active_bytes))
         yield active
-        if mem.get("budget_bytes"):
+        if status.memory.budget_bytes:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
-            budget.add_metric([], float(mem["budget_bytes"]))
+            budget.add_metric([], float(status.memory.budget_bytes))
             yield budget
 
 
 class HubMetrics:
-    def __init__(self, status: Callable[[], dict[str, Any]]):
+    def __init__(self, status: Callable[[], HubStatus]):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mlx_hub_requests",
@@ -85,7 +86,7 @@ class HubMetrics:
         )
         self.evictions = Counter(
             "mlx_hub_unloads",
-            "unloads, by reason (idle, group, budget, keep_alive, manual)",
+            "unloads, by reason (idle, group, budget, keep_alive, manual, stop)",
             ["model", "reason"],
             registry=self.registry,
         )

@@ -152,3 +152,41 @@ def parse_keep_alive(value: object) -> float:
     if math.isnan(seconds):
         raise ValueError("keep_alive must be a number")
     return math.inf if seconds < 0 else seconds
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one entry serves: what a reload compares between the running hub and the new config."""
+
+    name: str
+    runtime: object  # anything that compares equal exactly when nothing that matters changed
+    port: int
+    host: str
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload does: ``remove`` and ``replace`` stop first, then ``start`` starts."""
+
+    remove: list[str]  # no longer configured
+    keep: list[str]  # unchanged: same runtime options, port and host; left running as they are
+    replace: list[str]  # new, or changed in a way that needs a fresh slot (new config's order)
+    start: list[str]  # of ``replace``: the defaults, and those that were running before
+
+
+def reload_plan(current: Sequence[Placement], running: set[str], wanted: Sequence[Placement]) -> ReloadPlan:
+    """Diff the running hub against a new config, entry by entry."""
+    now = {p.name: p for p in current}
+    wanted_names = {p.name for p in wanted}
+    keep, replace, start = [], [], []
+    for new in wanted:
+        old = now.get(new.name)
+        if old is not None and (old.runtime, old.port, old.host) == (new.runtime, new.port, new.host):
+            keep.append(new.name)
+            continue
+        replace.append(new.name)
+        if new.default or new.name in running:
+            start.append(new.name)
+    remove = sorted(name for name in now if name not in wanted_names)
+    return ReloadPlan(remove=remove, keep=keep, replace=replace, start=start)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 from .config import ModelConfig
 from .engine import Loaded
-from .policy import Candidate
+from .policy import Candidate, seconds_until_idle_unload
 from .server import AppServer
+from .status import ModelMetadata, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,35 @@ class MemoryState(StrEnum):
 #: Memory states in which a model holds (or is about to hold) a place in its group.
 OCCUPYING = (MemoryState.LOADING, MemoryState.LOADED, MemoryState.UNLOADING)
 
+#: The moves each state machine allows. Anything else is a bug in the caller, not a state.
+PORT_MOVES: dict[PortState, frozenset[PortState]] = {
+    PortState.INACTIVE: frozenset({PortState.STARTING}),
+    PortState.STARTING: frozenset({PortState.RUNNING, PortState.FAILED, PortState.STOPPING}),
+    PortState.RUNNING: frozenset({PortState.STOPPING}),
+    PortState.FAILED: frozenset({PortState.STARTING, PortState.STOPPING}),
+    PortState.STOPPING: frozenset({PortState.INACTIVE}),
+}
+MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
+    MemoryState.UNLOADED: frozenset({MemoryState.LOADING}),
+    MemoryState.LOADING: frozenset({MemoryState.LOADED, MemoryState.FAILED, MemoryState.UNLOADED}),
+    MemoryState.LOADED: frozenset({MemoryState.UNLOADING}),
+    MemoryState.UNLOADING: frozenset({MemoryState.UNLOADED}),
+    MemoryState.FAILED: frozenset({MemoryState.LOADING, MemoryState.UNLOADED}),
+}
+
+
+class StateError(RuntimeError):
+    """A transition the slot's state machine does not allow."""
+
 
 class ModelSlot:
-    """State and serving machinery for one hub.yaml entry."""
+    """State and serving machinery for one hub.yaml entry.
+
+    The slot decides its own transitions (each checked against ``PORT_MOVES`` /
+    ``MEMORY_MOVES``), counts its requests, and runs at most one load and one
+    unload at a time. The hub decides *when* (admission, eviction, reload, the
+    idle reaper) and calls the slot to make each move.
+    """
 
     def __init__(self, entry: ModelConfig, port: int, host: str):
         self.entry = entry
@@ -77,17 +106,64 @@ class ModelSlot:
     def name(self) -> str:
         return self.entry.name
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------ transitions
 
-    def set_memory(self, state: MemoryState, error: str | None = None) -> None:
-        self.memory_state = state
-        self.memory_error = error if state is MemoryState.FAILED else self.memory_error
-        self.memory_changed_at = time.time()
-
-    def set_port(self, state: PortState, error: str | None = None) -> None:
+    def move_port(self, state: PortState, error: str | None = None) -> None:
+        """Change the port's state; ``StateError`` if the move is not one ``PORT_MOVES`` allows."""
+        if state not in PORT_MOVES[self.port_state]:
+            raise StateError(f"model '{self.name}': port cannot go from {self.port_state} to {state}")
         self.port_state = state
         self.port_error = error
         self.port_changed_at = time.time()
+
+    def move_memory(self, state: MemoryState, error: str | None = None) -> None:
+        """Change the memory state; ``StateError`` if ``MEMORY_MOVES`` does not allow it."""
+        if state not in MEMORY_MOVES[self.memory_state]:
+            raise StateError(f"model '{self.name}': memory cannot go from {self.memory_state} to {state}")
+        self.memory_state = state
+        if state is MemoryState.FAILED:
+            self.memory_error = error
+        self.memory_changed_at = time.time()
+
+    def loaded(self, loaded: Loaded) -> None:
+        """LOADING -> LOADED: make a freshly loaded handler the one the upstream routes use."""
+        self.move_memory(MemoryState.LOADED)
+        self.handler = loaded.handler
+        if self.app is not None:
+            self.app.state.handler = loaded.handler
+        self.memory_bytes = loaded.memory_bytes
+        self.load_seconds = loaded.load_seconds
+        self.load_count += 1
+        self.memory_error = None
+        self.touch()
+
+    def release_handler(self) -> Any:
+        """Drop every reference the slot holds to the handler (while UNLOADING) and hand it over."""
+        if self.memory_state is not MemoryState.UNLOADING:
+            raise StateError(f"model '{self.name}': its handler is released only while unloading")
+        handler, self.handler = self.handler, None
+        if self.app is not None:
+            self.app.state.handler = None
+        return handler
+
+    def unloaded(self, freed: int) -> None:
+        """UNLOADING -> UNLOADED, with the bytes the unload gave back."""
+        self.move_memory(MemoryState.UNLOADED)
+        self.freed_bytes = freed
+        self.memory_bytes = 0
+        self.keep_alive = None
+
+    # ---------------------------------------------------------------- requests
+
+    def begin_request(self) -> None:
+        self.active += 1
+
+    def end_request(self) -> None:
+        self.active -= 1
+        self.touch()
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
 
     @property
     def busy(self) -> bool:
@@ -119,29 +195,66 @@ class ModelSlot:
             pinned=self.entry.pinned,
         )
 
-    def touch(self) -> None:
-        self.last_used = time.monotonic()
+    # -------------------------------------------------------------- single flight
 
-    # ---------------------------------------------------------------- weights
+    def load_in_progress(self) -> bool:
+        return self.load_task is not None and not self.load_task.done()
 
-    def attach(self, loaded: Loaded) -> None:
-        """Make a freshly loaded handler the one the upstream routes use."""
-        self.handler = loaded.handler
-        if self.app is not None:
-            self.app.state.handler = loaded.handler
-        self.memory_bytes = loaded.memory_bytes
-        self.load_seconds = loaded.load_seconds
-        self.load_count += 1
-        self.memory_error = None
-        self.touch()
-        self.set_memory(MemoryState.LOADED)
+    def single_load(self, start: Callable[[], asyncio.Task[None]]) -> asyncio.Task[None]:
+        """The one load in progress, started with ``start`` if there is none."""
+        if not self.load_in_progress():
+            self.load_task = start()
+        assert self.load_task is not None
+        return self.load_task
 
-    def detach(self) -> Any:
-        """Drop every reference the hub holds to the handler and hand it over for cleanup."""
-        handler, self.handler = self.handler, None
-        if self.app is not None:
-            self.app.state.handler = None
-        return handler
+    def single_unload(self, start: Callable[[], asyncio.Task[None]]) -> asyncio.Task[None]:
+        """The one unload in progress, started with ``start`` if there is none."""
+        if self.unload_task is None or self.unload_task.done():
+            self.unload_task = start()
+        return self.unload_task
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, now: float, log_file: str | None) -> ModelStatus:
+        """This model's row of ``/hub/status``."""
+        entry = self.entry
+        running = self.port_state is PortState.RUNNING
+        idle_left = seconds_until_idle_unload(self.candidate(), now)
+        keep_alive = self.keep_alive
+        return ModelStatus(
+            id=self.name,
+            metadata=ModelMetadata(
+                process_state=self.port_state.value,
+                memory_state=self.memory_state.value,
+                pid=os.getpid() if running else None,
+                port=self.port,
+                host=self.host,
+                group=entry.group,
+                default=entry.default,
+                jit_enabled=entry.jit_enabled,
+                model_type=entry.model_type,
+                model_path=entry.model_path,
+                served_model_name=entry.served_name,
+                auto_unload_minutes=entry.auto_unload_minutes,
+                memory_last_transition_at=self.memory_changed_at,
+                memory_last_error=self.memory_error,
+                process_last_error=self.port_error,
+                exit_code=1 if self.port_state is PortState.FAILED else None,
+                memory_bytes=self.memory_bytes,
+                in_flight=self.active,
+                waiting=self.waiting,
+                idle_seconds_left=None if idle_left is None else round(idle_left, 1),
+                load_seconds=None if self.load_seconds is None else round(self.load_seconds, 3),
+                load_count=self.load_count,
+                freed_bytes=self.freed_bytes,
+                pinned=entry.pinned,
+                keep_alive_seconds=None
+                if keep_alive is None
+                else (-1 if keep_alive == float("inf") else keep_alive),
+                started_at=self.port_changed_at if running else None,
+                log_file=log_file,
+            ),
+        )
 
     # ------------------------------------------------------------------- port
 

@@ -4,7 +4,8 @@ The reference hub's keys (``process_state``, ``memory_state``, ``pid``, ...) com
 first in each model's ``metadata``; the hub's own figures follow. The controller
 declares ``HubStatus`` as its response model, and metrics, the CLI views and the
 benchmarks read its fields rather than string keys. The JSON shape is the one
-the dashboard and the reference clients already read.
+the dashboard and the reference clients already read. Types only: the CLI
+imports this module without the hub.
 """
 
 from __future__ import annotations

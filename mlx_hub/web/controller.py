@@ -24,6 +24,7 @@ from .. import __version__
 from ..config import ConfigError
 from ..errors import HubError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..status import HubStatus
 from .dashboard import ASSETS, asset
 from .openai_routes import OpenAIRoutes
 from .responses import error_json, error_response
@@ -176,9 +177,9 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
         """Prometheus text format: states, memory, requests, loads, unloads, tokens."""
         return Response(hub.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/hub/status")
-    async def status() -> dict[str, Any]:
-        return hub.status()
+    @app.get("/hub/status", response_model=HubStatus)
+    async def status() -> HubStatus:
+        return hub.status_document()
 
     @app.post("/hub/reload", response_model=ReloadResult, responses=ERRORS)
     async def reload() -> dict[str, list[str]]:
