@@ -292,6 +292,10 @@ class HubConfig(_Strict):
         keys.update(k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip())
         return frozenset(keys)
 
+    def host_of(self, entry: ModelConfig) -> str:
+        """The address a model's port listens on: its own ``host``, else the hub's."""
+        return entry.host or self.host
+
     def group(self, name: str | None) -> GroupConfig | None:
         for group in self.groups:
             if group.name == name:

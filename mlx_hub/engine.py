@@ -55,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import ModelConfig
 
@@ -162,7 +162,8 @@ def _trim_heap() -> None:
         trim(0)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".npz", ".bin", ".gguf", ".pt")
+#: Weight files MLX itself reads; a folder's loadable weights are these and nothing else.
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
 
 
 def hf_cache_repo(repo_id: str) -> Path:
@@ -661,3 +662,34 @@ async def _cleanup(handler: Any, name: str) -> None:
 async def unload(handler: Any, name: str) -> None:
     """Stop the handler's workers. The caller must drop its own references, then ``free_memory``."""
     await _cleanup(handler, name)
+
+
+# ------------------------------------------------------------------- the seam
+
+
+class Engine(Protocol):
+    """What the hub needs from a model runtime. ``MLXEngine`` is the real one; tests bring a fake."""
+
+    async def load(self, entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loaded: ...
+    async def unload(self, handler: Any, name: str) -> None: ...
+    def estimate(self, entry: ModelConfig) -> int: ...
+    def preload(self, model_types: set[str]) -> None: ...
+    def free_memory(self) -> None: ...
+    def active_memory(self) -> int: ...
+    def cache_memory(self) -> int: ...
+    def system_memory(self) -> int | None: ...
+    def upstream_version(self) -> str | None: ...
+
+
+class MLXEngine:
+    """mlx-openai-server's handlers on MLX: this module's functions, as an ``Engine``."""
+
+    load = staticmethod(load)
+    unload = staticmethod(unload)
+    estimate = staticmethod(estimate_bytes)
+    preload = staticmethod(preload)
+    free_memory = staticmethod(free_memory)
+    active_memory = staticmethod(active_memory)
+    cache_memory = staticmethod(cache_memory)
+    system_memory = staticmethod(system_memory)
+    upstream_version = staticmethod(upstream_version)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import engine, logs, policy
-from .config import HubConfig, ModelConfig, load_config, memory_bytes, parse_config
+from .config import HubConfig, load_config, memory_bytes, parse_config
+from .engine import Engine, MLXEngine
 from .errors import (
     BudgetError,
     CapacityError,
@@ -35,7 +36,7 @@ from .errors import (
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
 from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
-from .status import Counts, GroupStatus, HubStatus, MemoryStatus
+from .status import HubStatus, build_status
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ ConfigSource = HubConfig | dict[str, Any] | str | os.PathLike[str]
 
 #: Builds the ASGI app a model's port serves; the web layer supplies it, so the core never imports web.
 AppFactory = Callable[["Hub", ModelSlot], Any]
-
-#: How long cancelled requests get to unwind before a stop frees their model regardless.
-CANCEL_GRACE_SECONDS = 5.0
 
 
 def _as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
@@ -71,6 +69,7 @@ class Hub:
         config: HubConfig,
         *,
         app_factory: AppFactory,
+        engine: Engine | None = None,
         config_path: Path | None = None,
         reap_interval: float = 1.0,
         model_logs: bool = False,
@@ -78,6 +77,7 @@ class Hub:
     ):
         self.config = config
         self.app_factory = app_factory  # the ASGI app each model port serves (web.model_app)
+        self.engine: Engine = engine or MLXEngine()  # what loads, frees and measures models
         self.config_path = config_path
         self.reap_interval = reap_interval
         self.model_logs = model_logs  # per-model log files; the daemon turns this on
@@ -96,11 +96,10 @@ class Hub:
         self._api_keys = config.keys
         self.metrics = HubMetrics(self.status_document)
 
-    @staticmethod
-    def _budget(config: HubConfig) -> int | None:
+    def _budget(self, config: HubConfig) -> int | None:
         if config.max_memory is None:
             return None
-        return memory_bytes(config.max_memory, engine.system_memory())
+        return memory_bytes(config.max_memory, self.engine.system_memory())
 
     @classmethod
     def from_config(cls, source: ConfigSource, **kwargs: Any) -> Hub:
@@ -126,12 +125,14 @@ class Hub:
         if self.started_at is None:
             ports = PortBook.for_config(self.config).assign(self.config)
             for entry in self.config.models:
-                self.slots[entry.name] = ModelSlot(entry, ports[entry.name], self._host(entry))
+                self.slots[entry.name] = ModelSlot(
+                    entry, ports[entry.name], self.config.host_of(entry), self._notify
+                )
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             self.started_at = time.time()
             # Import the handler modules now, off the loop, so a JIT model's
             # first request pays for its weights, not for importing mlx-lm.
-            await asyncio.to_thread(engine.preload, {m.model_type for m in self.config.models})
+            await asyncio.to_thread(self.engine.preload, {m.model_type for m in self.config.models})
             if self.freeze_gc:
                 # Nothing is loaded yet: only import-time objects are frozen, and
                 # every later full collection (one per unload) skips them.
@@ -196,18 +197,12 @@ class Hub:
         async with slot.op_lock:
             if slot.port_state is PortState.RUNNING:
                 return "already_running"
-            slot.move_port(PortState.STARTING)
-            self._notify()
             if self.model_logs:
                 logs.attach_model(slot.entry, self.config)
             try:
-                await slot.open_port(self.app_factory(self, slot))
-            except (PortError, OSError) as exc:
-                slot.move_port(PortState.FAILED, str(exc))
-                self._notify()
+                await slot.start_port(self.app_factory(self, slot))
+            except PortError as exc:
                 raise PortStartError(f"model '{name}': {exc}", model=name) from None
-            slot.move_port(PortState.RUNNING)
-            self._notify()
             log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
         if not slot.entry.jit_enabled:
             await self.load(name)
@@ -227,52 +222,14 @@ class Hub:
         async with slot.op_lock:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
                 return "not_running"
-            was_running = slot.port_state is not PortState.FAILED
-            slot.move_port(PortState.STOPPING)  # the gate now turns new requests away
-            self._notify()
-            task = slot.load_task
-            if task is not None and not task.done():
-                if slot.memory_state is MemoryState.UNLOADED:
-                    task.cancel()  # still waiting for a group place: nothing to undo
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(task)
-            await self._drain(slot, drain_timeout)
-            await slot.close_port(timeout=1.0)
+            was_running = await slot.stop_port(drain_timeout, self._wait_change)
             if slot.memory_state in OCCUPYING:
                 await self.unload(name, wait_for_requests=False)
             if self.model_logs:
                 logs.detach_model(name)
-            slot.move_port(PortState.INACTIVE)
-            if slot.memory_state is MemoryState.FAILED:
-                slot.move_memory(MemoryState.UNLOADED)
-            self._notify()
+            slot.stopped()
             log.info("model '%s' stopped", name)
         return "stopped" if was_running else "not_running"
-
-    async def _drain(self, slot: ModelSlot, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while slot.active > 0 and loop.time() < deadline:
-            await self._wait_change(deadline - loop.time())
-        if slot.active == 0:
-            return
-        log.warning(
-            "model '%s': %d request(s) still running after %g s; cancelling them",
-            slot.name,
-            slot.active,
-            timeout,
-        )
-        for task in list(slot.requests):
-            task.cancel()
-        deadline = loop.time() + CANCEL_GRACE_SECONDS
-        while slot.active > 0 and loop.time() < deadline:
-            await self._wait_change(deadline - loop.time())
-        if slot.active > 0:
-            log.error(
-                "model '%s': %d request(s) did not end when cancelled; freeing the model anyway",
-                slot.name,
-                slot.active,
-            )
 
     async def load(self, name: str) -> str:
         """Load the weights now (the port must be running). ``loaded`` or ``already_loaded``."""
@@ -358,21 +315,12 @@ class Hub:
     async def _load_flow(self, slot: ModelSlot) -> None:
         logs.current_model.set(slot.name)  # this task's context: upstream's load lines go to its log
         await self._admit(slot)  # returns with slot LOADING, or raises
-        self._notify()
         try:
-            loaded = await engine.load(slot.entry, lock=self._memory_lock)
+            loaded = await slot.load(self.engine, self._memory_lock)
         except engine.EngineError as exc:
-            slot.move_memory(MemoryState.FAILED, str(exc))
-            self._notify()
             log.error("model '%s' failed to load: %s", slot.name, exc)
             raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
-        except BaseException:
-            slot.move_memory(MemoryState.UNLOADED)
-            self._notify()
-            raise
-        slot.loaded(loaded)
         self.metrics.loaded(slot.name, loaded.load_seconds)
-        self._notify()
         log.info(
             "model '%s' loaded in %.2f s (%.1f MB)", slot.name, loaded.load_seconds, loaded.memory_bytes / 1e6
         )
@@ -385,7 +333,7 @@ class Hub:
         was full, ``BudgetError`` (503) if memory was.
         """
         group = self.config.group(slot.entry.group)
-        slot.estimate = engine.estimate_bytes(slot.entry)
+        slot.estimate = self.engine.estimate(slot.entry)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + slot.entry.queue_timeout
         while True:
@@ -448,19 +396,8 @@ class Hub:
     async def _unload_flow(self, slot: ModelSlot, reason: str, patient: bool = True) -> None:
         if slot.memory_state is not MemoryState.LOADED:
             return
-        slot.move_memory(MemoryState.UNLOADING)  # from here new requests wait in the gate
-        self._notify()
-        while patient and slot.active > 0:
-            await self._wait_change()
-        async with self._memory_lock:
-            before = engine.active_memory()
-            handler = slot.release_handler()
-            await engine.unload(handler, slot.name)
-            del handler
-            engine.free_memory()
-            slot.unloaded(before - engine.active_memory())
+        await slot.unload(self.engine, self._memory_lock, patient=patient)
         self.metrics.unloaded(slot.name, reason)
-        self._notify()
         log.info("model '%s' unloaded (%s), %.1f MB freed", slot.name, reason, (slot.freed_bytes or 0) / 1e6)
 
     # ----------------------------------------------------------- idle reaper
@@ -507,7 +444,7 @@ class Hub:
                 [policy.Placement(n, s.entry.model_dump(), s.port, s.host) for n, s in self.slots.items()],
                 running,
                 [
-                    policy.Placement(m.name, m.model_dump(), ports[m.name], self._host(m, new), m.default)
+                    policy.Placement(m.name, m.model_dump(), ports[m.name], new.host_of(m), m.default)
                     for m in new.models
                 ],
             )
@@ -519,7 +456,7 @@ class Hub:
             kept = {n: self.slots[n] for n in plan.keep}
             # New entries keep hub.yaml's order, which dashboards show.
             self.slots = {
-                m.name: kept.get(m.name) or ModelSlot(m, ports[m.name], self._host(m, new))
+                m.name: kept.get(m.name) or ModelSlot(m, ports[m.name], new.host_of(m), self._notify)
                 for m in new.models
             }
             self.config = new
@@ -534,62 +471,11 @@ class Hub:
     # ---------------------------------------------------------------- status
 
     def status_document(self) -> HubStatus:
-        """The ``/hub/status`` document, typed: the reference hub's shape plus memory figures.
+        """The ``/hub/status`` document, typed: the reference hub's shape plus memory figures."""
+        return build_status(self)
 
-        Read in one pass with no awaits, so it is one consistent instant.
-        """
-        now = time.monotonic()
-        slots = list(self.slots.values())
-        loaded = [s for s in slots if s.memory_state is MemoryState.LOADED]
-        groups, warnings = [], []
-        for group in self.config.groups:
-            members = [s for s in slots if s.entry.group == group.name]
-            held = sum(1 for s in members if s.memory_state in OCCUPYING)
-            groups.append(
-                GroupStatus(
-                    name=group.name,
-                    max_loaded=group.max_loaded,
-                    idle_unload_trigger_min=group.idle_unload_trigger_min,
-                    loaded=held,
-                    models=[s.name for s in members],
-                )
-            )
-            if group.max_loaded is not None and held >= group.max_loaded:
-                warnings.append(f"Group '{group.name}' is at max_loaded ({group.max_loaded})")
-        for slot in slots:
-            if slot.port_state is PortState.FAILED:
-                warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
-            elif slot.memory_state is MemoryState.FAILED:
-                warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
-        failed = any(s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in slots)
-        return HubStatus(
-            status="degraded" if failed else "ok",
-            timestamp=time.time(),
-            host=self.config.host,
-            port=self.config.port,
-            controller_available=True,
-            ready=self.ready,
-            pid=os.getpid(),
-            started_at=self.started_at,
-            upstream_version=engine.upstream_version(),
-            counts=Counts(
-                registered=len(slots),
-                started=sum(1 for s in slots if s.port_state is PortState.RUNNING),
-                loaded=len(loaded),
-            ),
-            memory=MemoryStatus(
-                active_bytes=engine.active_memory(),
-                cache_bytes=engine.cache_memory(),
-                models_bytes=sum(s.memory_bytes for s in loaded),
-                system_total_bytes=engine.system_memory(),
-                budget_bytes=self.budget,
-            ),
-            warnings=warnings,
-            groups=groups,
-            models=[s.status(now, self._log_file(s)) for s in slots],
-        )
-
-    def _log_file(self, slot: ModelSlot) -> str | None:
+    def log_file(self, slot: ModelSlot) -> str | None:
+        """The model's own log file, when this hub writes per-model logs."""
         path = logs.model_log_path(slot.entry, self.config) if self.model_logs else None
         return str(path) if path else None
 
@@ -622,9 +508,6 @@ class Hub:
             known = ", ".join(self.slots) or "none"
             raise UnknownModelError(f"no model named '{name}' (models: {known})", model=name)
         return slot
-
-    def _host(self, entry: ModelConfig, config: HubConfig | None = None) -> str:
-        return entry.host or (config or self.config).host
 
     def _notify(self) -> None:
         """Wake everyone waiting for any state change (a new event for the next wait)."""

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import HubConfig, load_config
-from .engine import hf_cache_repo, native_context_length
+from .engine import WEIGHT_SUFFIXES, hf_cache_repo, native_context_length
 from .fsutil import atomic_write_text
 from .ports import PortBook, connect_host
-
-WEIGHT_GLOBS = ("*.safetensors", "*.npz")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def describe(repo_id: str, snapshot: Path) -> tuple[str | None, int | None, bool
     architecture = architectures[0] if architectures else config.get("model_type")
     quantization = config.get("quantization") or config.get("quantization_config") or {}
     bits = quantization.get("bits") if isinstance(quantization, dict) else None
-    weights = [f for pattern in WEIGHT_GLOBS for f in snapshot.glob(pattern)]
+    weights = [f for f in snapshot.iterdir() if f.suffix in WEIGHT_SUFFIXES]
     if not weights:
         return architecture, bits, False
     owner, _, name = repo_id.partition("/")
@@ -285,7 +283,7 @@ def litellm_model_list(
     keys = sorted(config.api_keys)
     out = []
     for entry in config.models:
-        server = host or connect_host(entry.host or config.host)
+        server = host or connect_host(config.host_of(entry))
         port = config.port if via == "controller" else (entry.fixed_port or ports.get(entry.name))
         if port is None:
             raise ValueError(

@@ -10,40 +10,22 @@ from being unloaded under a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from enum import StrEnum
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import ModelConfig
-from .engine import Loaded
+from .engine import Engine, EngineError, Loaded
 from .policy import Candidate, seconds_until_idle_unload
+from .ports import PortError
 from .server import AppServer
-from .status import ModelMetadata, ModelStatus
+from .status import OCCUPYING, MemoryState, ModelMetadata, ModelStatus, PortState
 
 log = logging.getLogger(__name__)
 
-
-class PortState(StrEnum):
-    INACTIVE = "inactive"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-class MemoryState(StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-#: Memory states in which a model holds (or is about to hold) a place in its group.
-OCCUPYING = (MemoryState.LOADING, MemoryState.LOADED, MemoryState.UNLOADING)
 
 #: The moves each state machine allows. Anything else is a bug in the caller, not a state.
 PORT_MOVES: dict[PortState, frozenset[PortState]] = {
@@ -62,6 +44,10 @@ MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
 }
 
 
+#: How long cancelled requests get to unwind before a stop frees their model regardless.
+CANCEL_GRACE_SECONDS = 5.0
+
+
 class StateError(RuntimeError):
     """A transition the slot's state machine does not allow."""
 
@@ -75,8 +61,11 @@ class ModelSlot:
     idle reaper) and calls the slot to make each move.
     """
 
-    def __init__(self, entry: ModelConfig, port: int, host: str):
+    def __init__(
+        self, entry: ModelConfig, port: int, host: str, on_change: Callable[[], None] = lambda: None
+    ):
         self.entry = entry
+        self.on_change = on_change  # every transition calls it: the hub wakes its waiters
         self.port = port
         self.host = host
         self.port_state = PortState.INACTIVE
@@ -100,6 +89,8 @@ class ModelSlot:
         self.load_task: asyncio.Task[None] | None = None
         self.unload_task: asyncio.Task[None] | None = None
         self.op_lock = asyncio.Lock()  # start/stop of this one model, one at a time
+        self._idle = asyncio.Event()  # set while no request runs
+        self._idle.set()
         self._server: AppServer | None = None
 
     @property
@@ -115,6 +106,7 @@ class ModelSlot:
         self.port_state = state
         self.port_error = error
         self.port_changed_at = time.time()
+        self.on_change()
 
     def move_memory(self, state: MemoryState, error: str | None = None) -> None:
         """Change the memory state; ``StateError`` if ``MEMORY_MOVES`` does not allow it."""
@@ -124,6 +116,7 @@ class ModelSlot:
         if state is MemoryState.FAILED:
             self.memory_error = error
         self.memory_changed_at = time.time()
+        self.on_change()
 
     def loaded(self, loaded: Loaded) -> None:
         """LOADING -> LOADED: make a freshly loaded handler the one the upstream routes use."""
@@ -157,10 +150,13 @@ class ModelSlot:
 
     def begin_request(self) -> None:
         self.active += 1
+        self._idle.clear()
 
     def end_request(self) -> None:
         self.active -= 1
         self.touch()
+        if self.active == 0:
+            self._idle.set()
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -195,6 +191,37 @@ class ModelSlot:
             pinned=self.entry.pinned,
         )
 
+    # ---------------------------------------------------------------- weights
+
+    async def load(self, engine: Engine, lock: asyncio.Lock) -> Loaded:
+        """LOADING -> LOADED through ``engine`` (the hub has admitted the load); FAILED on its error."""
+        try:
+            loaded = await engine.load(self.entry, lock=lock)
+        except EngineError as exc:
+            self.move_memory(MemoryState.FAILED, str(exc))
+            raise
+        except BaseException:
+            self.move_memory(MemoryState.UNLOADED)
+            raise
+        self.loaded(loaded)
+        return loaded
+
+    async def unload(self, engine: Engine, lock: asyncio.Lock, *, patient: bool = True) -> None:
+        """LOADED -> UNLOADING -> UNLOADED: new requests wait, running ones finish (if ``patient``), then free.
+
+        The bytes MLX's active memory gave back are kept as ``freed_bytes``.
+        """
+        self.move_memory(MemoryState.UNLOADING)  # from here new requests wait in the gate
+        while patient and self.active > 0:
+            await self._idle.wait()
+        async with lock:
+            before = engine.active_memory()
+            handler = self.release_handler()
+            await engine.unload(handler, self.name)
+            del handler
+            engine.free_memory()
+            self.unloaded(before - engine.active_memory())
+
     # -------------------------------------------------------------- single flight
 
     def load_in_progress(self) -> bool:
@@ -212,6 +239,37 @@ class ModelSlot:
         if self.unload_task is None or self.unload_task.done():
             self.unload_task = start()
         return self.unload_task
+
+    async def drain(self, timeout: float, wait_change: Callable[[float], Awaitable[bool]]) -> None:
+        """Let running requests finish for ``timeout`` s, then cancel what is left (a stop's drain).
+
+        A cancelled stream is cut where it is; a request not yet answered gets
+        503 from the gate. What does not end within ``CANCEL_GRACE_SECONDS`` of
+        its cancellation is logged, and the stop goes on regardless.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active > 0 and loop.time() < deadline:
+            await wait_change(deadline - loop.time())
+        if self.active == 0:
+            return
+        log.warning(
+            "model '%s': %d request(s) still running after %g s; cancelling them",
+            self.name,
+            self.active,
+            timeout,
+        )
+        for task in list(self.requests):
+            task.cancel()
+        deadline = loop.time() + CANCEL_GRACE_SECONDS
+        while self.active > 0 and loop.time() < deadline:
+            await wait_change(deadline - loop.time())
+        if self.active > 0:
+            log.error(
+                "model '%s': %d request(s) did not end when cancelled; freeing the model anyway",
+                self.name,
+                self.active,
+            )
 
     # ------------------------------------------------------------------ status
 
@@ -257,6 +315,40 @@ class ModelSlot:
         )
 
     # ------------------------------------------------------------------- port
+
+    async def start_port(self, app: Any) -> None:
+        """INACTIVE/FAILED -> STARTING -> RUNNING, serving ``app``; FAILED (and ``PortError``) if it cannot listen."""
+        self.move_port(PortState.STARTING)
+        try:
+            await self.open_port(app)
+        except (PortError, OSError) as exc:
+            self.move_port(PortState.FAILED, str(exc))
+            raise PortError(str(exc)) from None
+        self.move_port(PortState.RUNNING)
+
+    async def stop_port(self, drain_timeout: float, wait_change: Callable[[float], Awaitable[bool]]) -> bool:
+        """Start stopping: turn new requests away, wait out (or cancel) a pending load, drain, close.
+
+        Returns whether the port was serving. The caller unloads the weights
+        and then calls ``stopped``.
+        """
+        was_running = self.port_state is not PortState.FAILED
+        self.move_port(PortState.STOPPING)  # the gate now turns new requests away
+        task = self.load_task
+        if task is not None and not task.done():
+            if self.memory_state is MemoryState.UNLOADED:
+                task.cancel()  # still waiting for a group place: nothing to undo
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
+        await self.drain(drain_timeout, wait_change)
+        await self.close_port(timeout=1.0)
+        return was_running
+
+    def stopped(self) -> None:
+        """STOPPING -> INACTIVE; a failed load is forgotten with its port."""
+        self.move_port(PortState.INACTIVE)
+        if self.memory_state is MemoryState.FAILED:
+            self.move_memory(MemoryState.UNLOADED)
 
     async def open_port(self, app: Any) -> None:
         """Serve ``app`` on this slot's port; raises ``PortError`` if the port is taken."""

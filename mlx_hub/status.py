@@ -1,16 +1,44 @@
-"""The ``/hub/status`` document as types: what the hub reports, and what every reader reads.
+"""The ``/hub/status`` document: its types, the states it names, and how a hub fills it in.
 
 The reference hub's keys (``process_state``, ``memory_state``, ``pid``, ...) come
 first in each model's ``metadata``; the hub's own figures follow. The controller
 declares ``HubStatus`` as its response model, and metrics, the CLI views and the
 benchmarks read its fields rather than string keys. The JSON shape is the one
-the dashboard and the reference clients already read. Types only: the CLI
-imports this module without the hub.
+the dashboard and the reference clients already read. It imports only
+pydantic, so the CLI reads the document without loading the hub.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+
+class PortState(StrEnum):
+    INACTIVE = "inactive"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class MemoryState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+#: Memory states in which a model holds (or is about to hold) a place in its group.
+OCCUPYING = (MemoryState.LOADING, MemoryState.LOADED, MemoryState.UNLOADING)
 
 
 class _Document(BaseModel):
@@ -97,3 +125,57 @@ class HubStatus(_Document):
             if row.id == name:
                 return row.metadata
         raise KeyError(name)
+
+
+def build_status(hub: Hub) -> HubStatus:
+    """The document for ``hub``, read in one pass with no awaits, so it is one consistent instant."""
+    now = time.monotonic()
+    slots = list(hub.slots.values())
+    loaded = [s for s in slots if s.memory_state is MemoryState.LOADED]
+    groups, warnings = [], []
+    for group in hub.config.groups:
+        members = [s for s in slots if s.entry.group == group.name]
+        held = sum(1 for s in members if s.memory_state in OCCUPYING)
+        groups.append(
+            GroupStatus(
+                name=group.name,
+                max_loaded=group.max_loaded,
+                idle_unload_trigger_min=group.idle_unload_trigger_min,
+                loaded=held,
+                models=[s.name for s in members],
+            )
+        )
+        if group.max_loaded is not None and held >= group.max_loaded:
+            warnings.append(f"Group '{group.name}' is at max_loaded ({group.max_loaded})")
+    for slot in slots:
+        if slot.port_state is PortState.FAILED:
+            warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
+        elif slot.memory_state is MemoryState.FAILED:
+            warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
+    failed = any(s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in slots)
+    return HubStatus(
+        status="degraded" if failed else "ok",
+        timestamp=time.time(),
+        host=hub.config.host,
+        port=hub.config.port,
+        controller_available=True,
+        ready=hub.ready,
+        pid=os.getpid(),
+        started_at=hub.started_at,
+        upstream_version=hub.engine.upstream_version(),
+        counts=Counts(
+            registered=len(slots),
+            started=sum(1 for s in slots if s.port_state is PortState.RUNNING),
+            loaded=len(loaded),
+        ),
+        memory=MemoryStatus(
+            active_bytes=hub.engine.active_memory(),
+            cache_bytes=hub.engine.cache_memory(),
+            models_bytes=sum(s.memory_bytes for s in loaded),
+            system_total_bytes=hub.engine.system_memory(),
+            budget_bytes=hub.budget,
+        ),
+        warnings=warnings,
+        groups=groups,
+        models=[s.status(now, hub.log_file(s)) for s in slots],
+    )

@@ -65,20 +65,23 @@ class SlotRegistry:
 
     def list_models(self) -> list[dict[str, Any]]:
         """Upstream's model card (served name, load time, ``local``), plus the hub's view beside it."""
-        slot = self.slot
-        return [
-            {
-                "id": slot.entry.served_name,
-                "object": "model",
-                "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
-                "owned_by": "local",
-                "metadata": None,
-                "hub_name": slot.name,
-                "model_path": slot.entry.model_path,
-                "model_type": slot.entry.model_type,
-                "memory_state": slot.memory_state.value,
-            }
-        ]
+        return [model_card(self.slot, self.slot.entry.served_name, "local")]
+
+
+def model_card(slot: ModelSlot, model_id: str, owned_by: str) -> dict[str, Any]:
+    """One ``/v1/models`` entry: OpenAI's fields, then what the hub knows about the model."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
+        "owned_by": owned_by,
+        "metadata": None,
+        "hub_name": slot.name,
+        "model_path": slot.entry.model_path,
+        "model_type": slot.entry.model_type,
+        "process_state": slot.port_state.value,
+        "memory_state": slot.memory_state.value,
+    }
 
 
 def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:

@@ -9,7 +9,6 @@ group rules and keep_alive exactly as on its own port.
 from __future__ import annotations
 
 import functools
-import time
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -18,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import HubError, NotRunningError, UnknownModelError
 from .asgi import header, is_json, json_object, read_body, replay
+from .model_app import model_card
 from .responses import error_json, error_response
 
 if TYPE_CHECKING:
@@ -70,20 +70,7 @@ class OpenAIRoutes:
 
     def models(self) -> dict[str, Any]:
         """Every configured model, loaded or not, with the hub's view of it."""
-        data = []
-        for slot in self.hub.slots.values():
-            data.append(
-                {
-                    "id": slot.name,
-                    "object": "model",
-                    "created": int(slot.port_changed_at or self.hub.started_at or time.time()),
-                    "owned_by": "mlx-openai-server-hub",
-                    "model_path": slot.entry.model_path,
-                    "model_type": slot.entry.model_type,
-                    "process_state": slot.port_state.value,
-                    "memory_state": slot.memory_state.value,
-                }
-            )
+        data = [model_card(slot, slot.name, "mlx-openai-server-hub") for slot in self.hub.slots.values()]
         return {"object": "list", "data": data}
 
     async def _target(self, scope: Scope, body: bytes, receive: Receive) -> ModelSlot:

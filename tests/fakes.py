@@ -1,0 +1,102 @@
+"""A fake engine for the fast tier: the hub, its gate and /v1 routing without MLX.
+
+``FakeEngine`` loads ``FakeHandler``s that answer upstream's chat route like an
+lm handler does, instantly, and keep an honest memory count, so admission,
+eviction, JIT, keep_alive and stops can be tested in milliseconds. The real
+engine's tests (tests/test_engine.py and every test with a generated model)
+remain the integration tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from mlx_hub.config import ModelConfig
+from mlx_hub.engine import EngineError, Loaded
+
+
+class FakeHandler:
+    handler_type = "lm"
+
+    def __init__(self, entry: ModelConfig, size: int, engine: FakeEngine):
+        self.model_path = entry.model_path
+        self.served_model_name = entry.served_name
+        self.name = entry.name
+        self.size = size
+        self.engine = engine
+        self.cleaned = False
+
+    async def get_models(self) -> list[dict[str, Any]]:
+        return [{"id": self.model_path, "object": "model", "created": 0, "owned_by": "local"}]
+
+    async def get_queue_stats(self) -> dict[str, Any]:
+        return {}
+
+    async def generate_text_response(self, request: Any) -> dict[str, Any]:
+        await self.engine.hold[self.name].wait()  # a test can keep a request running
+        return {"response": f"answer from {self.name}", "usage": None}
+
+    async def generate_text_stream(self, request: Any) -> Any:
+        await self.engine.hold[self.name].wait()
+        for piece in ("answer", " from", f" {self.name}"):
+            yield piece
+
+    async def cleanup(self) -> None:
+        self.cleaned = True
+
+
+class FakeEngine:
+    """Loads take a real await and no time; ``sizes`` (bytes by entry name) default to 1000."""
+
+    def __init__(self, sizes: dict[str, int] | None = None, failing: set[str] | None = None):
+        self.sizes = sizes or {}
+        self.failing = failing or set()
+        self.active = 0
+        self.loads: Counter[str] = Counter()
+        self.hold: dict[str, asyncio.Event] = {}
+
+    def block(self, name: str) -> None:
+        """Requests to ``name`` run until ``unblock``."""
+        self.hold[name] = asyncio.Event()
+
+    def unblock(self, name: str) -> None:
+        self.hold[name].set()
+
+    async def load(self, entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loaded:
+        await asyncio.sleep(0.01)
+        if entry.name in self.failing:
+            raise EngineError(f"OSError: no weights in {entry.model_path}")
+        if entry.name not in self.hold or self.hold[entry.name].is_set():
+            self.hold[entry.name] = asyncio.Event()
+            self.hold[entry.name].set()
+        size = self.estimate(entry)
+        self.active += size
+        self.loads[entry.name] += 1
+        return Loaded(handler=FakeHandler(entry, size, self), memory_bytes=size, load_seconds=0.01)
+
+    async def unload(self, handler: FakeHandler, name: str) -> None:
+        await handler.cleanup()
+        self.active -= handler.size
+
+    def estimate(self, entry: ModelConfig) -> int:
+        return self.sizes.get(entry.name, 1000)
+
+    def preload(self, model_types: set[str]) -> None:
+        pass
+
+    def free_memory(self) -> None:
+        pass
+
+    def active_memory(self) -> int:
+        return self.active
+
+    def cache_memory(self) -> int:
+        return 0
+
+    def system_memory(self) -> int | None:
+        return 1 << 34
+
+    def upstream_version(self) -> str | None:
+        return "fake"

@@ -1,0 +1,155 @@
+"""The fast tier: Hub, the load gate and /v1 routing on a fake engine, in-process (httpx.ASGITransport)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from mlx_hub.hub import Hub
+from mlx_hub.web.controller import build_controller_app
+from mlx_hub.web.model_app import build_model_app
+
+from .fakes import FakeEngine
+from .helpers import hello, meta
+
+Make = Callable[..., Any]
+
+
+def fake(name: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "model_path": f"fake/{name}", "default": True, **kw}
+
+
+@pytest.fixture
+async def fast(hub_config) -> AsyncIterator[Make]:
+    hubs: list[Hub] = []
+
+    async def make(models: list[dict[str, Any]], engine: FakeEngine | None = None, **hub: Any) -> Hub:
+        built = Hub.from_config(
+            hub_config(models, **hub),
+            app_factory=build_model_app,
+            engine=engine or FakeEngine(),
+            reap_interval=0.02,
+        )
+        hubs.append(built)
+        await built.start()
+        return built
+
+    yield make
+    for built in hubs:
+        await built.shutdown(drain_timeout=0.2)
+
+
+def port(hub: Hub, name: str) -> httpx.AsyncClient:
+    """A client for one model's app, in-process."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://m")
+
+
+def controller(hub: Hub) -> httpx.AsyncClient:
+    app = build_controller_app(hub, request_shutdown=lambda: None)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub")
+
+
+async def test_jit_loads_once_for_concurrent_requests(fast: Make) -> None:
+    engine = FakeEngine()
+    hub = await fast([fake("j", jit_enabled=True)], engine)
+    assert meta(hub, "j")["memory_state"] == "unloaded"
+    async with port(hub, "j") as http:
+        replies = await asyncio.gather(
+            *(http.post("/v1/chat/completions", json=hello("j", 4)) for _ in range(6))
+        )
+    assert [r.status_code for r in replies] == [200] * 6
+    assert replies[0].json()["choices"][0]["message"]["content"] == "answer from j"
+    assert engine.loads["j"] == 1 and meta(hub, "j")["memory_state"] == "loaded"
+
+
+async def test_v1_routes_by_name_served_name_and_path(fast: Make) -> None:
+    hub = await fast([fake("a", served_model_name="Alpha"), fake("b")])
+    async with controller(hub) as http:
+        for model, owner in (("a", "a"), ("Alpha", "a"), ("fake/b", "b")):
+            reply = await http.post("/v1/chat/completions", json=hello(model, 4))
+            assert reply.json()["choices"][0]["message"]["content"] == f"answer from {owner}", model
+        missing = await http.post("/v1/chat/completions", json=hello("nope", 4))
+        lost = await http.post("/v1/nowhere", json=hello("a", 4))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert lost.status_code == 404 and lost.json()["error"]["type"] == "invalid_request_error"
+    async with port(hub, "a") as http:
+        elsewhere = await http.post("/v1/chat/completions", json=hello("b", 4))
+    assert elsewhere.status_code == 404 and elsewhere.json()["detail"]["error"]["type"] == "model_not_found"
+
+
+async def test_group_evicts_the_idle_member_and_refuses_when_all_are_busy(fast: Make) -> None:
+    engine = FakeEngine()
+    models = [fake(n, jit_enabled=True, group="g", queue_timeout=0.2) for n in ("a", "b")]
+    hub = await fast(models, engine, groups=[{"name": "g", "max_loaded": 1}])
+    async with port(hub, "a") as a, port(hub, "b") as b:
+        assert (await a.post("/v1/chat/completions", json=hello("a", 4))).status_code == 200
+        assert (await b.post("/v1/chat/completions", json=hello("b", 4))).status_code == 200
+        assert meta(hub, "a")["memory_state"] == "unloaded"  # evicted for b
+        engine.block("b")
+        busy = asyncio.create_task(b.post("/v1/chat/completions", json=hello("b", 4)))
+        await asyncio.sleep(0.05)
+        refused = await a.post("/v1/chat/completions", json=hello("a", 4))
+        engine.unblock("b")
+        assert (await busy).status_code == 200
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "group_at_capacity"
+
+
+async def test_budget_evicts_least_recently_used(fast: Make) -> None:
+    engine = FakeEngine(sizes={"a": 600, "b": 600})
+    hub = await fast([fake("a", jit_enabled=True), fake("b", jit_enabled=True)], engine, max_memory=1000)
+    async with port(hub, "a") as a, port(hub, "b") as b:
+        await a.post("/v1/chat/completions", json=hello("a", 4))
+        await b.post("/v1/chat/completions", json=hello("b", 4))
+    assert meta(hub, "a")["memory_state"] == "unloaded" and engine.active == 600
+
+
+async def test_a_failed_load_is_contained(fast: Make) -> None:
+    hub = await fast([fake("bad"), fake("good")], FakeEngine(failing={"bad"}))
+    async with port(hub, "bad") as bad, port(hub, "good") as good:
+        refused = await bad.post("/v1/chat/completions", json=hello("bad", 4))
+        served = await good.post("/v1/chat/completions", json=hello("good", 4))
+    assert refused.status_code == 503 and "no weights" in refused.json()["error"]["message"]
+    assert served.status_code == 200 and hub.status_document().status == "degraded"
+
+
+async def test_keep_alive_zero_unloads_after_the_request(fast: Make) -> None:
+    hub = await fast([fake("k", jit_enabled=True)])
+    async with port(hub, "k") as http:
+        await http.post("/v1/chat/completions", json=hello("k", 4, keep_alive=0))
+    for _ in range(100):
+        if meta(hub, "k")["memory_state"] == "unloaded":
+            break
+        await asyncio.sleep(0.01)
+    assert meta(hub, "k")["memory_state"] == "unloaded"
+
+
+async def test_stop_cancels_what_outlives_the_drain(fast: Make) -> None:
+    engine = FakeEngine()
+    hub = await fast([fake("s")], engine)
+    engine.block("s")
+    async with port(hub, "s") as http:
+        pending = asyncio.create_task(http.post("/v1/chat/completions", json=hello("s", 4)))
+        await asyncio.sleep(0.05)
+        assert meta(hub, "s")["in_flight"] == 1
+        assert await hub.stop_model("s", drain_timeout=0.1) == "stopped"
+        # In-process, the request runs in the client's own task, which the stop
+        # cancels; over a socket the client gets 503 model_stopped (test_stop.py).
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    assert engine.active == 0 and meta(hub, "s")["memory_state"] == "unloaded"
+
+
+async def test_reload_restarts_only_what_changed(fast: Make, hub_config) -> None:
+    engine = FakeEngine()
+    hub = await fast([fake("keep"), fake("change")], engine)
+    new = hub_config([fake("keep"), fake("change", default_temperature=0.5), fake("added")])
+    new.update(
+        port=hub.config.port, model_starting_port=hub.config.model_starting_port, log_path=hub.config.log_path
+    )
+    result = await hub.reload(new)
+    assert result == {"started": ["change", "added"], "stopped": ["change"], "unchanged": ["keep"]}
+    assert engine.loads == {"keep": 1, "change": 2, "added": 1}
