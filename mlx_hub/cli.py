@@ -12,96 +12,28 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, views
-from .client import ClientError, HubClient, connect, find_running
-from .config import ConfigError, HubConfig, find_config, load_config, log_dir_of
-from .status import HubStatus
-
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-
-CONFIG_HELP = "hub.yaml to use (default: $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml)."
-# ----------------------------------------------------------------------------- output
-
-
-def ok(message: str) -> None:
-    console.print(Text("✓ ", style="green") + Text(message))
-
-
-def warn(message: str) -> None:
-    console.print(Text("! ", style="yellow") + Text(message, style="yellow"))
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    for i, line in enumerate(message.splitlines() or [""]):
-        prefix = Text("error: ", style="bold red") if i == 0 else Text("       ")
-        err_console.print(prefix + Text(line))
-    sys.exit(code)
-
-
-def print_status(status: HubStatus, url: str, names: Iterable[str] = ()) -> None:
-    rows, unknown = views.pick(status, names)
-    if unknown:
-        fail(
-            f"no model named {', '.join(unknown)} (models: {', '.join(sorted(r.id for r in status.models))})"
-        )
-    console.print(views.summary(status, url))
-    console.print(views.status_table(rows))
-    for warning in status.warnings:
-        warn(warning)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _path(config: str | None) -> Path:
-    if config is None:  # `mlx-openai-server-hub --config X status` works as well as `status --config X`
-        config = click.get_current_context().find_root().params.get("config")
-    try:
-        return find_config(config)
-    except ConfigError as exc:
-        fail("\n".join(exc.problems), code=2)
-
-
-def _load(config: str | None) -> tuple[Path, HubConfig]:
-    path = _path(config)
-    try:
-        return path, load_config(path)
-    except ConfigError as exc:
-        fail("\n".join(exc.problems), code=2)
-
-
-def _log_dir(config: str | None, *, quiet_config_errors: bool = False) -> Path:
-    """Where the running hub's runtime file is, found even when hub.yaml has since been broken."""
-    path = _path(config)
-    try:
-        return load_config(path).log_dir
-    except ConfigError as exc:
-        if not quiet_config_errors:
-            warn(f"{path} has errors; the running hub keeps its last good config:")
-            for line in exc.problems:
-                warn("  " + line)
-        return log_dir_of(path)
-
-
-def _connect(config: str | None, *, quiet_config_errors: bool = False) -> tuple[str, HubClient]:
-    try:
-        runtime, client = connect(_log_dir(config, quiet_config_errors=quiet_config_errors))
-    except ClientError as exc:
-        fail(exc.message)
-    return runtime.url, client
-
-
-config_option = click.option(
-    "--config", "config", type=click.Path(dir_okay=False), envvar=None, help=CONFIG_HELP
+from . import __version__, registry_commands, views
+from .client import ClientError, HubClient, find_running
+from .config import HubConfig
+from .terminal import (
+    config_option,
+    connect_hub,
+    console,
+    err_console,
+    fail,
+    load,
+    log_dir,
+    ok,
+    print_status,
+    warn,
 )
 
 
@@ -136,7 +68,7 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
     With NAMES, start those models instead of the default ones. While a hub
     already runs for this config, start NAMES there and print its status.
     """
-    path, cfg = _load(config)
+    path, cfg = load(config)
     unknown = [n for n in names if n not in {m.name for m in cfg.models}]
     if unknown:
         fail(f"no model named {', '.join(unknown)} in {path}", code=2)
@@ -228,9 +160,9 @@ def shutdown(config: str | None) -> None:
     """Stop every model and the hub itself."""
     from .runtime import pid_alive
 
-    log_dir = _log_dir(config)
+    folder = log_dir(config)
     try:
-        found = find_running(log_dir)
+        found = find_running(folder)
     except ClientError as exc:
         fail(exc.message)
     if found is None:
@@ -242,7 +174,7 @@ def shutdown(config: str | None) -> None:
     with err_console.status(f"stopping the hub (pid {runtime.pid})…"):
         while pid_alive(runtime.pid):
             if time.monotonic() > deadline:
-                fail(f"the hub (pid {runtime.pid}) is still running after 120 s; see {log_dir / 'hub.log'}")
+                fail(f"the hub (pid {runtime.pid}) is still running after 120 s; see {folder / 'hub.log'}")
             time.sleep(0.2)
     ok(f"hub stopped (pid {runtime.pid})")
 
@@ -251,7 +183,7 @@ def shutdown(config: str | None) -> None:
 @config_option
 def reload(config: str | None) -> None:
     """Re-read hub.yaml: start new models, stop removed ones, restart changed ones."""
-    _, client = _connect(config, quiet_config_errors=True)  # the hub's answer names them
+    _, client = connect_hub(config, quiet_config_errors=True)  # the hub's answer names them
     try:
         result = client.reload()
     except ClientError as exc:
@@ -268,7 +200,7 @@ def reload(config: str | None) -> None:
 @click.argument("names", nargs=-1)
 def status(config: str | None, names: tuple[str, ...]) -> None:
     """Show the hub and each model (or NAMES): states, port, group, memory, idle timer."""
-    url, client = _connect(config)
+    url, client = connect_hub(config)
     print_status(client.status(), url, names)
 
 
@@ -276,7 +208,7 @@ def status(config: str | None, names: tuple[str, ...]) -> None:
 @config_option
 def stop(config: str | None) -> None:
     """Stop every model but keep the hub running (start them again with `start-model`)."""
-    _, client = _connect(config)
+    _, client = connect_hub(config)
     result = client.service("stop")
     stopped = result.get("models") or []
     ok(f"stopped {', '.join(stopped)}" if stopped else "no model was running")
@@ -303,7 +235,7 @@ def _action_command(action: str, help_text: str) -> Callable[..., None]:
     @config_option
     @click.argument("names", nargs=-1, required=True)
     def command(config: str | None, names: tuple[str, ...]) -> None:
-        _, client = _connect(config)
+        _, client = connect_hub(config)
         _run_actions(client, names, action)
 
     command.__doc__ = help_text
@@ -329,7 +261,7 @@ def watch(config: str | None, interval: float) -> None:
     """Redraw the model table every --interval seconds until Ctrl-C."""
     if interval < 0.5:
         fail("--interval must be at least 0.5 seconds", code=2)
-    url, client = _connect(config)
+    url, client = connect_hub(config)
 
     def frame() -> Group:
         try:
@@ -355,7 +287,7 @@ def watch(config: str | None, interval: float) -> None:
 @config_option
 def models(config: str | None) -> None:
     """List the models hub.yaml configures (no running hub needed)."""
-    path, cfg = _load(config)
+    path, cfg = load(config)
     table = Table(title=str(path), title_justify="left", box=None, header_style="bold")
     for column in ("NAME", "TYPE", "PORT", "JIT", "AUTO-UNLOAD", "GROUP", "DEFAULT", "MODEL"):
         table.add_column(column)
@@ -380,165 +312,13 @@ def models(config: str | None) -> None:
 # ----------------------------------------------------------------------------- registry
 
 
-@main.command()
-@config_option
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(file_okay=False),
-    help="Hugging Face cache (default: HF_HUB_CACHE).",
-)
-@click.option(
-    "--add",
-    is_flag=True,
-    help="Append MLX-ready models missing from hub.yaml (keeps comments; writes hub.yaml.bak).",
-)
-def scan(config: str | None, cache_dir: str | None, add: bool) -> None:
-    """List MLX-ready models in the Hugging Face cache, and which hub.yaml entry serves each."""
-    from .registry import add_to_config
-    from .registry import scan as scan_cache
-
-    path, cfg = _load(config)
-    try:
-        found = scan_cache(cache_dir, cfg)
-    except Exception as exc:  # huggingface_hub's CacheNotFound and corrupted-cache errors
-        fail(f"cannot scan the Hugging Face cache: {exc}")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("REPO", "MLX", "ARCH", "QUANT", "SIZE", "ENTRY", "PORT", "SNAPSHOT"):
-        table.add_column(column, justify="right" if column in ("SIZE", "PORT") else "left")
-    for m in found:
-        table.add_row(
-            m.repo_id,
-            "yes" if m.mlx_ready else Text("no", style="dim"),
-            m.architecture or "-",
-            f"{m.quantization_bits}-bit" if m.quantization_bits else "-",
-            f"{m.size_on_disk / 1e9:.2f} GB" if m.size_on_disk >= 1e8 else f"{m.size_on_disk / 1e6:.1f} MB",
-            m.entry or "-",
-            str(m.port) if m.port else "-",
-            str(m.snapshot),
-        )
-    console.print(table)
-    missing = [m.repo_id for m in found if m.mlx_ready and m.entry is None]
-    if not add:
-        if missing:
-            console.print(f"{len(missing)} MLX-ready model(s) not in {path}; `scan --add` appends them.")
-        return
-    added = add_to_config(path, missing)
-    if added:
-        ok(
-            f"added {', '.join(added)} to {path} (previous version: {path.name}.bak); run `reload` to serve them"
-        )
-    else:
-        warn("nothing to add: every MLX-ready model in the cache is already in hub.yaml")
-
-
-@main.command()
-@config_option
-@click.argument("repo")
-@click.option(
-    "--convert",
-    type=click.Choice(["auto", "force", "skip"]),
-    default="auto",
-    show_default=True,
-    help="auto: convert only checkpoints that are not MLX-ready; force: always; skip: never.",
-)
-@click.option("--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting.")
-@click.option(
-    "--add", is_flag=True, help="Append an entry for it to hub.yaml (keeps comments; writes hub.yaml.bak)."
-)
-def ensure(config: str | None, repo: str, convert: str, quantize: int | None, add: bool) -> None:
-    """Download REPO (or use the cache) and convert it to MLX when it needs it."""
-    from .registry import add_to_config
-    from .registry import ensure as ensure_repo
-
-    path = _path(config) if add else None
-    try:
-        result = ensure_repo(repo, convert=convert, quantize=quantize)
-    except Exception as exc:  # huggingface_hub (offline, unknown repo) and mlx_lm.convert errors
-        fail(f"cannot ensure {repo}: {exc}")
-    if result.converted:
-        ok(f"{repo}: converted to MLX in {result.model_path} (from {result.source})")
-    else:
-        ok(f"{repo}: MLX-ready in the Hugging Face cache")
-    if path is not None:
-        added = add_to_config(path, [result.model_path])
-        if added:
-            ok(f"added {', '.join(added)} to {path}; run `reload` to serve it")
-        else:
-            warn(f"{path} already serves {result.model_path}")
-
-
-@main.command()
-@config_option
-@click.argument("target")
-@click.option(
-    "--to", "to", required=True, type=click.Path(file_okay=False), help="Backroom folder to move it into."
-)
-def offload(config: str | None, target: str, to: str) -> None:
-    """Move the base weights of a converted model (repo id or folder) out of the cache.
-
-    Only the recorded source of a conversion qualifies, and never while a
-    hub.yaml entry serves from it.
-    """
-    from .registry import offload as offload_weights
-
-    _, cfg = _load(config)
-    try:
-        moved = offload_weights(target, Path(to).expanduser(), cfg)
-    except ValueError as exc:
-        fail(str(exc))
-    ok(f"moved {target} to {moved}")
-
-
-@main.group()
-def export() -> None:
-    """Publish this hub's models to other tools."""
-
-
-@export.command("litellm")
-@config_option
-@click.option(
-    "--hub", "hubs", multiple=True, help="A running hub's URL (repeatable); default: this config's models."
-)
-@click.option(
-    "--via",
-    type=click.Choice(["controller", "port"]),
-    default="controller",
-    show_default=True,
-    help="Point each model at the controller's /v1 or at its own port.",
-)
-@click.option("--host", help="Host name clients should use (default: the hub's host; 127.0.0.1 for 0.0.0.0).")
-@click.option("--api-key", envvar="MLX_HUB_API_KEY", help="Key for --hub URLs (default: $MLX_HUB_API_KEY).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of printing.")
-def export_litellm(
-    config: str | None,
-    hubs: tuple[str, ...],
-    via: str,
-    host: str | None,
-    api_key: str | None,
-    output: str | None,
-) -> None:
-    """A LiteLLM model_list for this hub, or for several running hubs behind one gateway."""
-    import yaml
-
-    from .registry import litellm_from_hubs, litellm_model_list
-
-    try:
-        if hubs:
-            entries = litellm_from_hubs(list(hubs), api_key)
-        else:
-            _, cfg = _load(config)
-            entries = litellm_model_list(cfg, via=via, host=host)
-    except Exception as exc:
-        fail(f"cannot build the LiteLLM config: {exc}")
-    text = yaml.safe_dump({"model_list": entries}, sort_keys=False)
-    if output:
-        from .fsutil import atomic_write_text
-
-        atomic_write_text(output, text)
-        ok(f"wrote {len(entries)} model(s) to {output}")
-    else:
-        click.echo(text, nl=False)
+for command in (
+    registry_commands.scan,
+    registry_commands.ensure,
+    registry_commands.offload,
+    registry_commands.export,
+):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """The hub: many models in one process, each on its own port, loaded when needed.
 
-``Hub`` owns one ``ModelSlot`` per hub.yaml entry and every transition between
-their states. All of it runs on one asyncio loop; inference runs on the
-upstream handlers' own threads, so the loop stays free to serve HTTP, and the
-state below needs no locks beyond ordering awaits carefully: a check and the
-state change it justifies always happen with no ``await`` between them.
+``Hub`` owns one ``ModelSlot`` per hub.yaml entry and decides what spans models
+(admission.py, reload.py); each slot makes its own checked moves. All of it runs
+on one asyncio loop, with inference on upstream's threads: a check and the state
+change it justifies happen with no ``await`` between them, so no locks are needed.
 """
 
 from __future__ import annotations
@@ -19,16 +18,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import engine, logs, policy
+from . import admission, engine, logs, reload
 from .config import HubConfig, load_config, memory_bytes, parse_config
 from .engine import Engine, MLXEngine
 from .errors import (
-    BudgetError,
-    CapacityError,
     HubError,
     ModelLoadError,
     NoConfigFileError,
-    NotLoadedError,
     NotRunningError,
     PortStartError,
     UnknownModelError,
@@ -46,7 +42,7 @@ ConfigSource = HubConfig | dict[str, Any] | str | os.PathLike[str]
 AppFactory = Callable[["Hub", ModelSlot], Any]
 
 
-def _as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
+def as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
     if isinstance(source, HubConfig):
         return source, None
     if isinstance(source, dict):
@@ -75,7 +71,6 @@ class Hub:
         model_logs: bool = False,
         freeze_gc: bool = False,
     ):
-        self.config = config
         self.app_factory = app_factory  # the ASGI app each model port serves (web.model_app)
         self.engine: Engine = engine or MLXEngine()  # what loads, frees and measures models
         self.config_path = config_path
@@ -92,19 +87,15 @@ class Hub:
         self._reload_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.budget = self._budget(config)
-        self._api_keys = config.keys
+        self.budget: int | None = None
+        self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
+        self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
-
-    def _budget(self, config: HubConfig) -> int | None:
-        if config.max_memory is None:
-            return None
-        return memory_bytes(config.max_memory, self.engine.system_memory())
 
     @classmethod
     def from_config(cls, source: ConfigSource, **kwargs: Any) -> Hub:
         """Build from a ``HubConfig``, a dict shaped like hub.yaml, or a path to one."""
-        config, path = _as_config(source)
+        config, path = as_config(source)
         return cls(config, config_path=path, **kwargs)
 
     async def __aenter__(self) -> Hub:
@@ -124,18 +115,16 @@ class Hub:
         """
         if self.started_at is None:
             ports = PortBook.for_config(self.config).assign(self.config)
-            for entry in self.config.models:
-                self.slots[entry.name] = ModelSlot(
-                    entry, ports[entry.name], self.config.host_of(entry), self._notify
-                )
+            host = self.config.host_of
+            self.slots = {
+                m.name: ModelSlot(m, ports[m.name], host(m), self.notify) for m in self.config.models
+            }
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             self.started_at = time.time()
             # Import the handler modules now, off the loop, so a JIT model's
             # first request pays for its weights, not for importing mlx-lm.
             await asyncio.to_thread(self.engine.preload, {m.model_type for m in self.config.models})
-            if self.freeze_gc:
-                # Nothing is loaded yet: only import-time objects are frozen, and
-                # every later full collection (one per unload) skips them.
+            if self.freeze_gc:  # nothing is loaded yet: later collections skip import-time objects
                 gc.collect()
                 gc.freeze()
         wanted = list(names) if names is not None else [m.name for m in self.config.models if m.default]
@@ -222,7 +211,7 @@ class Hub:
         async with slot.op_lock:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
                 return "not_running"
-            was_running = await slot.stop_port(drain_timeout, self._wait_change)
+            was_running = await slot.stop_port(drain_timeout, self.wait_change)
             if slot.memory_state in OCCUPYING:
                 await self.unload(name, wait_for_requests=False)
             if self.model_logs:
@@ -239,8 +228,8 @@ class Hub:
         if slot.memory_state is MemoryState.LOADED:
             return "already_loaded"
         if slot.memory_state is MemoryState.UNLOADING:
-            await self._await_unload(slot)
-        await asyncio.shield(self._load_task(slot))
+            await self.unload_slot(slot)
+        await asyncio.shield(self.load_task(slot))
         return "loaded"
 
     async def unload(self, name: str, *, wait_for_requests: bool = True) -> str:
@@ -256,7 +245,7 @@ class Hub:
                 await asyncio.shield(slot.load_task)
         if slot.memory_state not in (MemoryState.LOADED, MemoryState.UNLOADING):
             return "not_loaded"
-        await self._await_unload(
+        await self.unload_slot(
             slot, reason="manual" if wait_for_requests else "stop", patient=wait_for_requests
         )
         return "unloaded"
@@ -264,57 +253,22 @@ class Hub:
     # ------------------------------------------------------- request gate
 
     async def acquire(self, slot: ModelSlot) -> None:
-        """Wait until ``slot`` can serve a request and count the request in.
-
-        Called by the model app's gate. Loads a JIT model (one load however
-        many requests arrive), waits out an unload, and raises what the
-        client should see otherwise. Pair with ``release``.
-        """
-        slot.waiting += 1
-        try:
-            while True:
-                if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
-                    raise NotRunningError(f"model '{slot.name}' is stopping", model=slot.name)
-                state = slot.memory_state
-                if state is MemoryState.LOADED:
-                    slot.begin_request()
-                    return
-                pending = slot.load_in_progress()
-                if state is MemoryState.UNLOADING:
-                    await self._wait_change()
-                elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
-                    await asyncio.shield(self._load_task(slot))
-                elif state is MemoryState.FAILED:
-                    raise ModelLoadError(
-                        f"model '{slot.name}' failed to load: {slot.memory_error}", model=slot.name
-                    )
-                else:
-                    raise NotLoadedError(
-                        f"model '{slot.name}' is not loaded and jit_enabled is false; load it with "
-                        f"`mlx-openai-server-hub load-model {slot.name}`",
-                        model=slot.name,
-                    )
-        finally:
-            slot.waiting -= 1
+        """Wait until ``slot`` can serve a request and count it in (``admission.acquire``). Pair with ``release``."""
+        await admission.acquire(self, slot)
 
     def release(self, slot: ModelSlot, keep_alive: float | None = None) -> None:
-        """Count a request out. ``keep_alive`` (seconds; inf = never) overrides a JIT model's idle timer."""
-        slot.end_request()
-        if keep_alive is not None and slot.entry.jit_enabled:
-            slot.keep_alive = keep_alive
-            if keep_alive == 0 and not slot.busy and slot.memory_state is MemoryState.LOADED:
-                self._spawn(self._await_unload(slot, reason="keep_alive"), f"keep-alive:{slot.name}")
-        self._notify()
+        """Count a request out (``admission.release``); ``keep_alive`` overrides a JIT model's idle timer."""
+        admission.release(self, slot, keep_alive)
 
     # ------------------------------------------------------ load / unload
 
-    def _load_task(self, slot: ModelSlot) -> asyncio.Task[None]:
+    def load_task(self, slot: ModelSlot) -> asyncio.Task[None]:
         """The one load in progress for ``slot``, started if there is none (single flight)."""
-        return slot.single_load(lambda: self._spawn(self._load_flow(slot), f"load:{slot.name}"))
+        return slot.single_load(lambda: self.spawn(self._load_flow(slot), f"load:{slot.name}"))
 
     async def _load_flow(self, slot: ModelSlot) -> None:
         logs.current_model.set(slot.name)  # this task's context: upstream's load lines go to its log
-        await self._admit(slot)  # returns with slot LOADING, or raises
+        await admission.admit(self, slot)  # returns with slot LOADING, or raises
         try:
             loaded = await slot.load(self.engine, self._memory_lock)
         except engine.EngineError as exc:
@@ -325,71 +279,9 @@ class Hub:
             "model '%s' loaded in %.2f s (%.1f MB)", slot.name, loaded.load_seconds, loaded.memory_bytes / 1e6
         )
 
-    async def _admit(self, slot: ModelSlot) -> None:
-        """Take a place in the slot's group and under the memory budget.
-
-        Evicts idle, unpinned models as the rules allow, else waits up to the
-        model's ``queue_timeout``: then ``CapacityError`` (429) if the group
-        was full, ``BudgetError`` (503) if memory was.
-        """
-        group = self.config.group(slot.entry.group)
-        slot.estimate = self.engine.estimate(slot.entry)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + slot.entry.queue_timeout
-        while True:
-            blocker, decision = self._admission(slot, group)
-            if decision.admit:
-                slot.move_memory(MemoryState.LOADING)
-                return
-            if decision.impossible:
-                raise BudgetError(
-                    f"model '{slot.name}' needs about {slot.estimate / 1e9:.2f} GB, more than the whole "
-                    f"max_memory budget ({(self.budget or 0) / 1e9:.2f} GB)",
-                    model=slot.name,
-                )
-            if decision.evict is not None:
-                log.info("%s: unloading '%s' for '%s'", blocker, decision.evict, slot.name)
-                reason = "group" if blocker.startswith("group") else "budget"
-                await self._await_unload(self.slots[decision.evict], reason=reason)
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                if blocker.startswith("group"):
-                    raise CapacityError(
-                        f"{blocker} is at max_loaded ({group.max_loaded}) and every loaded member is busy; "
-                        f"model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
-                        model=slot.name,
-                    )
-                raise BudgetError(
-                    f"the memory budget ({(self.budget or 0) / 1e9:.2f} GB) is full and every loaded model is "
-                    f"busy or pinned; model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
-                    model=slot.name,
-                )
-            # Wake on any change, and at least every reap_interval: idle-time
-            # eligibility (idle_unload_trigger_min) changes with the clock alone.
-            await self._wait_change(min(remaining, self.reap_interval))
-
-    def _admission(self, slot: ModelSlot, group: Any) -> tuple[str, policy.Admission]:
-        """The first rule that does not admit ``slot`` now (group, then budget), and its decision."""
-        if group is not None and group.max_loaded is not None:
-            trigger = group.idle_unload_trigger_min
-            decision = policy.group_admission(
-                slot.name,
-                [s.candidate() for s in self.slots.values() if s.entry.group == group.name],
-                max_loaded=group.max_loaded,
-                now=time.monotonic(),
-                min_idle_seconds=None if trigger is None else trigger * 60.0,
-            )
-            if not decision.admit:
-                return f"group '{group.name}'", decision
-        decision = policy.budget_admission(
-            slot.name, slot.estimate, [s.candidate() for s in self.slots.values()], budget=self.budget
-        )
-        return "memory budget", decision
-
-    async def _await_unload(self, slot: ModelSlot, reason: str = "manual", *, patient: bool = True) -> None:
+    async def unload_slot(self, slot: ModelSlot, reason: str = "manual", *, patient: bool = True) -> None:
         task = slot.single_unload(
-            lambda: self._spawn(self._unload_flow(slot, reason, patient), f"unload:{slot.name}")
+            lambda: self.spawn(self._unload_flow(slot, reason, patient), f"unload:{slot.name}")
         )
         await asyncio.shield(task)
 
@@ -408,22 +300,13 @@ class Hub:
             await self.reap_idle()
 
     async def reap_idle(self) -> list[str]:
-        """Unload every JIT model whose idle timer ran out; returns their names."""
-        candidates = [s.candidate() for s in self.slots.values() if s.memory_state is MemoryState.LOADED]
-        expired = policy.idle_expired(candidates, time.monotonic())
-        for name in expired:
-            slot = self.slots.get(name)
-            if slot is not None:
-                try:
-                    await self._await_unload(slot, reason="idle")
-                except Exception:
-                    log.exception("model '%s': idle unload failed", name)
-        return expired
+        """Unload every JIT model whose idle timer ran out (``admission.reap_idle``); returns their names."""
+        return await admission.reap_idle(self)
 
     # ---------------------------------------------------------------- reload
 
     async def reload(self, source: ConfigSource | None = None) -> dict[str, list[str]]:
-        """Apply a new config: start new defaults, stop removed models, restart changed ones.
+        """Apply a new config (``reload.apply``): start new defaults, stop removed models, restart changed ones.
 
         Unchanged models are not touched (a loaded model stays loaded). A
         config that does not validate raises ``ConfigError`` before anything
@@ -436,37 +319,19 @@ class Hub:
                     "pass the new config to reload()"
                 )
             source = self.config_path
-        new, path = _as_config(source)
+        new, path = as_config(source)
         async with self._reload_lock:
-            running = {n for n, s in self.slots.items() if s.port_state is PortState.RUNNING}
-            ports = PortBook.for_config(new).assign(new, held={n: self.slots[n].port for n in running})
-            plan = policy.reload_plan(
-                [policy.Placement(n, s.entry.model_dump(), s.port, s.host) for n, s in self.slots.items()],
-                running,
-                [
-                    policy.Placement(m.name, m.model_dump(), ports[m.name], new.host_of(m), m.default)
-                    for m in new.models
-                ],
-            )
-            stopped = [
-                n
-                for n in plan.remove + plan.replace
-                if n in self.slots and await self.stop_model(n) == "stopped"
-            ]
-            kept = {n: self.slots[n] for n in plan.keep}
-            # New entries keep hub.yaml's order, which dashboards show.
-            self.slots = {
-                m.name: kept.get(m.name) or ModelSlot(m, ports[m.name], new.host_of(m), self._notify)
-                for m in new.models
-            }
-            self.config = new
-            self.budget = self._budget(new)
-            self._api_keys = new.keys
+            result = await reload.apply(self, new)
             if path is not None:
                 self.config_path = path
-            started = await self.start_many(plan.start)
-            self._notify()
-        return {"started": started, "stopped": stopped, "unchanged": plan.keep}
+        return result
+
+    def adopt(self, config: HubConfig) -> None:
+        """Take ``config`` as the running one: the memory budget and API keys follow it."""
+        self.config = config
+        total = self.engine.system_memory()
+        self.budget = None if config.max_memory is None else memory_bytes(config.max_memory, total)
+        self.api_keys = config.keys
 
     # ---------------------------------------------------------------- status
 
@@ -493,14 +358,8 @@ class Hub:
         if requested in self.slots:
             return self.slots[requested]
         matches = [s for s in self.slots.values() if requested in s.entry.names]
-        matches.sort(
-            key=lambda s: (s.memory_state is not MemoryState.LOADED, s.port_state is not PortState.RUNNING)
-        )
-        return matches[0] if matches else None
-
-    @property
-    def api_keys(self) -> frozenset[str]:
-        return self._api_keys
+        rank = lambda s: (s.memory_state is not MemoryState.LOADED, s.port_state is not PortState.RUNNING)  # noqa: E731
+        return min(matches, key=rank, default=None)
 
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)
@@ -509,12 +368,12 @@ class Hub:
             raise UnknownModelError(f"no model named '{name}' (models: {known})", model=name)
         return slot
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         """Wake everyone waiting for any state change (a new event for the next wait)."""
         self._change.set()
         self._change = asyncio.Event()
 
-    async def _wait_change(self, timeout: float | None = None) -> bool:
+    async def wait_change(self, timeout: float | None = None) -> bool:
         """Sleep until the next state change; False if ``timeout`` passed first."""
         event = self._change
         try:
@@ -523,7 +382,7 @@ class Hub:
             return False
         return True
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """A background task of the hub; a failure nobody awaits is logged with the task's name."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)

@@ -101,13 +101,12 @@ def interrupt_in_terminal(args: list[str], once_shown: str, timeout: float = 60)
     return code, screen.decode(errors="replace")
 
 
-@pytest.fixture
-def hub_files(tmp_path: Path, tiny_llama: Path, tiny_qwen: Path) -> Iterator[dict[str, Any]]:
+def write_hub_files(folder: Path, tiny_llama: Path, tiny_qwen: Path) -> dict[str, Any]:
     doc = {
         "host": "127.0.0.1",
         "port": free_port(),
         "model_starting_port": free_range(),
-        "log_path": str(tmp_path / "logs"),
+        "log_path": str(folder / "logs"),
         "models": [
             {"name": "alpha", "model_path": str(tiny_llama), "default": True, "context_length": 2048},
             {
@@ -127,16 +126,35 @@ def hub_files(tmp_path: Path, tiny_llama: Path, tiny_qwen: Path) -> Iterator[dic
         ],
         "groups": [{"name": "g", "max_loaded": 1}],
     }
-    path = tmp_path / "hub.yaml"
+    path = folder / "hub.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    files = {"path": path, "doc": doc, "logs": tmp_path / "logs"}
-    yield files
+    return {"path": path, "doc": doc, "logs": folder / "logs"}
+
+
+def kill_leftover_daemon(files: dict[str, Any]) -> None:
     info = runtime(files["logs"])
     if info:  # never leave a daemon behind a failed test
         try:
             os.kill(info["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def hub_files(tmp_path: Path, tiny_llama: Path, tiny_qwen: Path) -> Iterator[dict[str, Any]]:
+    files = write_hub_files(tmp_path, tiny_llama, tiny_qwen)
+    yield files
+    kill_leftover_daemon(files)
+
+
+@pytest.fixture(scope="module")
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_qwen: Path
+) -> Iterator[dict[str, Any]]:
+    """One daemon for the command-by-command tests below, which run in order against it."""
+    files = write_hub_files(tmp_path_factory.mktemp("cli"), tiny_llama, tiny_qwen)
+    yield files
+    kill_leftover_daemon(files)
 
 
 def rows(output: str) -> dict[str, list[str]]:
@@ -149,8 +167,8 @@ def rows(output: str) -> dict[str, list[str]]:
     return table
 
 
-def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
-    path, logs, doc = hub_files["path"], hub_files["logs"], hub_files["doc"]
+def test_start_prints_the_table_and_writes_the_runtime_files(daemon: dict[str, Any]) -> None:
+    path, logs, doc = daemon["path"], daemon["logs"], daemon["doc"]
     started = cli(path, "start")
     assert started.returncode == 0, started.stderr
     assert "hub started" in started.stdout
@@ -163,14 +181,16 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     ports = json.loads((logs / "ports.json").read_text())
     assert table["alpha"][3] == str(ports["alpha"])
     assert "2/3 started" in started.stdout and "1/3 loaded" in started.stdout
-
     again = cli(path, "start")
     assert again.returncode == 0 and f"already running (pid {info['pid']})" in again.stdout
-
     only = cli(path, "status", "beta")
     assert list(rows(only.stdout)) == ["beta"]
 
-    # A request on beta's own port loads it and writes upstream's lines to beta.log.
+
+def test_a_models_lines_go_to_its_own_log(daemon: dict[str, Any]) -> None:
+    """A request on beta's own port loads it and writes upstream's lines to beta.log."""
+    logs = daemon["logs"]
+    ports = json.loads((logs / "ports.json").read_text())
     reply = openai.OpenAI(
         base_url=f"http://127.0.0.1:{ports['beta']}/v1", api_key="x"
     ).chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
@@ -181,6 +201,9 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     assert "BatchScheduler admitted" not in (logs / "hub.log").read_text()
     assert not (logs / "gamma.log").exists()  # no_log_file
 
+
+def test_model_commands_follow_the_group_rule(daemon: dict[str, Any]) -> None:
+    path = daemon["path"]
     out = cli(path, "start-model", "gamma")
     assert out.returncode == 0 and "gamma: started" in out.stdout
     out = cli(path, "load-model", "gamma")
@@ -195,6 +218,9 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     out = cli(path, "stop-model", "gamma")
     assert out.returncode == 0 and "gamma: stopped" in out.stdout
 
+
+def test_watch_draws_the_reference_columns(daemon: dict[str, Any]) -> None:
+    path, logs = daemon["path"], daemon["logs"]
     code, watch_out = interrupt_in_terminal(
         ["watch", "--interval", "0.5", "--config", str(path)], once_shown="alpha.log"
     )
@@ -204,15 +230,22 @@ def test_every_command_against_a_real_daemon(hub_files: dict[str, Any]) -> None:
     assert str(logs / "alpha.log") in watch_out
     assert cli(path, "watch", "--interval", "0.1").returncode == 2
 
+
+def test_stop_keeps_the_daemon(daemon: dict[str, Any]) -> None:
+    path = daemon["path"]
     out = cli(path, "stop")
     assert out.returncode == 0 and "alpha" in out.stdout and "beta" in out.stdout
     table = rows(cli(path, "status").stdout)
     assert all(cells[1] == "inactive" for cells in table.values())
     assert cli(path, "start-model", "alpha").returncode == 0
-
     listed = cli(path, "models")
     assert listed.returncode == 0 and "alpha" in listed.stdout and "group g: max_loaded 1" in listed.stdout
 
+
+def test_shutdown_leaves_nothing_behind(daemon: dict[str, Any]) -> None:
+    path, logs = daemon["path"], daemon["logs"]
+    info = runtime(logs)
+    assert info is not None
     out = cli(path, "shutdown")
     assert out.returncode == 0 and "hub stopped" in out.stdout
     wait_gone(info["pid"])

@@ -1,0 +1,148 @@
+"""Admission: who may load, and who may run. A load takes a place in its group and under the
+memory budget, or waits, or is refused; a request waits for its model's weights (starting a JIT load).
+
+The rules themselves are pure (``policy.group_admission``, ``policy.budget_admission``);
+this is the loop that applies them across the hub's models: evict what they
+name, wait for a change, and give up after the model's ``queue_timeout`` with
+the error a client should see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import policy
+from .config import GroupConfig
+from .errors import BudgetError, CapacityError, ModelLoadError, NotLoadedError, NotRunningError
+from .slot import MemoryState, ModelSlot, PortState
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+log = logging.getLogger("mlx_hub.hub")
+
+
+async def admit(hub: Hub, slot: ModelSlot) -> None:
+    """Take a place in the slot's group and under the memory budget.
+
+    Evicts idle, unpinned models as the rules allow, else waits up to the
+    model's ``queue_timeout``: then ``CapacityError`` (429) if the group
+    was full, ``BudgetError`` (503) if memory was.
+    """
+    group = hub.config.group(slot.entry.group)
+    slot.estimate = hub.engine.estimate(slot.entry)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + slot.entry.queue_timeout
+    while True:
+        blocker, decision = first_refusal(hub, slot, group)
+        if decision.admit:
+            slot.move_memory(MemoryState.LOADING)
+            return
+        if decision.impossible:
+            raise BudgetError(
+                f"model '{slot.name}' needs about {slot.estimate / 1e9:.2f} GB, more than the whole "
+                f"max_memory budget ({(hub.budget or 0) / 1e9:.2f} GB)",
+                model=slot.name,
+            )
+        if decision.evict is not None:
+            log.info("%s: unloading '%s' for '%s'", blocker, decision.evict, slot.name)
+            reason = "group" if blocker.startswith("group") else "budget"
+            await hub.unload_slot(hub.slots[decision.evict], reason=reason)
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            if blocker.startswith("group"):
+                raise CapacityError(
+                    f"{blocker} is at max_loaded ({group.max_loaded}) and every loaded member is busy; "
+                    f"model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
+                    model=slot.name,
+                )
+            raise BudgetError(
+                f"the memory budget ({(hub.budget or 0) / 1e9:.2f} GB) is full and every loaded model is "
+                f"busy or pinned; model '{slot.name}' waited {slot.entry.queue_timeout:g} s. Retry later.",
+                model=slot.name,
+            )
+        # Wake on any change, and at least every reap_interval: idle-time
+        # eligibility (idle_unload_trigger_min) changes with the clock alone.
+        await hub.wait_change(min(remaining, hub.reap_interval))
+
+
+def first_refusal(hub: Hub, slot: ModelSlot, group: GroupConfig | None) -> tuple[str, policy.Admission]:
+    """The first rule that does not admit ``slot`` now (group, then budget), and its decision."""
+    if group is not None and group.max_loaded is not None:
+        trigger = group.idle_unload_trigger_min
+        decision = policy.group_admission(
+            slot.name,
+            [s.candidate() for s in hub.slots.values() if s.entry.group == group.name],
+            max_loaded=group.max_loaded,
+            now=time.monotonic(),
+            min_idle_seconds=None if trigger is None else trigger * 60.0,
+        )
+        if not decision.admit:
+            return f"group '{group.name}'", decision
+    decision = policy.budget_admission(
+        slot.name, slot.estimate, [s.candidate() for s in hub.slots.values()], budget=hub.budget
+    )
+    return "memory budget", decision
+
+
+async def acquire(hub: Hub, slot: ModelSlot) -> None:
+    """Wait until ``slot`` can serve a request and count the request in.
+
+    Called by the model app's gate. Loads a JIT model (one load however
+    many requests arrive), waits out an unload, and raises what the
+    client should see otherwise. Pair with ``release``.
+    """
+    slot.waiting += 1
+    try:
+        while True:
+            if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
+                raise NotRunningError(f"model '{slot.name}' is stopping", model=slot.name)
+            state = slot.memory_state
+            if state is MemoryState.LOADED:
+                slot.begin_request()
+                return
+            pending = slot.load_in_progress()
+            if state is MemoryState.UNLOADING:
+                await hub.wait_change()
+            elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
+                await asyncio.shield(hub.load_task(slot))
+            elif state is MemoryState.FAILED:
+                raise ModelLoadError(
+                    f"model '{slot.name}' failed to load: {slot.memory_error}", model=slot.name
+                )
+            else:
+                raise NotLoadedError(
+                    f"model '{slot.name}' is not loaded and jit_enabled is false; load it with "
+                    f"`mlx-openai-server-hub load-model {slot.name}`",
+                    model=slot.name,
+                )
+    finally:
+        slot.waiting -= 1
+
+
+def release(hub: Hub, slot: ModelSlot, keep_alive: float | None = None) -> None:
+    """Count a request out. ``keep_alive`` (seconds; inf = never) overrides a JIT model's idle timer."""
+    slot.end_request()
+    if keep_alive is not None and slot.entry.jit_enabled:
+        slot.keep_alive = keep_alive
+        if keep_alive == 0 and not slot.busy and slot.memory_state is MemoryState.LOADED:
+            hub.spawn(hub.unload_slot(slot, reason="keep_alive"), f"keep-alive:{slot.name}")
+    hub.notify()
+
+
+async def reap_idle(hub: Hub) -> list[str]:
+    """Unload every JIT model whose idle timer ran out; one failing does not stop the rest."""
+    candidates = [s.candidate() for s in hub.slots.values() if s.memory_state is MemoryState.LOADED]
+    expired = policy.idle_expired(candidates, time.monotonic())
+    for name in expired:
+        slot = hub.slots.get(name)
+        if slot is not None:
+            try:
+                await hub.unload_slot(slot, reason="idle")
+            except Exception:
+                log.exception("model '%s': idle unload failed", name)
+    return expired
