@@ -1,0 +1,81 @@
+"""The whole hub from Python: the controller served by the Hub object, and mounted in a user's app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from mlx_hub import Hub
+
+from .helpers import free_port, hello, text_only
+from .test_hub import lm
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "embed_in_fastapi.py"
+
+
+async def test_the_hub_object_serves_the_controller(hub_config, tiny_llama: Path) -> None:
+    port = free_port()
+    doc = hub_config([lm("chat", tiny_llama, default=True)], port=port)
+    url = f"http://127.0.0.1:{port}"
+    async with (
+        Hub.from_config(doc, controller=True) as hub,
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        status = await http.get("/hub/status")
+        assert status.status_code == 200 and status.json()["counts"]["loaded"] == 1
+        reply = await http.post("/v1/chat/completions", json=hello("chat", 4, **text_only(tiny_llama)))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        metrics = await http.get("/metrics")
+        assert "mlx_hub_model_loaded" in metrics.text
+        assert (await http.get("/hub/")).status_code == 200
+        assert hub.status_document().model("chat").memory_state == "loaded"
+    with pytest.raises(httpx.ConnectError):  # shutdown closed the controller too
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_readme_example_runs(tmp_path: Path, tiny_llama: Path, hub_config) -> None:
+    """examples/embed_in_fastapi.py, as the README shows it, mounts the hub in a FastAPI app."""
+    code = EXAMPLE.read_text()
+    readme = (REPO / "README.md").read_text()
+    body = code[code.index("import contextlib") :]
+    assert body in readme, "the README's Python API example must be examples/embed_in_fastapi.py as it is"
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump(hub_config([lm("chat", tiny_llama, default=True)])))
+    port = free_port()
+    app = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), str(config), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/hello", timeout=2).json()["loaded"] == ["chat"]:
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            assert app.poll() is None and time.monotonic() < deadline, "the example did not start"
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/hub/status", timeout=10).json()["models"][0]["id"] == "chat"
+        reply = httpx.post(
+            f"{url}/v1/chat/completions", json=hello("chat", 4, **text_only(tiny_llama)), timeout=60
+        )
+        assert reply.status_code == 200
+        app.send_signal(signal.SIGINT)
+        assert app.wait(60) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(10)
