@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import weights
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ class Loaded:
     """A live handler and what its load cost."""
 
     handler: Any
-    memory_bytes: int
+    memory_bytes: int  # what the load added to MLX's active memory
     load_seconds: float
+    created_bytes: int = 0  # of that, the weights copies this load read first (weights.py shares them)
 
 
 def upstream_version() -> str | None:
@@ -222,18 +224,20 @@ def estimate_bytes(entry: ModelConfig) -> int:
 
     Weights are memory-mapped and materialised at their stored precision, so
     their size on disk is a close estimate of what the load adds; the hub
-    replaces it with the measured figure once the model has loaded.
+    replaces it with the measured figure once the model has loaded. Weights
+    another entry already holds add nothing (weights.py shares them).
     """
-    folder = model_folder(entry.model_path)
-    if folder is None:
-        return 0
     total = 0
-    for file in folder.rglob("*"):
-        if file.suffix in WEIGHT_SUFFIXES:
-            try:
-                total += file.stat().st_size  # follows the cache's symlinks to the blobs
-            except OSError:
-                continue
+    for path in (entry.model_path, entry.draft_model_path):
+        folder = model_folder(path) if path else None
+        if folder is None or weights.loaded_bytes(str(folder)) is not None:
+            continue
+        for file in folder.rglob("*"):
+            if file.suffix in WEIGHT_SUFFIXES:
+                try:
+                    total += file.stat().st_size  # follows the cache's symlinks to the blobs
+                except OSError:
+                    continue
     return total
 
 
@@ -268,6 +272,16 @@ def adapt_libraries() -> None:
     _thread_local_vlm_stream()
     _vlm_batching_capability()
     _whisper_weights_per_folder()
+    _share_lm_weights()
+
+
+def _share_lm_weights() -> None:
+    """Upstream's ``MLX_LM`` reads weights with ``mlx_lm.load``: one copy per folder instead (weights.py)."""
+    if "app.handler.mlx_lm" not in sys.modules:
+        return
+    module = importlib.import_module("app.models.mlx_lm")  # the handler imports it only when it builds
+    if not getattr(module.load, "_mlx_hub_sharing", False):
+        module.load = weights.sharing_load(module.load)
 
 
 def _thread_local_vlm_stream() -> None:
@@ -609,7 +623,8 @@ async def load(entry: ModelConfig, *, lock: asyncio.Lock | None = None) -> Loade
             raise
         seconds = time.perf_counter() - started
         used = active_memory() - before
-    return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds)
+    created = sum(g.bytes for g in weights.held_by(entry.name) if g.holders[0] == entry.name)
+    return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds, created_bytes=created)
 
 
 async def _construct(entry: ModelConfig) -> Any:
@@ -623,7 +638,8 @@ async def _construct(entry: ModelConfig) -> Any:
     box: dict[str, Any] = {}
 
     def build() -> None:
-        box["handler"] = build_handler(entry)
+        with weights.holding(entry.name):
+            box["handler"] = build_handler(entry)
 
     await asyncio.to_thread(build)
     return box.pop("handler")
@@ -655,6 +671,7 @@ async def _cleanup(handler: Any, name: str) -> None:
     except Exception:
         log.exception("model '%s': handler cleanup failed; freeing its memory anyway", name)
     finally:
+        weights.release(name)
         if getattr(handler, "handler_type", None) == "whisper":
             _release_whisper(handler.model_path)
 
@@ -679,6 +696,7 @@ class Engine(Protocol):
     def cache_memory(self) -> int: ...
     def system_memory(self) -> int | None: ...
     def upstream_version(self) -> str | None: ...
+    def shared(self, name: str) -> list[weights.SharedWeights]: ...
 
 
 class MLXEngine:
@@ -693,3 +711,4 @@ class MLXEngine:
     cache_memory = staticmethod(cache_memory)
     system_memory = staticmethod(system_memory)
     upstream_version = staticmethod(upstream_version)
+    shared = staticmethod(weights.held_by)

@@ -117,7 +117,8 @@ class Hub:
             ports = PortBook.for_config(self.config).assign(self.config)
             host = self.config.host_of
             self.slots = {
-                m.name: ModelSlot(m, ports[m.name], host(m), self.notify) for m in self.config.models
+                m.name: ModelSlot(m, ports[m.name], host(m), self.notify, self.engine.shared)
+                for m in self.config.models
             }
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             self.started_at = time.time()

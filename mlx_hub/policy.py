@@ -23,8 +23,11 @@ class Candidate:
     group: str | None = None
     jit: bool = False
     auto_unload_seconds: float | None = None
-    size: int = 0  # bytes it holds: measured once loaded, estimated while loading
+    size: int = 0  # bytes it accounts for: measured once loaded, estimated while loading
     pinned: bool = False  # never evicted, by a group or by the memory budget
+    frees: int | None = (
+        None  # bytes its unload gives back, if not ``size`` (weights another model shares stay)
+    )
 
 
 def is_idle_expired(model: Candidate, now: float) -> bool:
@@ -119,7 +122,12 @@ def budget_admission(
     others = [m for m in models if m.name != loading and m.loaded]
     if sum(m.size for m in others) + need <= budget:
         return ADMIT
-    return _least_recently_used([m for m in others if not m.busy and not m.pinned])
+    victims = [m for m in others if not m.busy and not m.pinned]
+    # Unloading a model whose weights another loaded model shares frees only its
+    # own part: models that free something go first; sharers only when nothing
+    # else is left (the last of them then frees the copy).
+    freeing = [m for m in victims if (m.size if m.frees is None else m.frees) > 0]
+    return _least_recently_used(freeing or victims)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

@@ -23,6 +23,7 @@ from .policy import Candidate, seconds_until_idle_unload
 from .ports import PortError
 from .server import AppServer
 from .status import OCCUPYING, MemoryState, ModelMetadata, ModelStatus, PortState
+from .weights import SharedWeights
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,15 @@ class ModelSlot:
     """
 
     def __init__(
-        self, entry: ModelConfig, port: int, host: str, on_change: Callable[[], None] = lambda: None
+        self,
+        entry: ModelConfig,
+        port: int,
+        host: str,
+        on_change: Callable[[], None] = lambda: None,
+        shared: Callable[[str], list[SharedWeights]] = lambda name: [],
     ):
         self.entry = entry
+        self._shared = shared  # the weights copies an entry holds (the engine's view)
         self.on_change = on_change  # every transition calls it: the hub wakes its waiters
         self.port = port
         self.host = host
@@ -124,7 +131,8 @@ class ModelSlot:
         self.handler = loaded.handler
         if self.app is not None:
             self.app.state.handler = loaded.handler
-        self.memory_bytes = loaded.memory_bytes
+        # Its own bytes; weights copies are counted apart (held_bytes), once for all their holders.
+        self.memory_bytes = max(loaded.memory_bytes - loaded.created_bytes, 0)
         self.load_seconds = loaded.load_seconds
         self.load_count += 1
         self.memory_error = None
@@ -145,6 +153,26 @@ class ModelSlot:
         self.freed_bytes = freed
         self.memory_bytes = 0
         self.keep_alive = None
+
+    # ---------------------------------------------------------------- memory
+
+    def shared(self) -> list[SharedWeights]:
+        """The weights copies this model holds (shared with other entries or not)."""
+        return self._shared(self.name) if self.memory_state in OCCUPYING else []
+
+    @property
+    def held_bytes(self) -> int:
+        """What this model accounts for: its own bytes, plus each copy it is the first holder of.
+
+        Every copy has exactly one first holder, so summing this over models
+        counts shared weights once.
+        """
+        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders[0] == self.name)
+
+    @property
+    def sole_bytes(self) -> int:
+        """What unloading this model would free: its own bytes and the copies nobody else holds."""
+        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders == [self.name])
 
     # ---------------------------------------------------------------- requests
 
@@ -187,8 +215,9 @@ class ModelSlot:
             group=self.entry.group,
             jit=self.entry.jit_enabled,
             auto_unload_seconds=self.idle_timeout,
-            size=self.memory_bytes if self.memory_state is MemoryState.LOADED else self.estimate,
+            size=self.held_bytes if self.memory_state is MemoryState.LOADED else self.estimate,
             pinned=self.entry.pinned,
+            frees=self.sole_bytes if self.memory_state is MemoryState.LOADED else None,
         )
 
     # ---------------------------------------------------------------- weights
@@ -279,6 +308,7 @@ class ModelSlot:
         running = self.port_state is PortState.RUNNING
         idle_left = seconds_until_idle_unload(self.candidate(), now)
         keep_alive = self.keep_alive
+        shared = self.shared()
         return ModelStatus(
             id=self.name,
             metadata=ModelMetadata(
@@ -298,7 +328,9 @@ class ModelSlot:
                 memory_last_error=self.memory_error,
                 process_last_error=self.port_error,
                 exit_code=1 if self.port_state is PortState.FAILED else None,
-                memory_bytes=self.memory_bytes,
+                memory_bytes=self.held_bytes,
+                shared_bytes=sum(g.bytes for g in shared if len(g.holders) > 1),
+                shared_with=sorted({h for g in shared for h in g.holders} - {self.name}),
                 in_flight=self.active,
                 waiting=self.waiting,
                 idle_seconds_left=None if idle_left is None else round(idle_left, 1),

@@ -63,7 +63,9 @@ class ModelMetadata(_Document):
     memory_last_error: str | None
     process_last_error: str | None
     exit_code: int | None
-    memory_bytes: int
+    memory_bytes: int  # its own bytes, plus the weights copies it carries (each copy counted once)
+    shared_bytes: int = 0  # weights it holds together with other entries
+    shared_with: list[str] = []  # those entries
     in_flight: int
     waiting: int
     idle_seconds_left: float | None
@@ -171,7 +173,7 @@ def build_status(hub: Hub) -> HubStatus:
         memory=MemoryStatus(
             active_bytes=hub.engine.active_memory(),
             cache_bytes=hub.engine.cache_memory(),
-            models_bytes=sum(s.memory_bytes for s in loaded),
+            models_bytes=sum(s.held_bytes for s in loaded),
             system_total_bytes=hub.engine.system_memory(),
             budget_bytes=hub.budget,
         ),

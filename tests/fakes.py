@@ -100,3 +100,6 @@ class FakeEngine:
 
     def upstream_version(self) -> str | None:
         return "fake"
+
+    def shared(self, name: str) -> list[Any]:
+        return []  # fake models share nothing

@@ -115,14 +115,16 @@ def sized(path: Path) -> int:
 
 
 async def test_budget_evicts_lru_and_spares_pinned(
-    start: Start, hub_config, tiny_llama: Path, tiny_qwen: Path
+    start: Start, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path
 ) -> None:
+    import shutil
+
     size = sized(tiny_llama)
+    # Three folders of one size: three copies (entries of one folder would share one, test_shared_weights).
+    folders = {n: shutil.copytree(tiny_llama, tmp_path / n) for n in ("a", "b", "c")}
     models = [
         lm("pinned", tiny_qwen, default=True, pinned=True),
-        lm("a", tiny_llama, jit_enabled=True),
-        lm("b", tiny_llama, jit_enabled=True),
-        lm("c", tiny_llama, jit_enabled=True),
+        *(lm(n, folders[n], jit_enabled=True) for n in ("a", "b", "c")),
     ]
     live = await start(hub_config(models, max_memory=int(3.5 * size)))
     client = gateway(live)
@@ -137,9 +139,14 @@ async def test_budget_evicts_lru_and_spares_pinned(
     assert status["memory"]["models_bytes"] <= int(3.5 * size) * 1.1
 
 
-async def test_budget_full_and_busy_answers_503(start: Start, hub_config, tiny_llama: Path) -> None:
+async def test_budget_full_and_busy_answers_503(
+    start: Start, hub_config, tiny_llama: Path, tmp_path: Path
+) -> None:
+    import shutil
+
     size = sized(tiny_llama)
-    models = [lm("a", tiny_llama, default=True), lm("b", tiny_llama, jit_enabled=True, queue_timeout=0.3)]
+    other = shutil.copytree(tiny_llama, tmp_path / "b")  # its own copy: one folder would share a's
+    models = [lm("a", tiny_llama, default=True), lm("b", other, jit_enabled=True, queue_timeout=0.3)]
     live = await start(hub_config(models, max_memory=int(1.5 * size)))
     await live.hub.acquire(live.hub.slots["a"])
     try:

@@ -129,3 +129,17 @@ def test_reload_plan_keeps_replaces_removes_and_restarts() -> None:
     assert plan.remove == ["gone"]
     # Restarted: defaults, and models that were running; "idle" was not, "quiet" is not a default.
     assert plan.start == ["new", "options", "moved"]
+
+
+def test_budget_prefers_victims_that_free_something_over_sharers() -> None:
+    from mlx_hub.policy import budget_admission
+
+    # "a" and "b" share one copy that "a" carries; unloading either alone frees ~nothing.
+    held = [
+        c("a", size=600, frees=0, last_used=0),
+        c("b", size=0, frees=0, last_used=1),
+        c("solo", size=300, last_used=5),
+    ]
+    assert budget_admission("new", 300, held, budget=1000).evict == "solo"  # frees 300, though newer
+    d = budget_admission("new", 700, held[:2], budget=1000)
+    assert d.evict == "a"  # only sharers are left: they go, least recently used first
