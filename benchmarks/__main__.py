@@ -203,6 +203,33 @@ def group_swap(hub: HubProcess, bare: BareWorker, path: Path, reps: int) -> dict
     return {"hub_swap": summary(swaps), "bare_load": summary(bare_s)}
 
 
+def second_profile(hub: HubProcess, reps: int) -> dict[str, Any]:
+    """A second hub.yaml entry of an already loaded model: load seconds and MLX bytes it adds, against the first's."""
+    first_s, second_s, first_b, second_b = [], [], [], []
+    for rep in range(reps):
+        before = hub.status().memory.active_bytes
+        hub.act("profile-a", "load")
+        middle = hub.status().memory.active_bytes
+        hub.act("profile-b", "load")
+        after = hub.status().memory.active_bytes
+        first_s.append(hub.model("profile-a").load_seconds or 0.0)
+        second_s.append(hub.model("profile-b").load_seconds or 0.0)
+        first_b.append(middle - before)
+        second_b.append(after - middle)
+        log(
+            f"  profile rep {rep + 1}: first load {first_s[-1]:.2f}s +{first_b[-1] / 1e6:.0f} MB, "
+            f"second {second_s[-1]:.2f}s +{second_b[-1] / 1e6:.1f} MB"
+        )
+        hub.act("profile-b", "unload")
+        hub.act("profile-a", "unload")
+    return {
+        "first_load_s": summary(first_s),
+        "second_load_s": summary(second_s),
+        "first_bytes": summary(first_b),
+        "second_bytes": summary(second_b),
+    }
+
+
 def concurrency(hub: HubProcess, names: list[str], levels: list[int], tokens: int) -> dict[str, Any]:
     """Aggregate tokens/s and latency with N clients spread across three models."""
     for name in names:
@@ -315,6 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         },
         *(
             {
+                "name": f"profile-{p}",
+                "model_path": f16,
+                "jit_enabled": True,
+                "default": True,
+                "served_model_name": f"qwen-{p}",
+            }
+            for p in ("a", "b")
+        ),
+        *(
+            {
                 "name": f"many-{i}",
                 "model_path": small,
                 "jit_enabled": True,
@@ -342,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         results["streaming"] = streaming(hub, bare, models["stream"], args.tokens, args.reps)
         log("group swap (Qwen2.5-0.5B shape, 16-bit)")
         results["swap"] = group_swap(hub, bare, models["qwen05-f16"], max(args.reps, 2))
+        log("second profile of a loaded model (Qwen2.5-0.5B shape, 16-bit)")
+        results["second_profile"] = second_profile(hub, max(args.reps, 2))
         log("concurrency (3 models)")
         results["concurrency"] = concurrency(
             hub, ["many-0", "many-1", "many-2"], [1, 4, 16], max(8, args.tokens // 4)

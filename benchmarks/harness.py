@@ -172,7 +172,7 @@ class HubProcess:
         return response.json()["status"]
 
     def port_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.model(name)['port']}/v1"
+        return f"http://127.0.0.1:{self.model(name).port}/v1"
 
     def close(self) -> None:
         self.http.close()

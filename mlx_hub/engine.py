@@ -272,16 +272,34 @@ def adapt_libraries() -> None:
     _thread_local_vlm_stream()
     _vlm_batching_capability()
     _whisper_weights_per_folder()
-    _share_lm_weights()
+    _share_weights()
 
 
-def _share_lm_weights() -> None:
-    """Upstream's ``MLX_LM`` reads weights with ``mlx_lm.load``: one copy per folder instead (weights.py)."""
-    if "app.handler.mlx_lm" not in sys.modules:
-        return
-    module = importlib.import_module("app.models.mlx_lm")  # the handler imports it only when it builds
-    if not getattr(module.load, "_mlx_hub_sharing", False):
-        module.load = weights.sharing_load(module.load)
+def _share_weights() -> None:
+    """Upstream's model classes read weights with their library's ``load``: one copy per folder instead.
+
+    ``MLX_LM`` (and its draft models) through ``mlx_lm.load``, ``MLX_VLM`` through
+    ``mlx_vlm.load``, ``MLX_Embeddings`` through ``mlx_embeddings``' ``load``;
+    weights.py shares each folder's weights between the entries that load it.
+    """
+    for handler_module, model_module, wrap in (
+        ("app.handler.mlx_lm", "app.models.mlx_lm", weights.sharing_load),
+        (
+            "app.handler.mlx_vlm",
+            "app.models.mlx_vlm",
+            lambda f: weights.sharing_pair_load(f, "vlm", weights.vlm_processor),
+        ),
+        (
+            "app.handler.mlx_embeddings",
+            "app.models.mlx_embeddings",
+            lambda f: weights.sharing_pair_load(f, "embed", weights.same_companion),
+        ),
+    ):
+        if handler_module not in sys.modules:
+            continue
+        module = importlib.import_module(model_module)  # handlers may import it only when they build
+        if not getattr(module.load, "_mlx_hub_sharing", False):
+            module.load = wrap(module.load)
 
 
 def _thread_local_vlm_stream() -> None:

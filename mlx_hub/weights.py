@@ -138,3 +138,64 @@ def loaded_bytes(folder: str) -> int | None:
     with _lock:
         group = _groups.get(key)
         return group.bytes if group is not None and group.holders and group.model() is not None else None
+
+
+def vlm_processor(model_path: Path, model: Any, kwargs: dict[str, Any]) -> Any:
+    """A fresh processor for a loaded VLM, built as ``mlx_vlm.load`` builds it (its own, since
+    upstream sets a chat template on it per handler)."""
+    from mlx_vlm.utils import load_image_processor, load_processor
+
+    options = {k: v for k, v in kwargs.items() if k not in ("lazy", "adapter_path", "revision")}
+    image_processor = load_image_processor(model_path, **options)
+    processor = load_processor(
+        model_path, True, eos_token_ids=getattr(model.config, "eos_token_id", None), **options
+    )
+    if image_processor is not None:
+        processor.image_processor = image_processor
+    return processor
+
+
+def same_companion(model_path: Path, model: Any, kwargs: dict[str, Any]) -> None:
+    """Embeddings handlers never change their tokenizer: the first load's serves every entry."""
+    return None
+
+
+def sharing_pair_load(
+    original: Callable[..., Any], kind: str, companion: Callable[[Path, Any, dict[str, Any]], Any]
+) -> Callable[..., Any]:
+    """A drop-in for mlx-vlm's and mlx-embeddings' ``load(path, ...) -> (model, processor)``.
+
+    The first hub load of a folder reads it; a later one gets the same model and
+    ``companion``'s processor (None: the first load's). ``kind`` keeps a
+    folder's VLM and embeddings loads apart.
+    """
+    from .engine import active_memory
+
+    def load(path_or_hf_repo: str, *args: Any, **kwargs: Any) -> Any:
+        holder = getattr(_current, "name", None)
+        folder = Path(str(path_or_hf_repo)).expanduser()
+        if holder is None or kwargs.get("lazy") or args or not folder.is_dir():
+            return original(path_or_hf_repo, *args, **kwargs)
+        key = (str(folder.resolve()), kind, json.dumps(kwargs, sort_keys=True, default=str))
+        with _lock:
+            group = _groups.get(key)
+            model = group.model() if group is not None else None
+        if model is None:
+            before = active_memory()
+            model, partner = original(path_or_hf_repo, **kwargs)
+            group = SharedWeights(
+                key[0], max(active_memory() - before, 0), [], weakref.ref(model), {"companion": partner}
+            )
+            with _lock:
+                _groups[key] = group
+            result = (model, partner)
+        else:
+            fresh = companion(folder, model, kwargs)
+            result = (model, group.config["companion"] if fresh is None else fresh)
+        with _lock:
+            if holder not in group.holders:
+                group.holders.append(holder)
+        return result
+
+    load._mlx_hub_sharing = True  # type: ignore[attr-defined]
+    return load

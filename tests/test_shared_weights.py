@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+import pytest
 
 from mlx_hub import engine
 
@@ -79,3 +80,58 @@ async def test_the_budget_admits_a_second_profile_but_not_a_second_copy(
     # A second copy does not fit: both profiles gave way, and only then was the copy freed.
     assert meta(hub, "twin")["memory_state"] == "loaded"
     assert meta(hub, "fast")["memory_state"] == meta(hub, "long")["memory_state"] == "unloaded"
+
+
+async def test_a_draft_model_another_entry_serves_is_shared(
+    make_hub, hub_config, small_llama: Path, tiny_llama: Path
+) -> None:
+    engine.free_memory()
+    baseline = engine.active_memory()
+    small, tiny = ((p / "model.safetensors").stat().st_size for p in (small_llama, tiny_llama))
+    models = [
+        lm("tiny", tiny_llama, default=True),
+        lm("spec", small_llama, default=True, draft_model_path=str(tiny_llama)),
+    ]
+    hub = await make_hub(hub_config(models))
+    grown = engine.active_memory() - baseline
+    assert abs(grown - (small + tiny)) < 0.2 * small, (grown, small, tiny)  # the draft was not read again
+    assert meta(hub, "spec")["shared_with"] == ["tiny"] and meta(hub, "tiny")["shared_with"] == ["spec"]
+    client = openai.AsyncOpenAI(base_url=base_url(hub, "spec"), api_key="x", max_retries=0)
+    reply = await client.chat.completions.create(
+        model="spec", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **text_only(small_llama)
+    )
+    assert reply.usage.completion_tokens == 4  # speculative decoding with the shared draft
+
+
+@pytest.mark.parametrize("kind", ["multimodal", "embeddings"])
+async def test_other_model_types_share_too(
+    make_hub, hub_config, tiny_vlm: Path, tiny_embedder: Path, kind: str
+) -> None:
+    path = tiny_vlm if kind == "multimodal" else tiny_embedder
+    weights = (path / "model.safetensors").stat().st_size
+    engine.free_memory()
+    baseline = engine.active_memory()
+    entries = [
+        {
+            "name": n,
+            "model_path": str(path),
+            "model_type": kind,
+            "default": True,
+            "served_model_name": f"{kind}-{n}",
+        }
+        for n in ("one", "two")
+    ]
+    hub = await make_hub(hub_config(entries))
+    grown = engine.active_memory() - baseline
+    assert grown < 1.5 * weights, (grown, weights)  # one copy, not two
+    assert meta(hub, "two")["shared_with"] == ["one"]
+    if kind == "multimodal":  # the second entry's own processor still reads images
+        from .test_model_types import image_chat
+
+        client = openai.AsyncOpenAI(base_url=base_url(hub, "two"), api_key="x", max_retries=0)
+        reply = await client.chat.completions.create(**image_chat("multimodal-two", path))
+        assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 10
+    for name in ("one", "two"):
+        assert await hub.unload(name) == "unloaded"
+    engine.free_memory()
+    assert abs(engine.active_memory() - baseline) <= 0.02 * weights
