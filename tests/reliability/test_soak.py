@@ -125,6 +125,7 @@ async def test_soak_mixed_traffic(hub_config, tiny_llama: Path, tiny_qwen: Path)
         await asyncio.gather(*(client(i) for i in range(CLIENTS)))
         status = live.hub.status()
         loads = sum(m["metadata"]["load_count"] for m in status["models"])
+        per_model = {m["id"]: m["metadata"]["load_count"] for m in status["models"]}
         assert all(
             m["metadata"]["in_flight"] == 0 and m["metadata"]["waiting"] == 0 for m in status["models"]
         )
@@ -132,7 +133,10 @@ async def test_soak_mixed_traffic(hub_config, tiny_llama: Path, tiny_qwen: Path)
             assert await live.hub.unload(name) in ("unloaded", "not_loaded")
 
     print(f"\nsoak {SOAK_SECONDS:g}s: {dict(outcomes)}, {loads} loads")
-    assert outcomes["ok"] > 0 and loads > 3, (outcomes, loads)  # the run really churned
+    # The run really churned: both members of the one-slot group loaded, so one
+    # was evicted for the other at least once. (How often depends on the
+    # machine's speed against eight random clients, so no count is asked for.)
+    assert outcomes["ok"] > 0 and all(n >= 1 for n in per_model.values()), (outcomes, per_model)
     assert set(outcomes) <= {"ok", "429", "503"}, outcomes  # nothing hung, broke or went unexplained
     engine.free_memory()
     leftover = engine.active_memory() - active_before
