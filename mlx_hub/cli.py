@@ -22,9 +22,10 @@ from rich.text import Text
 
 from . import __version__, registry_commands, views
 from .client import ClientError, HubClient, find_running
-from .config import HubConfig
+from .config import ConfigError, HubConfig, load_config
 from .terminal import (
     config_option,
+    config_path,
     connect_hub,
     console,
     err_console,
@@ -65,8 +66,10 @@ def main(config: str | None) -> None:
 def start(config: str | None, foreground: bool, wait_seconds: float, names: tuple[str, ...]) -> None:
     """Start the hub in the background with its `default: true` models.
 
-    With NAMES, start those models instead of the default ones. While a hub
-    already runs for this config, start NAMES there and print its status.
+    A hub.yaml that sets `default` on no model starts every non-JIT model. With
+    NAMES, start those models instead. While a hub already runs for this
+    config, start NAMES there (no NAMES: the startup models that are not
+    running, e.g. after `stop`) and print its status.
     """
     path, cfg = load(config)
     unknown = [n for n in names if n not in {m.name for m in cfg.models}]
@@ -79,8 +82,19 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
     if found is not None:
         runtime, client = found
         warn(f"the hub is already running (pid {runtime.pid}) at {runtime.url}")
-        _run_actions(client, names, "start")
+        if names:
+            _run_actions(client, names, "start")
+            print_status(client.status(), runtime.url)
+            return
+        result = client.service("start")
+        for name in result.get("models") or []:
+            ok(f"{name}: started")
+        failed = result.get("failed") or {}
+        if not result.get("models") and not failed:
+            console.print("every startup model is already running")
         print_status(client.status(), runtime.url)
+        if failed:
+            _report_failures(failed)
         return
     if foreground:
         _start_foreground(path, cfg, names)
@@ -98,7 +112,7 @@ def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> Non
 
     def ready(hub: Any) -> None:
         print_status(hub.status_document(), url)
-        ok(f"hub running in the foreground; dashboard {url}/hub/ · Ctrl-C stops it")
+        ok(f"hub running in the foreground; {_front_door(cfg, url)} · Ctrl-C stops it")
 
     try:
         asyncio.run(serve(cfg, config_path=path, names=names or None, on_ready=ready))
@@ -141,10 +155,24 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
             time.sleep(0.2)
     assert client is not None and runtime is not None
     print_status(status, runtime.url)
-    ok(f"hub started (pid {process.pid}); dashboard {runtime.url}/hub/ · log {hub_log}")
+    ok(f"hub started (pid {process.pid}); {_front_door(cfg, runtime.url)} · log {hub_log}")
     failed = views.failed_models(status)
     if failed:
         fail(f"some models did not start: {', '.join(failed)} (see the warnings above)")
+
+
+def _front_door(cfg: HubConfig, url: str) -> str:
+    """Where to go next: the dashboard, or only the API where hub.yaml turns the page off."""
+    if cfg.enable_status_page:
+        return f"dashboard {url}/hub/"
+    return f"controller {url} (dashboard off: enable_status_page is false)"
+
+
+def _report_failures(failed: dict[str, str]) -> None:
+    """Name each model that did not start and why, then exit 1."""
+    for name, why in failed.items():
+        err_console.print(Text("✗ ", style="red") + Text(f"{name} did not start: {why}"))
+    fail(f"{len(failed)} model(s) did not start: {', '.join(failed)}")
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -192,6 +220,9 @@ def reload(config: str | None) -> None:
         names = result.get(key) or []
         if names:
             (ok if key != "unchanged" else console.print)(f"{verb}: {', '.join(names)}")
+    failed = result.get("failed") or {}
+    if failed:
+        _report_failures(failed)
     ok("reloaded")
 
 
@@ -199,16 +230,37 @@ def reload(config: str | None) -> None:
 @config_option
 @click.argument("names", nargs=-1)
 def status(config: str | None, names: tuple[str, ...]) -> None:
-    """Show the hub and each model (or NAMES): states, port, group, memory, idle timer."""
+    """Show the hub and each model (or NAMES): states, port, group, memory, idle timer.
+
+    Also names listeners in this hub's port ranges that are not the hub's own.
+    """
     url, client = connect_hub(config)
-    print_status(client.status(), url, names)
+    status = client.status()
+    print_status(status, url, names)
+    try:
+        cfg = load_config(config_path(config))
+    except ConfigError:
+        return  # connect_hub already warned; the running hub's view stands
+    from .ports import foreign_listeners
+
+    ours = {status.port} | {row.metadata.port for row in status.models if row.metadata.port}
+    for port, where in foreign_listeners(cfg, ours).items():
+        warn(f"port {port} ({where}) is in use by another process, not this hub")
 
 
 @main.command()
 @config_option
-def stop(config: str | None) -> None:
-    """Stop every model but keep the hub running (start them again with `start-model`)."""
+@click.argument("names", nargs=-1)
+def stop(config: str | None, names: tuple[str, ...]) -> None:
+    """Stop NAMES (no NAMES: every model) but keep the hub running; `start` brings them back."""
     _, client = connect_hub(config)
+    if names:
+        _run_actions(client, names, "stop")
+        return
+    _stop_all(client)
+
+
+def _stop_all(client: HubClient) -> None:
     result = client.service("stop")
     stopped = result.get("models") or []
     ok(f"stopped {', '.join(stopped)}" if stopped else "no model was running")
@@ -247,7 +299,7 @@ main.command("start-model")(
 )
 main.command("stop-model")(_action_command("stop", "Unload each model NAME and close its port."))
 main.command("load-model")(
-    _action_command("load", "Load the weights of each model NAME (its port must run).")
+    _action_command("load", "Load the weights of each model NAME, opening its port if it is closed.")
 )
 main.command("unload-model")(
     _action_command("unload", "Free the weights of each model NAME; its port stays open.")
@@ -272,12 +324,152 @@ def watch(config: str | None, interval: float) -> None:
         return Group(header, views.summary(status, url), views.watch_table(status, time.time()))
 
     try:
+        if not console.is_terminal:  # a pipe or a log file: one frame after another, never redrawn
+            while True:
+                console.print(frame())
+                console.file.flush()
+                time.sleep(interval)
         with Live(frame(), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
                 live.update(frame(), refresh=True)
     except KeyboardInterrupt:
         pass
+
+
+@main.command("help")
+@click.argument("command", nargs=-1)
+@click.pass_context
+def help_command(ctx: click.Context, command: tuple[str, ...]) -> None:
+    """Show how to use the hub, or COMMAND (`help export litellm`)."""
+    root = ctx.find_root()
+    target: click.Command = root.command
+    context = root
+    for word in command:
+        sub = target.get_command(context, word) if isinstance(target, click.Group) else None
+        if sub is None:
+            known = (
+                ", ".join(sorted(target.list_commands(context))) if isinstance(target, click.Group) else ""
+            )
+            fail(f"no command {' '.join(command)!r}; commands: {known}", code=2)
+        context = click.Context(sub, info_name=word, parent=context)
+        target = sub
+    click.echo(target.get_help(context))
+
+
+# ----------------------------------------------------------------------------- mlxctl's verbs
+
+
+@main.command("load")
+@config_option
+@click.argument("model")
+@click.argument("port", required=False)
+@click.option("--name", help="Entry name (default: made from the repo or folder name).")
+@click.option(
+    "--convert",
+    type=click.Choice(["auto", "force", "skip"]),
+    default="auto",
+    show_default=True,
+    help="Convert a checkpoint that is not MLX-ready (see `ensure`).",
+)
+@click.option(
+    "--preconverted",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="Override the MLX-ready detection.",
+)
+@click.option("--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting.")
+@click.option("--no-offload", is_flag=True, help="Keep the base weights in the cache after a conversion.")
+@click.option(
+    "--wait", "wait_seconds", default=900.0, show_default=True, help="Seconds to wait for a new hub."
+)
+def load_command(
+    config: str | None,
+    model: str,
+    port: str | None,
+    name: str | None,
+    convert: str,
+    preconverted: str,
+    quantize: int | None,
+    no_offload: bool,
+    wait_seconds: float,
+) -> None:
+    """Serve MODEL (a Hugging Face repo or a folder) now, on PORT (a number, auto or auto:RANGE).
+
+    mlxctl's `load <model> <port>` in one step: ensure it (download, convert),
+    add it to hub.yaml (comments kept, hub.yaml.bak written), reload the
+    running hub (or start one) and load it.
+    """
+    from .registry import add_entries
+
+    path, cfg = load(config)
+    fields: dict[str, Any] = {}
+    if port is not None and port != "auto":
+        fields["port"] = int(port) if port.isdigit() else port
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        model_path = str(folder.resolve())
+    else:
+        model_path = registry_commands.ensure_model(cfg, model, convert, quantize, preconverted, no_offload)
+    existing = next((m for m in cfg.models if model_path in (m.model_path, m.name)), None)
+    if existing is not None:
+        if name and name != existing.name:
+            fail(
+                f"{path} already serves {model_path} as '{existing.name}'; drop --name or edit hub.yaml",
+                code=2,
+            )
+        if "port" in fields and fields["port"] != existing.port:
+            fail(
+                f"'{existing.name}' is configured with port {existing.port or 'auto'}; edit hub.yaml to move it"
+            )
+        entry = existing.name
+    else:
+        try:
+            (entry,) = add_entries(
+                path, [{"name": name, "model_path": model_path, **fields, "default": True}]
+            )
+        except (ValueError, ConfigError) as exc:
+            fail(f"cannot add {model_path} to {path}: {exc}", code=2)
+        ok(f"added '{entry}' to {path}")
+    try:
+        found = find_running(cfg.log_dir)
+    except ClientError as exc:
+        fail(exc.message)
+    if found is None:
+        _start_detached(path, load_config(path), (entry,), wait_seconds)
+        return
+    runtime, client = found
+    result = client.reload()
+    if entry in (result.get("failed") or {}):
+        _report_failures({entry: result["failed"][entry]})
+    _run_actions(client, [entry], "load")
+    print_status(client.status(), runtime.url, [entry])
+
+
+@main.command("unload")
+@config_option
+@click.argument("targets", nargs=-1, required=True)
+def unload_command(config: str | None, targets: tuple[str, ...]) -> None:
+    """Stop the models on these ports or with these names (mlxctl's `unload PORT`)."""
+    _, client = connect_hub(config)
+    status = client.status()
+    by_port = {str(row.metadata.port): row.id for row in status.models if row.metadata.port}
+    names = []
+    for target in targets:
+        name = by_port.get(target) if target.isdigit() else target
+        if name is None:
+            fail(f"no model of this hub is on port {target} (ports: {', '.join(sorted(by_port)) or 'none'})")
+        names.append(name)
+    _run_actions(client, names, "stop")
+
+
+@main.command("unload-all")
+@config_option
+def unload_all(config: str | None) -> None:
+    """Stop every model, keeping the hub (mlxctl's `unload-all`; the same as `stop`)."""
+    _, client = connect_hub(config)
+    _stop_all(client)
 
 
 # ----------------------------------------------------------------------------- offline
@@ -317,6 +509,9 @@ for command in (
     registry_commands.ensure,
     registry_commands.offload,
     registry_commands.export,
+    registry_commands.list_command,
+    registry_commands.reconcile,
+    registry_commands.assign_team,
 ):
     main.add_command(command)
 

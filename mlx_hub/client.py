@@ -69,7 +69,7 @@ class HubClient:
     def service(self, action: str) -> dict[str, Any]:
         return self._call("POST", f"/hub/service/{action}")
 
-    def reload(self) -> dict[str, list[str]]:
+    def reload(self) -> dict[str, Any]:
         return self._call("POST", "/hub/reload")
 
     def shutdown(self) -> dict[str, Any]:

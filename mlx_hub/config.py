@@ -8,6 +8,7 @@ pydantic traceback. The hub never writes this file; it only reads it.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ DEFAULT_HOME = Path("~/mlx-openai-server-hub")
 DEFAULT_CONFIG_NAME = "hub.yaml"
 CONFIG_ENV = "MLX_HUB_CONFIG"
 KEY_ENV = "MLX_HUB_API_KEY"
+ORCH_CONFIG_ENV = "MLXSERVER_MODELS_PATH"  # mlx-server-orch's variable, read after the hub's own names
+ORCH_CONFIG_NAME = "models.yaml"
+
+log = logging.getLogger(__name__)
 
 SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -149,6 +154,10 @@ class ModelConfig(_Strict):
     default_xtc_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
     default_seed: int | None = None
     default_repetition_context_size: Annotated[int, Field(ge=1)] | None = None
+    # Request fields a request that leaves them out gets (``reasoning_effort: low``), as
+    # mlxctl's registry has them; the LiteLLM export writes them too.
+    request_params: dict[str, Any] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None  # what the LiteLLM export advertises
 
     _check_name = field_validator("name", "group")(lambda v: None if v is None else _check_slug(v))
     _level = field_validator("log_level", mode="before")(_normalize_level)
@@ -244,6 +253,7 @@ class HubConfig(_Strict):
     log_path: str = str(DEFAULT_HOME / "logs")
     enable_status_page: bool = True
     drain_timeout: Annotated[float, Field(gt=0)] = 30  # seconds a stop lets running requests finish
+    offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = None
     api_keys: list[str] = Field(default_factory=list)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
@@ -251,6 +261,31 @@ class HubConfig(_Strict):
     groups: list[GroupConfig] = Field(default_factory=list)
 
     _level = field_validator("log_level", mode="before")(_normalize_level)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _orchestrator_keys(cls, data: Any) -> Any:
+        """Read mlx-server-orch's ``models.yaml`` keys as the hub.yaml keys they stand for.
+
+        ``base_path`` held orch's ``logs/`` folder, so it becomes ``log_path: <base_path>/logs``;
+        ``starting_port`` is ``model_starting_port``. The log names the key to write instead.
+        """
+        if not isinstance(data, dict) or not ({"base_path", "starting_port"} & data.keys()):
+            return data
+        data = dict(data)
+        for old, new in (("base_path", "log_path"), ("starting_port", "model_starting_port")):
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"{old} (mlx-server-orch's name for {new}) contradicts {new}; keep {new}")
+            value = data.pop(old)
+            if old == "base_path":
+                if not isinstance(value, str) or not value:
+                    raise ValueError(f"base_path must be a folder, not {value!r}")
+                value = str(Path(value) / "logs")
+            data[new] = value
+            log.warning("hub.yaml key %r is mlx-server-orch's; this hub reads it as %s: %r", old, new, value)
+        return data
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -296,6 +331,17 @@ class HubConfig(_Strict):
         """The address a model's port listens on: its own ``host``, else the hub's."""
         return entry.host or self.host
 
+    def startup_models(self) -> list[str]:
+        """The models ``start`` brings up: the ``default: true`` ones, or every non-JIT one.
+
+        A hub.yaml that never writes ``default`` means "start the daemon and all
+        non-JIT models", as the reference hub documents; once any entry writes
+        it, ``default`` alone decides.
+        """
+        if any("default" in m.model_fields_set for m in self.models):
+            return [m.name for m in self.models if m.default]
+        return [m.name for m in self.models if not m.jit_enabled]
+
     def group(self, name: str | None) -> GroupConfig | None:
         for group in self.groups:
             if group.name == name:
@@ -314,26 +360,40 @@ def default_config_path() -> Path:
     return (DEFAULT_HOME / DEFAULT_CONFIG_NAME).expanduser()
 
 
-def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Resolve the config path: ``--config``, ``$MLX_HUB_CONFIG``, ``./hub.yaml``, home.
+def _named(source: str, value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file named by {source} does not exist"])
+    return path.resolve()
 
-    An explicit path (flag or variable) that does not exist is an error rather
-    than a silent fall-through, so a typo never starts a different hub.
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the config path: ``--config``, ``$MLX_HUB_CONFIG``, ``./hub.yaml``, home, then orch's.
+
+    mlx-server-orch's ``$MLXSERVER_MODELS_PATH``, ``./models.yaml`` and
+    ``~/mlx-openai-server-hub/models.yaml`` come after the hub's own names, so a
+    user moving over keeps working until a hub.yaml exists. A path named by a
+    flag or variable that does not exist is an error rather than a silent
+    fall-through, so a typo never starts a different hub.
     """
     for source, value in (("--config", explicit), (f"${CONFIG_ENV}", os.environ.get(CONFIG_ENV))):
         if value:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise ConfigError([f"{path}: config file named by {source} does not exist"])
-            return path.resolve()
+            return _named(source, str(value))
     searched = [Path.cwd() / DEFAULT_CONFIG_NAME, default_config_path()]
     for path in searched:
+        if path.is_file():
+            return path.resolve()
+    orch = os.environ.get(ORCH_CONFIG_ENV)
+    if orch:
+        return _named(f"${ORCH_CONFIG_ENV}", orch)
+    fallback = [Path.cwd() / ORCH_CONFIG_NAME, (DEFAULT_HOME / ORCH_CONFIG_NAME).expanduser()]
+    for path in fallback:
         if path.is_file():
             return path.resolve()
     raise ConfigError(
         [
             "no hub.yaml found; looked in "
-            + " and ".join(str(p) for p in searched)
+            + ", ".join(str(p) for p in searched + fallback)
             + f". Pass --config PATH, set ${CONFIG_ENV}, or copy hub.yaml.example there."
         ]
     )
@@ -537,7 +597,10 @@ def _resolve_paths(cfg: HubConfig, base: Path) -> HubConfig:
         # model_copy(update=) keeps model_fields_set, which the engine reads to
         # tell options a user wrote from defaults.
         models.append(entry.model_copy(update=updates))
-    return cfg.model_copy(update={"models": models, "log_path": _resolve(cfg.log_path, base)})
+    updates: dict[str, Any] = {"models": models, "log_path": _resolve(cfg.log_path, base)}
+    if cfg.offload_path:
+        updates["offload_path"] = _resolve(cfg.offload_path, base)
+    return cfg.model_copy(update=updates)
 
 
 def parse_config(data: Any, *, source: str = "hub.yaml", base_dir: Path | None = None) -> HubConfig:

@@ -108,7 +108,7 @@ class Hub:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, names: Iterable[str] | None = None) -> list[str]:
-        """Register every model, then start the ``default: true`` ones (or ``names``).
+        """Register every model, then start ``names``, else the startup set (``HubConfig.startup_models``).
 
         A model that fails to start is marked failed and reported in status;
         the others start regardless. Returns the names that started.
@@ -120,6 +120,7 @@ class Hub:
                 m.name: ModelSlot(m, ports[m.name], host(m), self.notify, self.engine.shared)
                 for m in self.config.models
             }
+            self._link_groups()
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             self.started_at = time.time()
             # Import the handler modules now, off the loop, so a JIT model's
@@ -128,7 +129,7 @@ class Hub:
             if self.freeze_gc:  # nothing is loaded yet: later collections skip import-time objects
                 gc.collect()
                 gc.freeze()
-        wanted = list(names) if names is not None else [m.name for m in self.config.models if m.default]
+        wanted = list(names) if names is not None else self.config.startup_models()
         for name in wanted:
             self._slot(name)  # unknown names fail before anything starts
         try:
@@ -138,14 +139,29 @@ class Hub:
 
     async def start_many(self, names: list[str]) -> list[str]:
         """Start each model in turn; one failing does not stop the rest. Returns those started."""
-        started = []
+        started, _ = await self.start_each(names)
+        return started
+
+    async def start_each(self, names: list[str]) -> tuple[list[str], dict[str, str]]:
+        """``start_many``, also answering why each model that did not start failed (name: error)."""
+        started, failed = [], {}
         for name in names:
             try:
                 await self.start_model(name)
                 started.append(name)
             except HubError as exc:
                 log.error("model '%s' did not start: %s", name, exc)
-        return started
+                failed[name] = exc.message
+        return started, failed
+
+    async def start_defaults(self) -> tuple[list[str], dict[str, str]]:
+        """Start the startup set's models that are not running (``start`` on a running hub, the Start button)."""
+        names = [
+            n
+            for n in self.config.startup_models()
+            if n in self.slots and self.slots[n].port_state not in (PortState.RUNNING, PortState.STARTING)
+        ]
+        return await self.start_each(names)
 
     async def stop_all(self, *, drain_timeout: float | None = None) -> list[str]:
         """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped.
@@ -222,10 +238,16 @@ class Hub:
         return "stopped" if was_running else "not_running"
 
     async def load(self, name: str) -> str:
-        """Load the weights now (the port must be running). ``loaded`` or ``already_loaded``."""
+        """Load the weights now, opening the port first if it is closed. ``loaded`` or ``already_loaded``.
+
+        A JIT model "stays off until explicitly loaded": one ``load-model`` is
+        that explicit request, so it opens the port as well.
+        """
         slot = self._slot(name)
-        if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
-            raise NotRunningError(f"model '{name}' is not started; start it before loading", model=name)
+        if slot.port_state in (PortState.STOPPING,):
+            raise NotRunningError(f"model '{name}' is stopping; load it once it has stopped", model=name)
+        if slot.port_state is not PortState.RUNNING and slot.port_state is not PortState.STARTING:
+            await self.start_model(name)
         if slot.memory_state is MemoryState.LOADED:
             return "already_loaded"
         if slot.memory_state is MemoryState.UNLOADING:
@@ -306,7 +328,7 @@ class Hub:
 
     # ---------------------------------------------------------------- reload
 
-    async def reload(self, source: ConfigSource | None = None) -> dict[str, list[str]]:
+    async def reload(self, source: ConfigSource | None = None) -> dict[str, Any]:
         """Apply a new config (``reload.apply``): start new defaults, stop removed models, restart changed ones.
 
         Unchanged models are not touched (a loaded model stays loaded). A
@@ -328,11 +350,18 @@ class Hub:
         return result
 
     def adopt(self, config: HubConfig) -> None:
-        """Take ``config`` as the running one: the memory budget and API keys follow it."""
+        """Take ``config`` as the running one: the memory budget, API keys and group timers follow it."""
         self.config = config
+        self._link_groups()
         total = self.engine.system_memory()
         self.budget = None if config.max_memory is None else memory_bytes(config.max_memory, total)
         self.api_keys = config.keys
+
+    def _link_groups(self) -> None:
+        """Give each slot its group's ``idle_unload_trigger_min`` (its idle timer where it sets none)."""
+        for slot in self.slots.values():
+            group = self.config.group(slot.entry.group)
+            slot.group_idle_minutes = group.idle_unload_trigger_min if group is not None else None
 
     # ---------------------------------------------------------------- status
 

@@ -7,6 +7,7 @@ next reload or start, as long as nothing else has taken it meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -149,6 +150,15 @@ class PortBook:
             return {}
         return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
 
+    def release_missing(self, cfg: HubConfig) -> dict[str, int]:
+        """Forget the ports of models no longer in ``cfg`` (``reconcile``); returns what was released."""
+        book = self.load()
+        names = {m.name for m in cfg.models}
+        released = {n: p for n, p in book.items() if n not in names}
+        if released:
+            atomic_write_json(self.path, {n: p for n, p in book.items() if n in names})
+        return released
+
     def assign(self, cfg: HubConfig, held: dict[str, int] | None = None) -> dict[str, int]:
         """Assign ports for ``cfg`` and persist them (merged with other names seen before)."""
         previous = self.load()
@@ -174,3 +184,37 @@ class PortBook:
                 # intact (the write is atomic) and the hub carries on.
                 log.warning("could not save %s (%s); ports may differ after a restart", self.path, exc)
         return assigned
+
+
+def team_spans(cfg: HubConfig) -> dict[str, tuple[int, int]]:
+    """The port ranges this hub draws from: each named ``port_ranges`` entry, and the automatic block.
+
+    The automatic block runs from ``model_starting_port`` over as many ports
+    as there are models drawing from it (the ports it would hand out).
+    """
+    spans = dict(cfg.port_ranges)
+    automatic = sum(1 for m in cfg.models if m.port is None)
+    if automatic:
+        spans["auto"] = (cfg.model_starting_port, cfg.model_starting_port + automatic - 1)
+    return spans
+
+
+def foreign_listeners(cfg: HubConfig, ours: set[int], timeout: float = 0.2) -> dict[int, str]:
+    """Ports in this hub's ranges (and pinned model ports) where something that is not this hub listens.
+
+    ``ours`` are the ports this hub serves right now. A connect, not a bind,
+    tells a listener from a free port without disturbing either.
+    """
+    where: dict[int, str] = {}
+    for name, (low, high) in team_spans(cfg).items():
+        for port in range(low, high + 1):
+            where.setdefault(port, f"range {name}" if name != "auto" else "automatic ports")
+    for entry in cfg.models:
+        if entry.fixed_port is not None:
+            where.setdefault(entry.fixed_port, f"model '{entry.name}'")
+    host = connect_host(cfg.host)
+    found = {}
+    for port in sorted(set(where) - ours):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+            found[port] = where[port]
+    return found

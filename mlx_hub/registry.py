@@ -10,15 +10,20 @@ several running ones) as a LiteLLM ``model_list``.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import struct
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import HubConfig, load_config
-from .engine import WEIGHT_SUFFIXES, hf_cache_repo, native_context_length
+from .config import HubConfig, ModelConfig, load_config
+from .engine import WEIGHT_SUFFIXES, hf_cache_repo, model_folder, native_context_length
 from .fsutil import atomic_write_text
 from .ports import PortBook, connect_host
 
@@ -51,13 +56,39 @@ def _safetensors_format(path: Path) -> str | None:
     return metadata.get("format") if isinstance(metadata, dict) else None
 
 
-def describe(repo_id: str, snapshot: Path) -> tuple[str | None, int | None, bool]:
+PRECONVERTED_ORGS_ENV = "MLX_PRECONVERTED_ORGS"
+PRECONVERTED_HINTS_ENV = "MLX_PRECONVERTED_HINTS"
+CONVERT_CMD_ENV = "MLX_CONVERT_CMD"
+DEFAULT_PRECONVERTED_ORGS = ("mlx-community", "mlx", "ml-explore")
+DEFAULT_PRECONVERTED_HINTS = ("mlx",)
+
+
+def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return tuple(item.strip().lower() for item in value.split(",") if item.strip())
+
+
+def preconverted_by_name(repo_id: str) -> bool:
+    """mlxctl's rule: an org that publishes MLX conversions, or a hint word in the repo name.
+
+    Orgs come from ``$MLX_PRECONVERTED_ORGS`` (default ``mlx-community,mlx,ml-explore``),
+    hints from ``$MLX_PRECONVERTED_HINTS`` (default ``mlx``), both comma-separated.
+    """
+    owner, _, name = repo_id.lower().partition("/")
+    orgs = _env_list(PRECONVERTED_ORGS_ENV, DEFAULT_PRECONVERTED_ORGS)
+    hints = _env_list(PRECONVERTED_HINTS_ENV, DEFAULT_PRECONVERTED_HINTS)
+    return owner in orgs or any(hint in name for hint in hints)
+
+
+def describe(repo_id: str, snapshot: Path, preconverted: str = "auto") -> tuple[str | None, int | None, bool]:
     """Architecture, quantization bits, and whether mlx-lm can load the snapshot as it is.
 
     MLX-ready: a config.json with weights beside it, and any sign of MLX
-    conversion (a ``quantization`` block, MLX safetensors metadata, or an
-    ``mlx-community``/``mlx`` repo name). Hugging Face checkpoints need
-    ``mlx_lm.convert`` first.
+    conversion: a ``quantization`` block, MLX safetensors metadata, or the repo
+    name (``preconverted_by_name``). ``preconverted`` ``yes``/``no`` overrides
+    the signs, as mlxctl's ``--preconverted`` does.
     """
     try:
         config = json.loads((snapshot / "config.json").read_text())
@@ -70,11 +101,11 @@ def describe(repo_id: str, snapshot: Path) -> tuple[str | None, int | None, bool
     weights = [f for f in snapshot.iterdir() if f.suffix in WEIGHT_SUFFIXES]
     if not weights:
         return architecture, bits, False
-    owner, _, name = repo_id.partition("/")
+    if preconverted != "auto":
+        return architecture, bits, preconverted == "yes"
     signs = (
         "quantization" in config
-        or owner.lower() == "mlx-community"
-        or "mlx" in name.lower()
+        or preconverted_by_name(repo_id)
         or any(_safetensors_format(f) == "mlx" for f in weights if f.suffix == ".safetensors")
     )
     return architecture, bits, bool(signs)
@@ -113,15 +144,19 @@ def entry_name(repo_id: str, taken: set[str]) -> str:
     return name
 
 
-def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
-    """Append entries for ``repo_ids`` to hub.yaml, keeping its comments and order.
+@contextmanager
+def editing(path: Path) -> Iterator[Any]:
+    """Edit hub.yaml as a ruamel document, keeping its comments, order and list style.
 
-    The one place the hub writes hub.yaml: the original is copied to
-    ``hub.yaml.bak`` first, the new text is checked by loading it, and it
-    replaces the file atomically. Returns the names added.
+    The one place the hub writes hub.yaml (``scan --add``, ``ensure --add``,
+    ``load``, ``assign-team``): the body edits the yielded document; if it
+    changed anything, the original is copied to ``hub.yaml.bak``, the new text
+    is checked by loading it (never a hub.yaml the hub would refuse), and it
+    replaces the file atomically.
     """
+    from io import StringIO
+
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
 
     yaml = YAML(typ="rt")
     yaml.preserve_quotes = True
@@ -131,40 +166,64 @@ def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
     offset = len(dash.group(1)) if dash else 2
     yaml.indent(mapping=2, sequence=offset + 2, offset=offset)
     document = yaml.load(original)
-    models = document.setdefault("models", [])
-    taken = {m.get("name") for m in models if isinstance(m, dict)}
-    present = {m.get("model_path") for m in models if isinstance(m, dict)}
-    added = []
-    for repo_id in repo_ids:
-        if repo_id in present:
-            continue
-        name = entry_name(repo_id, taken)
-        taken.add(name)
-        entry = CommentedMap()
-        entry["name"] = name
-        entry["model_path"] = repo_id
-        entry["default"] = True
-        entry["jit_enabled"] = True
-        entry["auto_unload_minutes"] = 30
-        models.append(entry)
-        added.append(name)
-    if not added:
-        return []
-    from io import StringIO
-
+    yield document
     out = StringIO()
     yaml.dump(document, out)
     text = out.getvalue()
-    backup = path.with_name(path.name + ".bak")
-    shutil.copy2(path, backup)
+    if text == original:
+        return
     staged = path.with_name(f".{path.name}.check")
     try:
         staged.write_text(text, encoding="utf-8")
-        load_config(staged)  # never write a hub.yaml the hub would refuse
+        load_config(staged)
     finally:
         staged.unlink(missing_ok=True)
+    shutil.copy2(path, path.with_name(path.name + ".bak"))
     atomic_write_text(path, text)
+
+
+def add_entries(path: Path, entries: list[dict[str, Any]]) -> list[str]:
+    """Append model entries (``model_path`` required; ``name`` made from it when absent) to hub.yaml.
+
+    An entry whose ``model_path`` hub.yaml already serves is skipped. Returns the names added.
+    """
+    from ruamel.yaml.comments import CommentedMap
+
+    added: list[str] = []
+    with editing(path) as document:
+        models = document.setdefault("models", [])
+        taken = {m.get("name") for m in models if isinstance(m, dict)}
+        present = {m.get("model_path") for m in models if isinstance(m, dict)}
+        for fields in entries:
+            if fields["model_path"] in present:
+                continue
+            name = fields.get("name") or entry_name(fields["model_path"], taken)
+            if name in taken:
+                raise ValueError(f"hub.yaml already has a model named '{name}'; choose another --name")
+            taken.add(name)
+            present.add(fields["model_path"])
+            entry = CommentedMap()
+            entry["name"] = name
+            for key, value in fields.items():
+                if key != "name":
+                    entry[key] = value
+            models.append(entry)
+            added.append(name)
     return added
+
+
+def add_to_config(path: Path, repo_ids: list[str]) -> list[str]:
+    """Append JIT entries for ``repo_ids`` (``scan --add``, ``ensure --add``). Returns the names added."""
+    defaults = {"default": True, "jit_enabled": True, "auto_unload_minutes": 30}
+    return add_entries(path, [{"model_path": r, **defaults} for r in repo_ids])
+
+
+def set_ports(path: Path, ports: dict[str, int]) -> None:
+    """Write ``port: N`` into the named entries of hub.yaml (``assign-team``)."""
+    with editing(path) as document:
+        for entry in document.get("models") or []:
+            if isinstance(entry, dict) and entry.get("name") in ports:
+                entry["port"] = ports[entry["name"]]
 
 
 # --------------------------------------------------------------------------- ensure / offload
@@ -193,35 +252,72 @@ class Ensured:
     source: Path | None = None  # the base weights a conversion was made from
 
 
-def ensure(repo_id: str, *, convert: str = "auto", quantize: int | None = None) -> Ensured:
+def ensure(
+    repo_id: str, *, convert: str = "auto", quantize: int | None = None, preconverted: str = "auto"
+) -> Ensured:
     """Make ``repo_id`` servable: download it (or use the cache), convert it to MLX if needed.
 
     ``convert``: ``auto`` converts only checkpoints that are not MLX-ready,
     ``force`` always converts, ``skip`` never does (and fails for a checkpoint
-    that needs it). Downloads go through huggingface_hub, so
-    ``HF_HUB_OFFLINE=1`` serves from the cache alone.
+    that needs it). ``preconverted`` (``auto``/``yes``/``no``) overrides the
+    MLX-ready detection. Downloads go through huggingface_hub, so
+    ``HF_HUB_OFFLINE=1`` serves from the cache alone. ``$MLX_CONVERT_CMD``
+    replaces the in-process ``mlx_lm.convert`` (see ``run_conversion``).
     """
     from huggingface_hub import snapshot_download
 
     if convert not in ("auto", "force", "skip"):
         raise ValueError("convert must be auto, force or skip")
+    if preconverted not in ("auto", "yes", "no"):
+        raise ValueError("preconverted must be auto, yes or no")
     snapshot = Path(snapshot_download(repo_id))
-    _, _, ready = describe(repo_id, snapshot)
+    _, _, ready = describe(repo_id, snapshot, preconverted)
     if convert == "skip" or (convert == "auto" and ready and not quantize):
         if not ready:
             raise ValueError(f"{repo_id} is not MLX-ready; run ensure with --convert auto to convert it")
         return Ensured(repo_id, repo_id, converted=False)
     target = converted_dir(repo_id, quantize)
     if not (target / SOURCE_FILE).exists():
-        from mlx_lm import convert as mlx_convert
-
         if target.exists():
             shutil.rmtree(target)  # a conversion that did not finish
         target.parent.mkdir(parents=True, exist_ok=True)
-        mlx_convert(str(snapshot), mlx_path=str(target), quantize=bool(quantize), q_bits=quantize)
+        run_conversion(repo_id, snapshot, target, quantize)
         record = {"source_repo": repo_id, "source_snapshot": str(snapshot), "quantize_bits": quantize}
         atomic_write_text(target / SOURCE_FILE, json.dumps(record, indent=2) + "\n")
     return Ensured(repo_id, str(target), converted=True, source=snapshot)
+
+
+def run_conversion(repo_id: str, source: Path, target: Path, quantize: int | None) -> None:
+    """Convert ``source`` into ``target``: ``$MLX_CONVERT_CMD`` when set, else ``mlx_lm.convert``.
+
+    The command is split as a shell would and its ``{repo}``, ``{src}`` and
+    ``{dest}`` placeholders filled in (mlxctl's variable, e.g. a pinned
+    mlx-lm in another environment). Its own flags decide quantization, so
+    ``--quantize`` beside it is refused rather than silently ignored.
+    """
+    template = os.environ.get(CONVERT_CMD_ENV)
+    if not template:
+        from mlx_lm import convert as mlx_convert
+
+        mlx_convert(str(source), mlx_path=str(target), quantize=bool(quantize), q_bits=quantize)
+        return
+    if quantize:
+        raise ValueError(
+            f"${CONVERT_CMD_ENV} is set: put the quantization flags in that command, not --quantize"
+        )
+    fields = {"repo": repo_id, "src": str(source), "dest": str(target)}
+    try:
+        argv = [part.format(**fields) for part in shlex.split(template)]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"${CONVERT_CMD_ENV} {template!r} is not a command with {{repo}} {{src}} {{dest}} placeholders: {exc}"
+        ) from None
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise ValueError(f"${CONVERT_CMD_ENV} failed (exit code {done.returncode}): {tail}")
+    if not (target / "config.json").is_file():
+        raise ValueError(f"${CONVERT_CMD_ENV} finished but wrote no config.json into {target}")
 
 
 def conversion_sources() -> dict[str, list[Path]]:
@@ -272,6 +368,97 @@ def offload(repo_or_path: str, to: Path, config: HubConfig) -> Path:
     return destination
 
 
+def offload_all(to: Path, config: HubConfig) -> tuple[list[Path], dict[str, str]]:
+    """Offload every recorded conversion source still in the cache; returns moved, and skipped with why."""
+    moved, skipped = [], {}
+    for repo_id in sorted(conversion_sources()):
+        if not hf_cache_repo(repo_id).is_dir():
+            continue  # offloaded before
+        try:
+            moved.append(offload(repo_id, to, config))
+        except ValueError as exc:
+            skipped[repo_id] = str(exc)
+    return moved, skipped
+
+
+# --------------------------------------------------------------------------- what is on disk
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """Where one configured model's files are and where they came from (``list``)."""
+
+    size: int | None  # bytes on disk; None when the files are not here
+    repo: str | None  # the Hugging Face repo it is, or was converted from
+    source: str  # hf-cache, local, converted, or missing
+    origin: str | None  # for a conversion: what it was made from
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the files under ``folder``, each counted once (the cache's snapshots are symlinks to blobs)."""
+    seen: set[Path] = set()
+    total = 0
+    for file in folder.rglob("*"):
+        try:
+            real = file.resolve()
+            if real in seen or not real.is_file():
+                continue
+            seen.add(real)
+            total += real.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def on_disk(model_path: str) -> OnDisk:
+    """Size, repo, source and conversion origin of one ``model_path``."""
+    folder = model_folder(model_path)
+    if folder is None:
+        repo = (
+            model_path if model_path.count("/") == 1 and not model_path.startswith(("/", "~", ".")) else None
+        )
+        return OnDisk(None, repo, "missing", None)
+    record = folder / SOURCE_FILE
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            data = {}
+        bits = data.get("quantize_bits")
+        origin = f"{data.get('source_repo', '?')}" + (f" ({bits}-bit)" if bits else "")
+        return OnDisk(folder_size(folder), data.get("source_repo"), "converted", origin)
+    if Path(model_path).expanduser().is_dir():
+        return OnDisk(folder_size(folder), None, "local", None)
+    return OnDisk(folder_size(hf_cache_repo(model_path)), model_path, "hf-cache", None)
+
+
+# --------------------------------------------------------------------------- team ports
+
+
+def team_ports(
+    members: list[str],
+    span: tuple[int, int],
+    *,
+    sizes: dict[str, int | None],
+    priority: list[str],
+    reserved: set[int],
+) -> dict[str, int]:
+    """mlxctl's team order: the ``priority`` names first (in their order), then largest on disk first.
+
+    Ports go out from the low end of ``span``, skipping ``reserved`` (the
+    controller, ports pinned outside the team). Pure, for tests.
+    """
+    ranked = [n for n in priority if n in members]
+    rest = sorted((n for n in members if n not in ranked), key=lambda n: (-(sizes.get(n) or 0), n))
+    order = ranked + rest
+    free = [p for p in range(span[0], span[1] + 1) if p not in reserved]
+    if len(free) < len(order):
+        raise ValueError(
+            f"range {span[0]}-{span[1]} has {len(free)} free port(s) for {len(order)} model(s); widen it"
+        )
+    return dict(zip(order, free, strict=False))
+
+
 # --------------------------------------------------------------------------- LiteLLM
 
 
@@ -291,12 +478,22 @@ def litellm_model_list(
             )
         params: dict[str, Any] = {"model": f"openai/{entry.name}", "api_base": f"http://{server}:{port}/v1"}
         params["api_key"] = keys[0] if keys else "none"
-        info: dict[str, Any] = {"mode": _mode(entry.model_type)}
-        context = entry.context_length or native_context_length(entry.model_path)
-        if context is not None:
-            info["max_input_tokens"] = context
+        params.update(entry.request_params or {})
+        info: dict[str, Any] = {"mode": _mode(entry.model_type), **token_limits(entry)}
         out.append({"model_name": entry.name, "litellm_params": params, "model_info": info})
     return out
+
+
+def token_limits(entry: ModelConfig) -> dict[str, int]:
+    """``max_input_tokens`` (the model's real context) and ``max_output_tokens`` (hub.yaml's, else the context)."""
+    context = entry.context_length or native_context_length(entry.model_path)
+    limits = {}
+    if context is not None:
+        limits["max_input_tokens"] = context
+    output = entry.max_output_tokens or context
+    if output is not None:
+        limits["max_output_tokens"] = output
+    return limits
 
 
 def litellm_from_hubs(urls: list[str], api_key: str | None = None) -> list[dict[str, Any]]:
@@ -314,17 +511,15 @@ def litellm_from_hubs(urls: list[str], api_key: str | None = None) -> list[dict[
         listing = httpx.get(f"{base}/v1/models", headers=headers, timeout=10)
         listing.raise_for_status()
         for model in listing.json()["data"]:
-            out.append(
-                {
-                    "model_name": model["id"],
-                    "litellm_params": {
-                        "model": f"openai/{model['id']}",
-                        "api_base": f"{base}/v1",
-                        "api_key": api_key or "none",
-                    },
-                    "model_info": {"mode": _mode(model.get("model_type", "lm"))},
-                }
-            )
+            params = {
+                "model": f"openai/{model['id']}",
+                "api_base": f"{base}/v1",
+                "api_key": api_key or "none",
+            }
+            params.update(model.get("request_params") or {})
+            info = {"mode": _mode(model.get("model_type", "lm"))}
+            info.update({k: model[k] for k in ("max_input_tokens", "max_output_tokens") if model.get(k)})
+            out.append({"model_name": model["id"], "litellm_params": params, "model_info": info})
     return out
 
 

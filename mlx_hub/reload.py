@@ -7,7 +7,7 @@ running start. New entries keep hub.yaml's order, which dashboards show.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import HubConfig
@@ -18,15 +18,20 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 
-async def apply(hub: Hub, new: HubConfig) -> dict[str, list[str]]:
-    """Reconcile ``hub`` with ``new``; answers the reference hub's ``{"started", "stopped", "unchanged"}``."""
+async def apply(hub: Hub, new: HubConfig) -> dict[str, Any]:
+    """Reconcile ``hub`` with ``new``.
+
+    Answers the reference hub's ``{"started", "stopped", "unchanged"}`` plus
+    ``failed``: each model that should have started and did not, with why.
+    """
     running = {n for n, s in hub.slots.items() if s.port_state is PortState.RUNNING}
+    startup = set(new.startup_models())
     ports = PortBook.for_config(new).assign(new, held={n: hub.slots[n].port for n in running})
     plan = policy.reload_plan(
         [policy.Placement(n, s.entry.model_dump(), s.port, s.host) for n, s in hub.slots.items()],
         running,
         [
-            policy.Placement(m.name, m.model_dump(), ports[m.name], new.host_of(m), m.default)
+            policy.Placement(m.name, m.model_dump(), ports[m.name], new.host_of(m), m.name in startup)
             for m in new.models
         ],
     )
@@ -39,6 +44,6 @@ async def apply(hub: Hub, new: HubConfig) -> dict[str, list[str]]:
         for m in new.models
     }
     hub.adopt(new)
-    started = await hub.start_many(plan.start)
+    started, failed = await hub.start_each(plan.start)
     hub.notify()
-    return {"started": started, "stopped": stopped, "unchanged": plan.keep}
+    return {"started": started, "stopped": stopped, "unchanged": plan.keep, "failed": failed}

@@ -90,6 +90,7 @@ class ModelSlot:
         self.memory_bytes = 0
         self.estimate = 0  # bytes a load is expected to add, from the weight files
         self.keep_alive: float | None = None  # a request's keep_alive, for this residency
+        self.group_idle_minutes: float | None = None  # its group's idle_unload_trigger_min (Hub sets it)
         self.load_seconds: float | None = None
         self.freed_bytes: int | None = None
         self.load_count = 0
@@ -200,10 +201,12 @@ class ModelSlot:
 
     @property
     def idle_timeout(self) -> float | None:
-        """Seconds idle before unloading: a request's keep_alive wins over the config."""
+        """Seconds idle before unloading: keep_alive, else ``auto_unload_minutes``, else the group's trigger."""
         if self.keep_alive is not None:
             return None if self.keep_alive == float("inf") else self.keep_alive
         minutes = self.entry.auto_unload_minutes
+        if minutes is None:
+            minutes = self.group_idle_minutes  # the group's idle rule, where the member sets none
         return None if minutes is None else minutes * 60.0
 
     def candidate(self) -> Candidate:

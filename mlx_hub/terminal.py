@@ -19,7 +19,10 @@ from .status import HubStatus
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-CONFIG_HELP = "hub.yaml to use (default: $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml)."
+CONFIG_HELP = (
+    "hub.yaml to use (default: $MLX_HUB_CONFIG, ./hub.yaml, ~/mlx-openai-server-hub/hub.yaml, "
+    "then mlx-server-orch's $MLXSERVER_MODELS_PATH and models.yaml)."
+)
 # ----------------------------------------------------------------------------- output
 
 
@@ -46,6 +49,8 @@ def print_status(status: HubStatus, url: str, names: Iterable[str] = ()) -> None
         )
     console.print(views.summary(status, url))
     console.print(views.status_table(rows))
+    for line in views.group_lines(status):
+        console.print(line)
     for warning in status.warnings:
         warn(warning)
 

@@ -109,3 +109,18 @@ def failed_models(status: HubStatus) -> list[str]:
 
 def loading_models(status: HubStatus) -> list[str]:
     return [r.id for r in status.models if r.metadata.memory_state == "loading"]
+
+
+def group_lines(status: HubStatus) -> list[str]:
+    """One line per group: members loaded against its cap, and its idle trigger."""
+    lines = []
+    for group in status.groups:
+        cap = str(group.max_loaded) if group.max_loaded is not None else "no cap"
+        trigger = (
+            f"idle unload after {group.idle_unload_trigger_min:g} min"
+            if group.idle_unload_trigger_min is not None
+            else "no idle trigger"
+        )
+        members = ", ".join(group.models) or "no members"
+        lines.append(f"group {group.name}: {group.loaded}/{cap} loaded · {trigger} · {members}")
+    return lines

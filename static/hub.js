@@ -102,9 +102,13 @@ function serviceAction(action) {
   return act(`service:${action}`, "POST", `/hub/service/${action}`, (body) => {
     if (body.reload) {
       const r = body.reload;
-      return `Reloaded: ${r.started.length} started, ${r.stopped.length} stopped, ${r.unchanged.length} unchanged`;
+      const failed = Object.keys(r.failed || {});
+      const text = `Reloaded: ${r.started.length} started, ${r.stopped.length} stopped, ${r.unchanged.length} unchanged`;
+      return failed.length ? `${text}; did not start: ${failed.map((n) => `${n} (${r.failed[n]})`).join(", ")}` : text;
     }
-    return body.models && body.models.length ? `${body.status}: ${body.models.join(", ")}` : `Nothing to ${action}`;
+    const failed = Object.keys(body.failed || {});
+    const done = body.models && body.models.length ? `${body.status}: ${body.models.join(", ")}` : `Nothing to ${action}`;
+    return failed.length ? `${done}; did not start: ${failed.map((n) => `${n} (${body.failed[n]})`).join(", ")}` : done;
   });
 }
 
@@ -226,7 +230,7 @@ function renderModels(status) {
 function render() {
   renderSummary(state.status);
   renderModels(state.status);
-  for (const id of ["btn-reload", "btn-stop"]) {
+  for (const id of ["btn-start", "btn-reload", "btn-stop"]) {
     $(id).disabled = state.offline || state.pending.has(`service:${id.slice(4)}`);
   }
 }
@@ -265,6 +269,7 @@ function useKey(event) {
 function start() {
   $("key-form").addEventListener("submit", useKey);
   $("btn-refresh").addEventListener("click", () => refresh());
+  $("btn-start").addEventListener("click", () => serviceAction("start"));
   $("btn-reload").addEventListener("click", () => serviceAction("reload"));
   $("btn-stop").addEventListener("click", () => serviceAction("stop"));
   refresh();

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -90,3 +93,30 @@ class LiveController:
     async def __aexit__(self, *exc: object) -> None:
         await self.server.stop()
         await self.hub.shutdown()
+
+
+def cache_repo(cache: Path, repo_id: str, folder: Path) -> Path:
+    """Lay ``folder`` out as the cache does: content-addressed blobs, a snapshot of symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    sha = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / sha
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in folder.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+def hf_checkpoint(source: Path, target: Path) -> Path:
+    """A Hugging Face-format copy of a generated model: the same tensors, saved as PyTorch would tag them."""
+    import mlx.core as mx
+
+    shutil.copytree(source, target)
+    weights = mx.load(str(source / "model.safetensors"))
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "pt"})
+    return target

@@ -131,7 +131,7 @@ async def test_reload_applies_and_refuses_broken_files(controller: dict[str, Any
     }
     path.write_text(yaml.safe_dump(new))
     response = await http.post("/hub/reload")
-    assert response.json() == {"started": ["d"], "stopped": [], "unchanged": ["a", "b"]}
+    assert response.json() == {"started": ["d"], "stopped": [], "unchanged": ["a", "b"], "failed": {}}
     path.write_text("models:\n  - {name: a, model_pth: x}\n")
     response = await http.post("/hub/reload")
     assert response.status_code == 400

@@ -151,5 +151,10 @@ async def test_reload_restarts_only_what_changed(fast: Make, hub_config) -> None
         port=hub.config.port, model_starting_port=hub.config.model_starting_port, log_path=hub.config.log_path
     )
     result = await hub.reload(new)
-    assert result == {"started": ["change", "added"], "stopped": ["change"], "unchanged": ["keep"]}
+    assert result == {
+        "started": ["change", "added"],
+        "stopped": ["change"],
+        "unchanged": ["keep"],
+        "failed": {},
+    }
     assert engine.loads == {"keep": 1, "change": 2, "added": 1}

@@ -304,7 +304,12 @@ async def test_reload_diff_and_port_persistence(
         ],
     }
     result = await hub.reload(new_doc)
-    assert result == {"started": ["added", "change"], "stopped": ["drop", "change"], "unchanged": ["keep"]}
+    assert result == {
+        "started": ["added", "change"],
+        "stopped": ["drop", "change"],
+        "unchanged": ["keep"],
+        "failed": {},
+    }
     assert hub.slots["keep"].handler is kept_handler  # untouched: same weights, no reload
     assert list(hub.slots) == ["added", "keep", "change"]
     assert hub.slots["keep"].port == ports["keep"] and hub.slots["change"].port == ports["change"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -20,26 +19,9 @@ from mlx_hub.config import load_config
 from mlx_hub.registry import litellm_from_hubs, litellm_model_list, scan
 from mlx_hub.tinymodel import make_model
 
-from .helpers import LiveController, free_port, free_range
+from .helpers import LiveController, cache_repo, free_port, free_range, hf_checkpoint
 
 ENV = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def cache_repo(cache: Path, repo_id: str, folder: Path) -> Path:
-    """Lay ``folder`` out as the cache does: content-addressed blobs, a snapshot of symlinks, refs/main."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    sha = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / "snapshots" / sha
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for file in folder.iterdir():
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(sha)
-    return snapshot
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +140,6 @@ async def test_litellm_router_reaches_a_live_hub(
                 model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
             )
             assert reply.choices[0].message.content is not None
-
-
-def hf_checkpoint(source: Path, target: Path) -> Path:
-    """A Hugging Face-format copy of a generated model: the same tensors, saved as PyTorch would tag them."""
-    import mlx.core as mx
-
-    shutil.copytree(source, target)
-    weights = mx.load(str(source / "model.safetensors"))
-    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "pt"})
-    return target
 
 
 def test_ensure_converts_offline_and_offload_guards_what_is_served(tmp_path: Path, tiny_llama: Path) -> None:

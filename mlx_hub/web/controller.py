@@ -58,11 +58,13 @@ class ReloadResult(BaseModel):
     started: list[str]
     stopped: list[str]
     unchanged: list[str]
+    failed: dict[str, str] = {}  # models that should have started and did not: name -> why
 
 
 class ServiceResult(BaseModel):
     status: str
     models: list[str] = []
+    failed: dict[str, str] = {}  # start: models that did not start, name -> why
     reload: ReloadResult | None = None
 
 
@@ -182,7 +184,7 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
         return hub.status_document()
 
     @app.post("/hub/reload", response_model=ReloadResult, responses=ERRORS)
-    async def reload() -> dict[str, list[str]]:
+    async def reload() -> dict[str, Any]:
         return await hub.reload()
 
     @app.post("/hub/shutdown")
@@ -202,10 +204,10 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
 
     @app.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
     async def service_action(action: ServiceAction) -> ServiceResult:
-        """The dashboard's buttons: start the default models, stop every model, or reload."""
+        """The dashboard's buttons: start the startup models not running, stop every model, or reload."""
         if action is ServiceAction.start:
-            names = [m.name for m in hub.config.models if m.default]
-            return ServiceResult(status="started", models=await hub.start_many(names))
+            started, failed = await hub.start_defaults()
+            return ServiceResult(status="started", models=started, failed=failed)
         if action is ServiceAction.stop:
             return ServiceResult(status="stopped", models=await hub.stop_all())
         return ServiceResult(status="reloaded", reload=ReloadResult(**await hub.reload()))

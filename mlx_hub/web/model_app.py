@@ -27,6 +27,7 @@ from ..errors import HubError, InvalidKeepAliveError, StoppedError
 from ..logs import current_model
 from ..metrics import ResponseWatch
 from ..policy import parse_keep_alive
+from ..registry import token_limits
 from ..slot import PortState
 from .asgi import is_json, json_object, read_body, replay, with_length
 from .responses import error_response
@@ -81,6 +82,8 @@ def model_card(slot: ModelSlot, model_id: str, owned_by: str) -> dict[str, Any]:
         "model_type": slot.entry.model_type,
         "process_state": slot.port_state.value,
         "memory_state": slot.memory_state.value,
+        **token_limits(slot.entry),  # what a gateway (export litellm --hub) should be told
+        "request_params": slot.entry.request_params,
     }
 
 
@@ -88,6 +91,16 @@ def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
     """The body asks for a model this port does not serve: upstream's route answers 404, nothing loads."""
     requested = data.get("model") if data else None
     return isinstance(requested, str) and bool(requested) and requested not in slot.entry.names
+
+
+def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> bool:
+    """Fill in the entry's ``request_params`` the request leaves out; True if any was added.
+
+    A request's own value always wins, as with upstream's sampling defaults.
+    """
+    missing = {k: v for k, v in (params or {}).items() if k not in data}
+    data.update(missing)
+    return bool(missing)
 
 
 def _gated(scope: Scope) -> bool:
@@ -123,6 +136,7 @@ class LoadGate:
                 if _names_another_model(data, self.slot):
                     await self.app(scope, replay(body, receive), watch.send)
                     return
+                edited = False
                 if data is not None and "keep_alive" in data:
                     try:
                         keep_alive = parse_keep_alive(data.pop("keep_alive"))
@@ -130,6 +144,10 @@ class LoadGate:
                         error = InvalidKeepAliveError(str(exc), model=self.slot.name)
                         await error_response(error)(scope, receive, watch.send)
                         return
+                    edited = True
+                if data is not None and with_request_params(data, self.slot.entry.request_params):
+                    edited = True
+                if edited:
                     body = json.dumps(data).encode()
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
