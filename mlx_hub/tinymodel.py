@@ -207,6 +207,108 @@ def make_model(
     return Path(path)
 
 
+#: gpt-oss's Harmony tokens: headers, channels and the two ends of an assistant turn.
+HARMONY_TOKENS = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
+
+#: A Harmony chat template in gpt-oss's shape: a system header that carries the reasoning
+#: effort, one header per message, and the assistant header as the generation prompt.
+HARMONY_CHAT_TEMPLATE = (
+    "<|start|>system<|message|>You are a tiny test model.\n"
+    "Reasoning: {{ reasoning_effort | default('medium') }}\n"
+    "# Valid channels: analysis, commentary, final.<|end|>"
+    "{% for message in messages %}<|start|>{{ message['role'] }}<|message|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+#: What :func:`make_harmony_model` says: a gpt-oss tool call, one token per piece.
+HARMONY_TOOL_CALL = [
+    "<|channel|>",
+    "commentary to=functions.get_weather",
+    "<|message|>",
+    '{"city": "Paris"}',
+    "<|call|>",
+]
+
+
+def make_harmony_model(
+    path: str | os.PathLike[str], script: list[str] = HARMONY_TOOL_CALL, *, vocab_size: int = 512
+) -> Path:
+    """Write a model that answers every Harmony chat prompt with ``script``, token by token.
+
+    A random model's text is not Harmony, and the Harmony parser rightly
+    refuses it; this one is built to speak it. Every layer's output projection
+    is zero, so the last hidden state is the last token's embedding, and the
+    ``script`` tokens (each piece one token, after the prompt's final
+    ``assistant``) have orthogonal embeddings that the output head maps to
+    the next piece. Sampling at any temperature then follows the script, so a
+    test sees what gpt-oss's parsers make of a real gpt-oss answer. Pieces
+    must not repeat: the next token depends on the current one only.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.llama import Model, ModelArgs
+    from tokenizers import AddedToken
+
+    chain = ["assistant", *script]
+    if len(set(chain)) != len(chain):
+        raise ValueError("script pieces must be unique (and not 'assistant'): the model is a bigram chain")
+    with _building(path) as work:
+        if work is not None:
+            config = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float16", **TINY_SHAPE}
+            config["tie_word_embeddings"] = False
+            if len(chain) > config["hidden_size"]:
+                raise ValueError(f"a script of at most {config['hidden_size'] - 1} pieces")
+            tokenizer = _train_tokenizer(vocab_size, HARMONY_TOKENS)
+            specials = set(HARMONY_TOKENS)
+            tokenizer.add_tokens(
+                [AddedToken(piece, special=False, normalized=False) for piece in chain if piece not in specials]
+            )
+            tokenizer.save(str(work / "tokenizer.json"))
+            ids = [tokenizer.token_to_id(piece) for piece in chain]
+            ends = [tokenizer.token_to_id("<|return|>"), tokenizer.token_to_id("<|call|>")]
+            decoder = {str(tokenizer.token_to_id(t)): {"content": t, "special": True} for t in HARMONY_TOKENS}
+            (work / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "PreTrainedTokenizerFast",
+                        "model_max_length": config["max_position_embeddings"],
+                        "eos_token": "<|return|>",
+                        "pad_token": "<|endoftext|>",
+                        "chat_template": HARMONY_CHAT_TEMPLATE,
+                        "added_tokens_decoder": decoder,
+                    },
+                    indent=2,
+                )
+            )
+            config.update(
+                model_type="llama",
+                architectures=["LlamaForCausalLM"],
+                vocab_size=tokenizer.get_vocab_size(),
+                eos_token_id=ends,
+                bos_token_id=tokenizer.token_to_id("<|endoftext|>"),
+            )
+            mx.random.seed(0)
+            model = Model(ModelArgs.from_dict(config))
+            weights = dict(tree_flatten(model.parameters()))
+            hidden = config["hidden_size"]
+            embed = mx.random.normal((config["vocab_size"], hidden)) * 0.02
+            head = mx.zeros((config["vocab_size"], hidden))
+            for i, token in enumerate(ids):
+                one_hot = mx.zeros((hidden,)).at[i].add(1.0)
+                embed[token] = one_hot
+                if i + 1 < len(ids):
+                    head[ids[i + 1]] = one_hot * 4.0  # after the norm a one-hot reads 8: logit 32
+            weights["model.embed_tokens.weight"] = embed
+            weights["lm_head.weight"] = head
+            for name, value in weights.items():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    weights[name] = mx.zeros_like(value)
+            model.update(tree_unflatten(list(weights.items())))
+            model.set_dtype(mx.float16)
+            _save(work, model, config)
+    return Path(path)
+
+
 def make_embedding_model(
     path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0, shape: dict[str, Any] | None = None
 ) -> Path:

@@ -45,6 +45,21 @@ def small_llama(models_dir: Path) -> Path:
     return make_model(models_dir / "small-llama", arch="llama", shape=shape, seed=2)
 
 
+@pytest.fixture(scope="session")
+def harmony_model(models_dir: Path) -> Path:
+    """A model that answers gpt-oss's Harmony format (a get_weather tool call), with Harmony's vocabulary.
+
+    Sets ``TIKTOKEN_ENCODINGS_BASE`` for this process and the servers it starts,
+    so the Harmony parser finds o200k offline.
+    """
+    from mlx_hub.tinymodel import make_harmony_model
+
+    from .helpers import harmony_vocab
+
+    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(harmony_vocab(models_dir / "tiktoken")))
+    return make_harmony_model(models_dir / "tiny-harmony")
+
+
 @pytest.fixture
 def hub_config(tmp_path: Path) -> Callable[..., dict[str, Any]]:
     """Build a hub.yaml-shaped dict on loopback with free ports and a private log_path."""

@@ -120,3 +120,18 @@ def hf_checkpoint(source: Path, target: Path) -> Path:
     weights = mx.load(str(source / "model.safetensors"))
     mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "pt"})
     return target
+
+
+def harmony_vocab(folder: Path) -> Path:
+    """A folder holding ``o200k_base.tiktoken``, for ``TIKTOKEN_ENCODINGS_BASE``.
+
+    gpt-oss's Harmony parser loads OpenAI's o200k vocabulary, which it would
+    download; LiteLLM (a test dependency) ships the same file in tiktoken's
+    cache naming (the SHA-1 of its URL), so the tests read it from there, offline.
+    """
+    import litellm.litellm_core_utils.tokenizers as bundled
+
+    source = Path(bundled.__file__).parent / "fb374d419588a4632f3f557e76b4b70aebbca790"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / "o200k_base.tiktoken")
+    return folder

@@ -467,3 +467,79 @@ def test_assign_team_writes_ports_into_hub_yaml(tmp_path: Path, tiny_llama: Path
     assert run("assign-team", "team", "--dry-run", config=path).returncode == 0
     unknown = run("assign-team", "nope", config=path)
     assert unknown.returncode == 2 and "no port range 'nope'" in unknown.stderr
+
+
+# ============================================================================ gateway export
+
+
+async def test_request_params_fill_requests_and_reach_the_litellm_export(
+    hub_config, tiny_llama: Path
+) -> None:
+    from mlx_hub import Hub
+    from mlx_hub.registry import litellm_from_hubs, litellm_model_list
+
+    from .helpers import LiveController
+
+    port = free_port()
+    entry = {
+        "name": "chat",
+        "model_path": str(tiny_llama),
+        "request_params": {"max_tokens": 2, "logit_bias": text_only(tiny_llama)["logit_bias"]},
+        "max_output_tokens": 100,
+    }
+    async with LiveController(Hub.from_config(hub_config([entry], port=port)), port) as live:
+        url = f"http://127.0.0.1:{live.hub.slots['chat'].port}/v1"
+        client = openai.AsyncOpenAI(base_url=url, api_key="none")
+        messages = [{"role": "user", "content": "Hello"}]
+        filled = await client.chat.completions.create(model="chat", messages=messages)
+        assert filled.usage.completion_tokens == 2  # request_params' max_tokens
+        own = await client.chat.completions.create(model="chat", messages=messages, max_tokens=4)
+        assert own.usage.completion_tokens == 4  # the request's own value wins
+        via_v1 = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="none")
+        assert (
+            await via_v1.chat.completions.create(model="chat", messages=messages)
+        ).usage.completion_tokens == 2
+
+        (exported,) = litellm_model_list(live.hub.config)
+        assert exported["litellm_params"]["max_tokens"] == 2
+        assert exported["model_info"] == {"mode": "chat", "max_input_tokens": 2048, "max_output_tokens": 100}
+        import asyncio
+
+        (from_hub,) = await asyncio.to_thread(litellm_from_hubs, [live.url])
+        assert from_hub["model_info"] == exported["model_info"]  # --hub keeps the token limits
+        assert from_hub["litellm_params"]["max_tokens"] == 2
+
+
+async def test_a_gpt_oss_entry_gets_its_reasoning_effort_from_request_params(
+    hub_config, harmony_model: Path, tmp_path: Path
+) -> None:
+    """mlxctl's advice for gpt-oss: ``reasoning_effort: low`` as a default request field."""
+    from mlx_hub import Hub
+    from mlx_hub.tinymodel import HARMONY_CHAT_TEMPLATE
+
+    template = tmp_path / "harmony.jinja"
+    template.write_text(HARMONY_CHAT_TEMPLATE)
+    gpt_oss = {
+        "model_path": str(harmony_model),
+        "tool_call_parser": "harmony",
+        "reasoning_parser": "harmony",
+        "enable_auto_tool_choice": True,
+        "chat_template_file": str(template),
+    }
+    low = {"chat_template_kwargs": {"reasoning_effort": "low"}}
+    models = [{"name": "plain", **gpt_oss}, {"name": "low", **gpt_oss, "request_params": low}]
+    async with Hub.from_config(hub_config(models)) as hub:  # no default anywhere: both start
+        async def prompt_tokens(name: str, **extra: Any) -> int:
+            client = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{hub.slots[name].port}/v1", api_key="none"
+            )
+            reply = await client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, extra_body=extra
+            )
+            return reply.usage.prompt_tokens
+
+        medium = await prompt_tokens("plain")  # the template's own default: medium
+        assert await prompt_tokens("plain", **low) != medium  # the effort changes the prompt
+        assert await prompt_tokens("low") == await prompt_tokens("plain", **low)
+        high = {"chat_template_kwargs": {"reasoning_effort": "high"}}
+        assert await prompt_tokens("low", **high) == await prompt_tokens("plain", **high)  # the request wins

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from mlx_hub.tinymodel import HARMONY_CHAT_TEMPLATE
+
 from ..helpers import free_port, free_range
 from .servers import Pair, serve_pair
 
@@ -55,11 +57,14 @@ def cases(
     kv_llama: Path,
     tiny_embedder: Path,
     tiny_whisper: Path,
+    harmony_model: Path,
     models_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """Served name -> the options both sides get (upstream's field names, which hub.yaml shares)."""
     template = models_dir / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
+    harmony_template = models_dir / "harmony.jinja"
+    harmony_template.write_text(HARMONY_CHAT_TEMPLATE)
     llama = str(tiny_llama)
     return {
         "chat": {"model_path": llama},
@@ -69,6 +74,13 @@ def cases(
             "reasoning_parser": "qwen3_moe",
             "enable_auto_tool_choice": True,
             "chat_template_file": str(template),
+        },
+        "harmony": {  # gpt-oss's parsers and template, on a model that speaks Harmony
+            "model_path": str(harmony_model),
+            "tool_call_parser": "harmony",
+            "reasoning_parser": "harmony",
+            "enable_auto_tool_choice": True,
+            "chat_template_file": str(harmony_template),
         },
         "seeded": {"model_path": llama, "disable_batching": True},
         "spec": {"model_path": llama, "draft_model_path": str(draft_llama), "num_draft_tokens": 3},

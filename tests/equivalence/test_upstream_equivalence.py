@@ -9,6 +9,7 @@ in the same order.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,39 @@ def test_tools_and_reasoning_parsers_with_a_template_file(
         plain = same(pair, "tools", "/v1/chat/completions", chat("tools", cases))
         # The template file renders the tools into the prompt.
         assert with_tools["body"]["usage"]["prompt_tokens"] > plain["body"]["usage"]["prompt_tokens"] + 20
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_harmony_tool_call_through_gpt_oss_parsers(pair: Pair, stream: bool) -> None:
+    """gpt-oss's template and Harmony parsers turn its channel text into the same tool call on both."""
+    body = {
+        "model": "harmony",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "auto",
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+    reply = same(pair, "harmony", "/v1/chat/completions", body)
+    assert reply["status"] == 200
+    if stream:
+        calls = [
+            call
+            for chunk in reply["body"]
+            if isinstance(chunk, dict)
+            for choice in chunk["choices"]
+            for call in choice["delta"].get("tool_calls") or []
+        ]
+        assert calls and calls[0]["function"]["name"] == "get_weather"
+        arguments = "".join(c["function"].get("arguments") or "" for c in calls)
+    else:
+        choice = reply["body"]["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        arguments = call["function"]["arguments"]
+    assert json.loads(arguments) == {"city": "Paris"}
 
 
 def test_tool_call_history_round_trip(pair: Pair, cases: dict[str, Any]) -> None:
