@@ -160,6 +160,11 @@ async def test_service_buttons_and_offline_state(page: Any, live: LiveController
     await page.click("#btn-stop")
     await expect_toast(page, "stopped: alpha, broken")
     await wait_row(page, "alpha", "INACTIVE")
+    # Start brings back the startup models; one that fails says why.
+    await page.click("#btn-start")
+    await expect_toast(page, "started: alpha; did not start: broken (")
+    await wait_row(page, "alpha", "LOADED")
+    assert live.hub.slots["alpha"].memory_state.value == "loaded"
     await page.click("#btn-reload")
     await expect_toast(page, "Reloaded: 0 started, 0 stopped, 3 unchanged")
     await live.server.stop()
