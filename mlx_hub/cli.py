@@ -395,7 +395,7 @@ def load_command(
     no_offload: bool,
     wait_seconds: float,
 ) -> None:
-    """Serve MODEL (a Hugging Face repo or a folder) now, on PORT (a number, auto or auto:RANGE).
+    """Serve MODEL (a Hugging Face repo, a folder or an entry's name) now, on PORT (a number, auto or auto:RANGE).
 
     mlxctl's `load <model> <port>` in one step: ensure it (download, convert),
     add it to hub.yaml (comments kept, hub.yaml.bak written), reload the
@@ -408,7 +408,9 @@ def load_command(
     if port is not None and port != "auto":
         fields["port"] = int(port) if port.isdigit() else port
     folder = Path(model).expanduser()
-    if folder.is_dir():
+    if any(m.name == model for m in cfg.models) and not folder.is_dir():
+        model_path = model  # an entry's name: serve that entry
+    elif folder.is_dir():
         model_path = str(folder.resolve())
     else:
         model_path = registry_commands.ensure_model(cfg, model, convert, quantize, preconverted, no_offload)

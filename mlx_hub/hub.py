@@ -244,10 +244,12 @@ class Hub:
         that explicit request, so it opens the port as well.
         """
         slot = self._slot(name)
-        if slot.port_state in (PortState.STOPPING,):
+        if slot.port_state is PortState.STOPPING:
             raise NotRunningError(f"model '{name}' is stopping; load it once it has stopped", model=name)
         if slot.port_state is not PortState.RUNNING and slot.port_state is not PortState.STARTING:
-            await self.start_model(name)
+            await self.start_model(name)  # loads a non-JIT model as well
+            if slot.memory_state is MemoryState.LOADED:
+                return "loaded"
         if slot.memory_state is MemoryState.LOADED:
             return "already_loaded"
         if slot.memory_state is MemoryState.UNLOADING:

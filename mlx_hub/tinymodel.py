@@ -208,7 +208,15 @@ def make_model(
 
 
 #: gpt-oss's Harmony tokens: headers, channels and the two ends of an assistant turn.
-HARMONY_TOKENS = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
+HARMONY_TOKENS = [
+    "<|endoftext|>",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|call|>",
+]
 
 #: A Harmony chat template in gpt-oss's shape: a system header that carries the reasoning
 #: effort, one header per message, and the assistant header as the generation prompt.
@@ -261,7 +269,11 @@ def make_harmony_model(
             tokenizer = _train_tokenizer(vocab_size, HARMONY_TOKENS)
             specials = set(HARMONY_TOKENS)
             tokenizer.add_tokens(
-                [AddedToken(piece, special=False, normalized=False) for piece in chain if piece not in specials]
+                [
+                    AddedToken(piece, special=False, normalized=False)
+                    for piece in chain
+                    if piece not in specials
+                ]
             )
             tokenizer.save(str(work / "tokenizer.json"))
             ids = [tokenizer.token_to_id(piece) for piece in chain]

@@ -95,8 +95,9 @@ async def test_model_actions_answer_with_status_words(controller: dict[str, Any]
     assert await act("c", "unload") == (200, {"status": "not_loaded", "name": "c"})
     assert await act("c", "stop") == (200, {"status": "stopped", "name": "c"})
     assert await act("c", "stop") == (200, {"status": "not_running", "name": "c"})
-    code, body = await act("c", "load")
-    assert code == 409 and body["error"]["code"] == "model_not_started"
+    # load on a closed port opens it: one command, as "stays off until explicitly loaded" implies
+    assert await act("c", "load") == (200, {"status": "loaded", "name": "c"})
+    assert await act("c", "stop") == (200, {"status": "stopped", "name": "c"})
 
 
 async def test_errors_use_the_openai_envelope(controller: dict[str, Any]) -> None:
@@ -147,7 +148,9 @@ async def test_service_buttons(controller: dict[str, Any]) -> None:
     assert body["status"] == "stopped" and sorted(body["models"]) == ["a", "c"]
     assert (await http.get("/hub/status")).json()["counts"]["started"] == 0
     body = (await http.post("/hub/service/start")).json()
-    assert body == {"status": "started", "models": ["a"], "reload": None}
+    assert body == {"status": "started", "models": ["a"], "failed": {}, "reload": None}
+    body = (await http.post("/hub/service/start")).json()  # only what is not running
+    assert body == {"status": "started", "models": [], "failed": {}, "reload": None}
     body = (await http.post("/hub/service/reload")).json()
     assert body["reload"]["unchanged"] == ["a", "b", "c"]
     assert (await http.post("/hub/shutdown")).json() == {"status": "shutting_down"}

@@ -90,7 +90,8 @@ async def test_streaming_passes_through(start: Start, hub_config, tiny_llama: Pa
 async def test_stopped_models_start_on_demand_only_when_jit(
     start: Start, hub_config, tiny_llama: Path
 ) -> None:
-    live = await start(hub_config([lm("jit", tiny_llama, jit_enabled=True), lm("plain", tiny_llama)]))
+    models = [lm("jit", tiny_llama, jit_enabled=True), lm("plain", tiny_llama, default=False)]
+    live = await start(hub_config(models))  # default written: only defaults start, so plain stays stopped
     assert (await ask(gateway(live), "jit")).choices
     assert meta(live.hub, "jit")["process_state"] == "running"
     with pytest.raises(openai.ConflictError) as info:

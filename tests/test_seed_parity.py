@@ -285,6 +285,8 @@ def test_load_serves_a_repo_or_folder_in_one_step_and_unload_stops_by_port(
         assert reply.choices[0].message.content
         again = run("load", "acme/tiny-chat", config=path, env=env)
         assert again.returncode == 0 and "tiny-chat: already loaded" in again.stdout, again.stderr
+        by_name = run("load", "tiny-chat", config=path, env=env)  # an entry's name is enough
+        assert by_name.returncode == 0 and "tiny-chat: already loaded" in by_name.stdout, by_name.stderr
         assert [m["name"] for m in yaml.safe_load(path.read_text())["models"]] == [
             "base",
             "qwen",
@@ -349,6 +351,10 @@ def test_reconcile_releases_ports_of_removed_models_and_stale_runtime_files(
         assert set(json.loads((logs / "ports.json").read_text())) == {"stay"}
     finally:
         shutdown(path)
+    offline = run("list", config=path)  # no hub: the ports come from the port book
+    assert offline.returncode == 0 and "ports from the port book" in offline.stdout, offline.stderr
+    remembered = json.loads((logs / "ports.json").read_text())["stay"]
+    assert any(line.split()[:2] == ["stay", str(remembered)] for line in offline.stdout.splitlines())
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     runtime = {"pid": gone.pid, "host": "127.0.0.1", "port": 1, "config_path": str(path), "started_at": 0}
@@ -529,6 +535,7 @@ async def test_a_gpt_oss_entry_gets_its_reasoning_effort_from_request_params(
     low = {"chat_template_kwargs": {"reasoning_effort": "low"}}
     models = [{"name": "plain", **gpt_oss}, {"name": "low", **gpt_oss, "request_params": low}]
     async with Hub.from_config(hub_config(models)) as hub:  # no default anywhere: both start
+
         async def prompt_tokens(name: str, **extra: Any) -> int:
             client = openai.AsyncOpenAI(
                 base_url=f"http://127.0.0.1:{hub.slots[name].port}/v1", api_key="none"
