@@ -255,9 +255,11 @@ def test_thinking_then_text_then_a_tool_call() -> None:
 def test_stop_reasons_max_tokens_and_stop_sequence() -> None:
     full = events_of(["a", "b", {"__usage__": {"prompt_tokens": 1, "completion_tokens": 2}}], max_tokens=2)
     assert tr.collect(full)["stop_reason"] == "max_tokens"
-    cut = events_of(["one ST", "OP two", "three"], stops=["STOP"])
+    usage = {"__usage__": {"prompt_tokens": 4, "completion_tokens": 3}}
+    cut = events_of(["one ST", "OP two", "three", usage], stops=["STOP"])
     message = tr.collect(cut)
     assert message["content"] == [{"type": "text", "text": "one "}]
+    assert message["usage"] == {"input_tokens": 4, "output_tokens": 3}  # read to the end, still real
     assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "STOP")
     held = events_of(["x S"], stops=["STOP"])  # the text ended while a possible stop was held back
     assert tr.collect(held)["content"][0]["text"] == "x S"

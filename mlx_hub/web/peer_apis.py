@@ -167,7 +167,7 @@ class Driver:
                     yield chunk
             finally:
                 with contextlib.suppress(Exception):
-                    await source.aclose()  # a stop sequence or a gone client ends generation
+                    await source.aclose()  # a client gone mid-stream ends generation
 
         return chunks()
 
@@ -192,8 +192,6 @@ async def _anthropic_events(chunks: AsyncIterator[Any], stream: tr.MessageStream
             for piece in tr.pieces(chunk):
                 for event in stream.feed(piece):
                     yield event
-            if stream.stopped:
-                break
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
     for event in stream.finish():
@@ -316,8 +314,6 @@ class _Completion:
                             text = scanner.feed(piece.text)
                             if text:
                                 yield index, text, None
-                    if scanner.matched is not None:
-                        break
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
             tail = scanner.flush()

@@ -16,7 +16,9 @@ here does I/O, so every mapping is tested without a server:
 * :class:`StopScanner` applies ``stop_sequences`` (and completions' ``stop``)
   here, on the text, because upstream's two generation paths treat ``stop``
   differently (the batched one drops the last token of a match, the other
-  ignores it), and a stop_reason needs to know which sequence matched.
+  ignores it), and a stop_reason needs to know which sequence matched. The
+  handler's stream is still read to its end after a match (nothing more is
+  sent) because its usage, which the answer reports, comes last.
 
 No library does this without a large runtime dependency (LiteLLM's adapter
 pulls all of LiteLLM), so it is written small.
@@ -440,7 +442,7 @@ class MessageStream:
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched: the caller can stop reading the handler."""
+        """A stop sequence matched: nothing more is sent, but usage is still read to the end."""
         return self._scanner.matched is not None
 
     def start(self) -> list[Event]:
@@ -479,10 +481,10 @@ class MessageStream:
         return [*events, self._delta({"type": "text_delta", "text": text})]
 
     def feed(self, piece: Piece) -> list[Event]:
-        if self.stopped:
-            return []
-        if isinstance(piece, Usage):
+        if isinstance(piece, Usage):  # recorded even after a stop sequence: usage stays real
             self._usage = piece
+            return []
+        if self.stopped:
             return []
         if isinstance(piece, Text):
             return self._text(self._scanner.feed(piece.text))
@@ -563,8 +565,6 @@ def run(stream: MessageStream, chunks: Iterable[Any]) -> Iterator[Event]:
     for chunk in chunks:
         for piece in pieces(chunk):
             yield from stream.feed(piece)
-        if stream.stopped:
-            break
     yield from stream.finish()
 
 
