@@ -90,6 +90,11 @@ def forced(path: Path, phrase: str) -> dict[str, Any]:
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
+def prompt_of(usage: Any) -> int:
+    """The whole prompt's tokens: Anthropic reports the part the prompt cache served apart."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
 def a_stop_inside(text: str) -> str:
     """Two characters of ``text`` whose first occurrence is not at its start (so text precedes it)."""
     for at in range(1, len(text) - 1):
@@ -118,7 +123,8 @@ async def test_chat_messages_and_completions_answer_the_same(
         assert message.content[0].text == expected
         assert message.stop_reason == "max_tokens" and message.model == "m"
         assert message.usage.output_tokens == 6
-        assert message.usage.input_tokens == said.usage.prompt_tokens
+        # Anthropic counts what the prompt cache served apart; together they are the prompt.
+        assert prompt_of(message.usage) == said.usage.prompt_tokens
         counted = await claude(url).messages.count_tokens(model="m", messages=HELLO)
         assert counted.input_tokens == said.usage.prompt_tokens  # the model's own template and tokenizer
 
@@ -157,7 +163,7 @@ async def test_messages_stream_sends_anthropics_event_sequence(
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 1
     assert "message_delta" in kinds and kinds.count("text") >= 1
     assert final.content[0].text == whole.content[0].text and final.stop_reason == "max_tokens"
-    assert final.usage.output_tokens == 5 and final.usage.input_tokens == whole.usage.input_tokens
+    assert final.usage.output_tokens == 5 and prompt_of(final.usage) == prompt_of(whole.usage)
 
     # The raw wire: event names, a ping, text deltas, and Anthropic's framing.
     body = {
@@ -182,7 +188,7 @@ async def test_messages_stream_sends_anthropics_event_sequence(
     )
     assert cut.content[0].text == text[: text.index(stop)]
     assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
-    assert cut.usage.output_tokens == 5 and cut.usage.input_tokens == whole.usage.input_tokens
+    assert cut.usage.output_tokens == 5 and prompt_of(cut.usage) == prompt_of(whole.usage)
     async with client.messages.stream(
         model="m", max_tokens=5, messages=HELLO, stop_sequences=[stop], **greedy(phrase_model)
     ) as stream:
@@ -246,7 +252,7 @@ async def test_tool_round_trip_and_thinking_through_the_entrys_parsers(
     bare = await client.messages.count_tokens(model="tools", messages=ask)
     with_tools = await client.messages.count_tokens(model="tools", messages=ask, tools=[WEATHER])
     assert with_tools.input_tokens > bare.input_tokens + 20
-    assert answer.usage.input_tokens > with_tools.input_tokens + 10
+    assert prompt_of(answer.usage) > with_tools.input_tokens + 10
 
     thought = await client.messages.create(
         model="tools", max_tokens=1, messages=ask, **forced(phrase_model, THINK)
@@ -281,13 +287,23 @@ async def test_an_image_block_on_the_multimodal_model(start: Start, hub_config, 
     text_only = await client.messages.count_tokens(
         model="see", messages=[{"role": "user", "content": content[:1]}]
     )
-    assert reply.usage.input_tokens > text_only.input_tokens  # the image's tokens are in the prompt
+    assert prompt_of(reply.usage) > text_only.input_tokens  # the image's tokens are in the prompt
     counted = await client.messages.count_tokens(model="see", messages=[{"role": "user", "content": content}])
-    assert counted.input_tokens == reply.usage.input_tokens
+    assert counted.input_tokens == prompt_of(reply.usage)
     through = await claude(live.url).messages.create(
         model="see", max_tokens=4, messages=[{"role": "user", "content": content}], **greedy(tiny_vlm)
     )
     assert through.content[0].text == reply.content[0].text
+    plain = openai.AsyncOpenAI(base_url=f"{port_url(live, 'see')}/v1", api_key="unused", max_retries=0)
+    done = await plain.completions.create(
+        model="see",
+        prompt="A picture of",
+        max_tokens=3,
+        temperature=0,
+        extra_body={"logit_bias": text_only_logit_bias(tiny_vlm)},
+    )
+    assert done.choices[0].text and done.usage.completion_tokens == 3
+    assert done.usage.prompt_tokens < text_only.input_tokens  # as written: no template around it
 
 
 async def test_completions_plain_stream_and_several_prompts(
@@ -331,10 +347,16 @@ async def test_completions_plain_stream_and_several_prompts(
     assert "n and best_of" in info.value.response.json()["error"]["message"]
 
 
-async def test_the_gate_treats_messages_like_chat(start: Start, hub_config, tiny_llama: Path) -> None:
-    live = await start(
-        hub_config([lm("jit", tiny_llama, default=True, jit_enabled=True)], api_keys=["sekret"])
-    )
+async def test_the_gate_treats_messages_like_chat(
+    start: Start, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path
+) -> None:
+    models = [
+        lm("jit", tiny_llama, default=True, jit_enabled=True, group="g"),
+        lm("other", tiny_qwen, default=True, jit_enabled=True, group="g"),
+        lm("missing", tmp_path / "missing", default=True, jit_enabled=True),
+    ]
+    doc = hub_config(models, api_keys=["sekret"], groups=[{"name": "g", "max_loaded": 1}])
+    live = await start(doc)
     assert meta(live.hub, "jit")["memory_state"] == "unloaded"
     client = claude(live.url, "sekret")  # the SDK sends x-api-key
     reply = await client.messages.create(
@@ -342,11 +364,28 @@ async def test_the_gate_treats_messages_like_chat(start: Start, hub_config, tiny
     )
     assert reply.content[0].text  # loaded on demand for it ...
     await eventually(lambda: meta(live.hub, "jit")["memory_state"] == "unloaded")  # ... and keep_alive 0 held
+    await client.messages.create(model="other", max_tokens=2, messages=HELLO)
+    assert meta(live.hub, "other")["memory_state"] == "loaded"
     completion = await openai.AsyncOpenAI(
         base_url=f"{port_url(live, 'jit')}/v1", api_key="sekret", max_retries=0
     ).completions.create(model="jit", prompt="Hi", max_tokens=2)
     assert completion.usage.completion_tokens <= 2
+    # The group holds one: loading "jit" for completions made room by unloading "other".
+    assert (meta(live.hub, "jit")["memory_state"], meta(live.hub, "other")["memory_state"]) == (
+        "loaded",
+        "unloaded",
+    )
 
+    with pytest.raises(anthropic.InternalServerError) as failed:  # a load failure, in Anthropic's envelope
+        await client.messages.create(model="missing", max_tokens=2, messages=HELLO)
+    assert failed.value.status_code == 503 and failed.value.body["type"] == "error"
+    assert failed.value.body["error"]["type"] == "api_error"
+    assert "does not exist" in failed.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as elsewhere:  # a port asked for another model
+        await claude(port_url(live, "jit"), "sekret").messages.create(
+            model="other", max_tokens=2, messages=HELLO
+        )
+    assert elsewhere.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.AuthenticationError) as refused:
         await claude(live.url, "wrong").messages.create(model="jit", max_tokens=3, messages=HELLO)
     assert refused.value.body["type"] == "error"
@@ -385,6 +424,7 @@ async def test_the_gate_treats_messages_like_chat(start: Start, hub_config, tiny
     assert value("mlx_hub_requests_total", model="jit", route="/v1/messages", status="400") == 2
     assert value("mlx_hub_requests_total", model="jit", route="/v1/completions", status="200") == 1
     assert value("mlx_hub_loads_total", model="jit") == 2
+    assert value("mlx_hub_unloads_total", model="other", reason="group") == 1
     assert value("mlx_hub_generated_tokens_total", model="jit") >= 3  # Anthropic's output_tokens counted
 
 

@@ -137,7 +137,7 @@ def test_thinking_and_prefill() -> None:
 )
 def test_bad_requests_are_400_naming_the_field(change: dict[str, Any], words: str) -> None:
     body = {k: v for k, v in {**messages_body(), **change}.items() if v is not None}
-    with pytest.raises(tr.AnthropicError) as info:
+    with pytest.raises(tr.RequestError) as info:
         tr.to_chat_request(body)
     assert info.value.status == 400 and words in info.value.message
 
@@ -154,7 +154,8 @@ def test_error_envelope_per_status() -> None:
     }
     assert tr.error_body(404, "x")["error"]["type"] == "not_found_error"
     assert tr.error_body(429, "x")["error"]["type"] == "rate_limit_error"
-    assert tr.error_body(503, "x")["error"]["type"] == "overloaded_error"
+    assert tr.error_body(503, "x")["error"]["type"] == "api_error"  # a load that failed
+    assert tr.error_body(503, "x", "memory_budget_exceeded")["error"]["type"] == "overloaded_error"
     assert tr.error_body(502, "x")["error"]["type"] == "api_error"
     assert tr.is_anthropic_path("/v1/messages") and tr.is_anthropic_path("/v1/messages/count_tokens")
     assert not tr.is_anthropic_path("/v1/chat/completions")
@@ -210,6 +211,8 @@ def test_text_stream_events_and_the_message_they_fold_into() -> None:
     assert events[3][1]["delta"] == {"type": "text_delta", "text": "Hel"}
     assert events[6][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert events[6][1]["usage"] == {"input_tokens": 5, "output_tokens": 2}
+    cached = tr.anthropic_usage(tr.Usage(prompt_tokens=13, completion_tokens=2, cached_tokens=12))
+    assert cached == {"input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 12}
     message = tr.collect(events)
     assert message["content"] == [{"type": "text", "text": "Hello"}]
     assert message["stop_reason"] == "end_turn" and message["usage"]["input_tokens"] == 5
@@ -281,7 +284,7 @@ def test_completions_requests() -> None:
     assert chats[0]["max_tokens"] == 16 and chats[0]["temperature"] == 0 and chats[0]["seed"] == 1
     assert "stop" not in chats[0]
     for bad in ({"prompt": 3}, {"prompt": []}, {"prompt": "a", "n": 2}, {"prompt": "a", "echo": True}):
-        with pytest.raises(tr.AnthropicError):
+        with pytest.raises(tr.RequestError):
             tr.to_completion_requests(bad)
     assert tr.finish_reason(16, 16, False) == "length" and tr.finish_reason(3, 16, False) == "stop"
     assert tr.finish_reason(16, 16, True) == "stop"

@@ -22,6 +22,7 @@ the chat path's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import translate as tr
+from .responses import error_json
 
 if TYPE_CHECKING:
     from ..slot import ModelSlot
@@ -56,14 +58,9 @@ class RouteError(Exception):
         self.message = message
 
 
-def anthropic_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(tr.error_body(status, message), status_code=status)
-
-
-def openai_error(status: int, message: str) -> JSONResponse:
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-    return JSONResponse(body, status_code=status)
+def refusal(status: int, message: str) -> Response:
+    """The hub's one error writer: OpenAI's envelope, or Anthropic's on the Messages paths."""
+    return error_json(status, message, "invalid_request_error" if status < 500 else "server_error", status)
 
 
 def _detail_message(exc: HTTPException) -> str:
@@ -134,7 +131,11 @@ class Driver:
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise RouteError(400, f"{where}: {first.get('msg')}") from exc
         refine: Callable[..., Any] | None = getattr(endpoints, "refine_chat_completion_request", None)
-        return refine(request, handler) if refine else request
+        if refine is None:
+            return request
+        # 1.8.x reads the handler's sampling defaults; 1.6.x takes the request alone (env defaults).
+        takes_handler = len(inspect.signature(refine).parameters) > 1
+        return refine(request, handler) if takes_handler else refine(request)
 
     @staticmethod
     def stream(handler: Any, request: Any) -> AsyncIterator[Any]:
@@ -231,12 +232,10 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
                     _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
                 )
             return JSONResponse(tr.collect([event async for event in events]))
-        except tr.AnthropicError as exc:
-            return anthropic_error(exc.status, exc.message)
-        except RouteError as exc:
-            return anthropic_error(exc.status, exc.message)
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
         except HTTPException as exc:
-            return anthropic_error(exc.status_code, _detail_message(exc))
+            return refusal(exc.status_code, _detail_message(exc))
 
     @app.post("/v1/messages/count_tokens", response_model=None)
     async def count_tokens(raw: Request) -> Response:
@@ -247,12 +246,10 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             handler = driver.handler()
             request = driver.request(handler, chat)
             return JSONResponse({"input_tokens": await driver.count_tokens(handler, request)})
-        except tr.AnthropicError as exc:
-            return anthropic_error(exc.status, exc.message)
-        except RouteError as exc:
-            return anthropic_error(exc.status, exc.message)
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
         except HTTPException as exc:
-            return anthropic_error(exc.status_code, _detail_message(exc))
+            return refusal(exc.status_code, _detail_message(exc))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(raw: Request) -> Response:
@@ -265,10 +262,10 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             requests = [driver.request(handler, chat) for chat in chats]
             stops = tr.stop_sequences(body, "stop")
             first = await driver.primed(handler, requests[0], _prompt(chats[0]))
-        except (tr.AnthropicError, RouteError) as exc:
-            return openai_error(exc.status, exc.message)
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
         except HTTPException as exc:
-            return openai_error(exc.status_code, _detail_message(exc))
+            return refusal(exc.status_code, _detail_message(exc))
         run = _Completion(driver, handler, requests, stops, model, first)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -278,7 +275,12 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
         try:
             return JSONResponse(await run.whole())
         except HTTPException as exc:
-            return openai_error(exc.status_code, _detail_message(exc))
+            return refusal(exc.status_code, _detail_message(exc))
+
+
+def _sse_error(message: str, status: int) -> str:
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return f"data: {json.dumps({'error': {'message': message, 'type': error_type, 'code': status}})}\n\n"
 
 
 def _prompt(chat: dict[str, Any]) -> str:
@@ -354,5 +356,7 @@ class _Completion:
                 chunk["usage"] = tr.usage_dict(self.prompt_tokens, self.completion_tokens)
                 yield f"data: {json.dumps(chunk)}\n\n"
         except HTTPException as exc:
-            yield f"data: {json.dumps({'error': {'message': _detail_message(exc), 'code': exc.status_code}})}\n\n"
+            yield _sse_error(_detail_message(exc), exc.status_code)
+        except Exception as exc:  # the stream has started: the error travels as a chunk
+            yield _sse_error(f"{type(exc).__name__}: {exc}", 500)
         yield "data: [DONE]\n\n"

@@ -23,13 +23,16 @@ class ErrorResponse(JSONResponse):
     def __init__(self, body: dict[str, Any], status: int, headers: dict[str, str] | None = None):
         super().__init__(body, status_code=status, headers=headers)
         self.message = str(body["error"]["message"])
+        self.code = body["error"].get("code")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "http" and is_anthropic_path(scope.get("path", "")):
             headers = {
                 k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "content-type")
             }
-            anthropic = JSONResponse(error_body(self.status_code, self.message), self.status_code, headers)
+            anthropic = JSONResponse(
+                error_body(self.status_code, self.message, self.code), self.status_code, headers
+            )
             await anthropic(scope, receive, send)
             return
         await super().__call__(scope, receive, send)

@@ -7,7 +7,8 @@ makes, and turns the handler's stream back into Anthropic's events. Nothing
 here does I/O, so every mapping is tested without a server:
 
 * :func:`to_chat_request` maps a Messages body to a chat body (or raises
-  :class:`AnthropicError`, a 400 in Anthropic's envelope);
+  :class:`RequestError`, a 400 in Anthropic's envelope), and
+  :func:`to_completion_requests` a completions body to one per prompt;
 * :func:`pieces` reads one chunk of the handler's stream (text, reasoning,
   a tool call, usage) as typed pieces;
 * :class:`MessageStream` is the state machine from pieces to Anthropic's
@@ -44,9 +45,11 @@ ERROR_TYPES: dict[int, str] = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
-    503: "overloaded_error",
+    503: "api_error",
     529: "overloaded_error",
 }
+#: The hub's own error codes that mean "busy, retry later", which Anthropic calls overloaded.
+OVERLOADED_CODES = frozenset({"memory_budget_exceeded"})
 
 #: Paths whose errors are written in Anthropic's envelope.
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
@@ -70,8 +73,8 @@ def is_anthropic_path(path: str) -> bool:
     return path.rstrip("/") in ANTHROPIC_PATHS
 
 
-class AnthropicError(Exception):
-    """A request the hub refuses, with the status Anthropic would answer."""
+class RequestError(Exception):
+    """A request the hub refuses (a 400 unless said otherwise), for either API."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -79,9 +82,11 @@ class AnthropicError(Exception):
         self.status = status
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    """Anthropic's error envelope for an HTTP status."""
+def error_body(status: int, message: str, code: object = None) -> dict[str, Any]:
+    """Anthropic's error envelope for an HTTP status (and the hub's error code, where it has one)."""
     error_type = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    if code in OVERLOADED_CODES:
+        error_type = "overloaded_error"
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
@@ -93,7 +98,7 @@ def _text_of(blocks: Any, where: str) -> str:
     if isinstance(blocks, str):
         return blocks
     if not isinstance(blocks, list):
-        raise AnthropicError(f"{where}: expected a string or a list of text blocks")
+        raise RequestError(f"{where}: expected a string or a list of text blocks")
     parts = []
     for block in blocks:
         if (
@@ -101,7 +106,7 @@ def _text_of(blocks: Any, where: str) -> str:
             or block.get("type") != "text"
             or not isinstance(block.get("text"), str)
         ):
-            raise AnthropicError(f"{where}: only text blocks are supported here")
+            raise RequestError(f"{where}: only text blocks are supported here")
         parts.append(block["text"])
     return "\n".join(parts)
 
@@ -113,7 +118,7 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     elif source.get("type") == "url" and isinstance(source.get("url"), str):
         url = source["url"]
     else:
-        raise AnthropicError(f"{where}: an image source must be base64 or url")
+        raise RequestError(f"{where}: an image source must be base64 or url")
     return {"type": "image_url", "image_url": {"url": url}}
 
 
@@ -128,7 +133,7 @@ def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     if not isinstance(content, list):
-        raise AnthropicError(f"{where}.content: expected a string or a list of content blocks")
+        raise RequestError(f"{where}.content: expected a string or a list of content blocks")
     out: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for i, block in enumerate(content):
@@ -145,7 +150,7 @@ def _user_messages(content: Any, where: str) -> list[dict[str, Any]]:
                 text = f"Error: {text}"
             out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")), "content": text})
         else:
-            raise AnthropicError(f"{at}: content block type {kind!r} is not supported in a user turn")
+            raise RequestError(f"{at}: content block type {kind!r} is not supported in a user turn")
     if parts:
         out.append({"role": "user", "content": _content(parts)})
     return out
@@ -155,7 +160,7 @@ def _assistant_message(content: Any, where: str) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     if not isinstance(content, list):
-        raise AnthropicError(f"{where}.content: expected a string or a list of content blocks")
+        raise RequestError(f"{where}.content: expected a string or a list of content blocks")
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for i, block in enumerate(content):
@@ -169,7 +174,7 @@ def _assistant_message(content: Any, where: str) -> dict[str, Any]:
         elif kind in ("thinking", "redacted_thinking"):
             continue  # upstream drops reasoning from replayed history too
         else:
-            raise AnthropicError(f"{where}.content.{i}: content block type {kind!r} is not supported")
+            raise RequestError(f"{where}.content.{i}: content block type {kind!r} is not supported")
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
     if calls:
         message["tool_calls"] = calls
@@ -186,16 +191,16 @@ def _tool_choice(choice: Any) -> Any:
         return "none"
     if kind == "tool" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise AnthropicError("tool_choice: type must be auto, any, tool (with a name) or none")
+    raise RequestError("tool_choice: type must be auto, any, tool (with a name) or none")
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
-        raise AnthropicError("tools: expected a list")
+        raise RequestError("tools: expected a list")
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise AnthropicError(f"tools.{i}: a tool needs a name")
+            raise RequestError(f"tools.{i}: a tool needs a name")
         function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {}}
         if tool.get("description"):
             function["description"] = tool["description"]
@@ -207,10 +212,10 @@ def _positive_int(body: dict[str, Any], name: str, *, required: bool) -> int | N
     value = body.get(name)
     if value is None:
         if required:
-            raise AnthropicError(f"{name}: Field required")
+            raise RequestError(f"{name}: Field required")
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AnthropicError(f"{name}: expected an integer of at least 1")
+        raise RequestError(f"{name}: expected an integer of at least 1")
     return value
 
 
@@ -222,7 +227,7 @@ def stop_sequences(body: dict[str, Any], name: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-        raise AnthropicError(f"{name}: expected a list of non-empty strings")
+        raise RequestError(f"{name}: expected a list of non-empty strings")
     return list(value)
 
 
@@ -234,10 +239,10 @@ def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     ``count_only`` (count_tokens) does not ask for ``max_tokens``.
     """
     if not isinstance(body, dict):
-        raise AnthropicError("the request body must be a JSON object")
+        raise RequestError("the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise AnthropicError("messages: expected a non-empty list")
+        raise RequestError("messages: expected a non-empty list")
     chat: list[dict[str, Any]] = []
     if body.get("system"):
         chat.append({"role": "system", "content": _text_of(body["system"], "system")})
@@ -249,7 +254,7 @@ def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
         elif role == "assistant":
             chat.append(_assistant_message(message.get("content"), where))
         else:
-            raise AnthropicError(f"{where}.role: expected 'user' or 'assistant'")
+            raise RequestError(f"{where}.role: expected 'user' or 'assistant'")
     if chat[-1]["role"] == "assistant":
         chat[-1]["partial"] = True  # Anthropic's prefill: continue the assistant's text
     request: dict[str, Any] = {"messages": chat, "stream": True, "stream_options": {"include_usage": True}}
@@ -261,7 +266,7 @@ def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             if isinstance(body[name], bool) or not isinstance(body[name], int | float):
-                raise AnthropicError(f"{name}: expected a number")
+                raise RequestError(f"{name}: expected a number")
             request[name] = float(body[name])
     top_k = _positive_int(body, "top_k", required=False)
     if top_k is not None:
@@ -424,7 +429,7 @@ class MessageStream:
 
     ``message_start`` cannot know the prompt's token count yet (the handler
     reports usage last), so it carries 0 and ``message_delta`` carries the
-    real ``input_tokens`` beside ``output_tokens``.
+    real ``input_tokens`` (and ``cache_read_input_tokens``) beside ``output_tokens``.
     """
 
     model: str
@@ -514,15 +519,29 @@ class MessageStream:
     def finish(self) -> list[Event]:
         events = [] if self.stopped else self._text(self._scanner.flush())
         events += self._close()
-        usage = {"input_tokens": self._usage.prompt_tokens, "output_tokens": self._usage.completion_tokens}
-        if self._usage.cached_tokens:
-            usage["cache_read_input_tokens"] = self._usage.cached_tokens
+        usage = anthropic_usage(self._usage)
         delta = {"stop_reason": self.stop_reason(), "stop_sequence": self._scanner.matched}
         return [
             *events,
             ("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}),
             ("message_stop", {"type": "message_stop"}),
         ]
+
+
+def anthropic_usage(usage: Usage) -> dict[str, int]:
+    """OpenAI's counts in Anthropic's terms: ``input_tokens`` leaves out what the prompt cache served.
+
+    Upstream 1.8's ``prompt_tokens`` is the whole prompt, cached part included
+    (as in OpenAI's API); Anthropic reports the cached part apart, in
+    ``cache_read_input_tokens``, so the two add up to the prompt.
+    """
+    out = {
+        "input_tokens": max(usage.prompt_tokens - usage.cached_tokens, 0),
+        "output_tokens": usage.completion_tokens,
+    }
+    if usage.cached_tokens:
+        out["cache_read_input_tokens"] = usage.cached_tokens
+    return out
 
 
 def sse(event: Event) -> str:
@@ -578,15 +597,15 @@ def to_completion_requests(body: Any) -> list[dict[str, Any]]:
     messages); the route has the handler take that text unrendered.
     """
     if not isinstance(body, dict):
-        raise AnthropicError("the request body must be a JSON object")
+        raise RequestError("the request body must be a JSON object")
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise AnthropicError("prompt: expected a string or a non-empty list of strings")
+        raise RequestError("prompt: expected a string or a non-empty list of strings")
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-        raise AnthropicError("n and best_of: only 1 is supported")
+        raise RequestError("n and best_of: only 1 is supported")
     if body.get("echo") or body.get("suffix"):
-        raise AnthropicError("echo and suffix are not supported")
+        raise RequestError("echo and suffix are not supported")
     base: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
     if isinstance(body.get("model"), str):
         base["model"] = body["model"]
