@@ -448,3 +448,71 @@ async def test_litellm_anthropic_provider_reaches_the_hub(
     )
     assert reply.choices[0].message.content == direct.content[0].text
     assert reply.usage.completion_tokens == 4
+
+
+BAD_MESSAGES = [
+    b"{not json",
+    b"[1, 2]",
+    b'{"max_tokens": 4, "messages": "hi"}',
+    b'{"max_tokens": 4, "messages": [5]}',
+    b'{"max_tokens": 4, "messages": [{"role": "user"}]}',
+    b'{"max_tokens": 4, "messages": [{"role": "user", "content": [7, {"type": "text", "text": "x"}]}]}',
+    b'{"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}',
+    b'{"max_tokens": "4", "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 4, "system": 5, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 4, "tools": [{"name": "f", "input_schema": 3}], "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 4, "tool_choice": "auto", "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 4, "top_k": -1, "messages": [{"role": "user", "content": "x"}]}',
+]
+BAD_COMPLETIONS = [
+    b'{"prompt": 5}',
+    b'{"prompt": "x", "max_tokens": -1}',
+    b'{"prompt": "x", "stop": [1]}',
+    b'{"prompt": "x", "temperature": "hot"}',
+    b'{"prompt": ["x", 3]}',
+]
+
+
+async def test_bad_bodies_get_400_in_their_apis_envelope(start: Start, hub_config, tiny_llama: Path) -> None:
+    live = await start(hub_config([lm("m", tiny_llama, default=True)]))
+
+    def named(body: bytes) -> bytes:
+        return body.replace(b"{", b'{"model": "m", ', 1)
+
+    async with httpx.AsyncClient(headers={"content-type": "application/json"}) as http:
+        for url in (port_url(live, "m"), live.url):
+            for body in BAD_MESSAGES:
+                for path in ("/v1/messages", "/v1/messages/count_tokens"):
+                    answer = await http.post(f"{url}{path}", content=named(body))
+                    unroutable = url == live.url and body in BAD_MESSAGES[:2]  # no model to route by
+                    assert answer.status_code == (404 if unroutable else 400), (path, body, answer.text)
+                    assert answer.json()["type"] == "error", body
+                    kind = "not_found_error" if unroutable else "invalid_request_error"
+                    assert answer.json()["error"]["type"] == kind
+            for body in BAD_COMPLETIONS:
+                answer = await http.post(f"{url}/v1/completions", content=named(body))
+                assert answer.status_code == 400, (body, answer.text)
+                assert answer.json()["error"]["message"], body
+        assert (await http.get(f"{port_url(live, 'm')}/health")).json()["model_status"] == "loaded"
+
+
+async def test_the_entrys_sampling_defaults_apply_as_for_chat(
+    start: Start, hub_config, phrase_model: Path
+) -> None:
+    entry = lm("m", phrase_model, default=True, default_temperature=0.0, default_max_tokens=4)
+    live = await start(hub_config([entry]))
+    bias = text_only_logit_bias(phrase_model)
+    chat = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    said = await chat.chat.completions.create(model="m", messages=HELLO, logit_bias=bias)  # greedy, 4 tokens
+    assert said.usage.completion_tokens == 4
+    # No temperature: the entry's default (0) makes Messages as greedy as chat.
+    message = await claude(live.url).messages.create(
+        model="m", max_tokens=4, messages=HELLO, extra_body={"logit_bias": bias}
+    )
+    assert message.content[0].text == said.choices[0].message.content
+    # No max_tokens: the entry's default_max_tokens, as chat had it, not OpenAI's 16.
+    completion = await chat.completions.create(
+        model="m", prompt=HELLO_RENDERED, extra_body={"logit_bias": bias}
+    )
+    assert completion.usage.completion_tokens == 4 and completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].text == said.choices[0].message.content

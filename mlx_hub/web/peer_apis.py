@@ -259,7 +259,7 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             model = driver.model_name(body)
             handler = driver.handler()
             _wrap_prompt_renderer(handler)
-            requests = [driver.request(handler, chat) for chat in chats]
+            requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
             stops = tr.stop_sequences(body, "stop")
             first = await driver.primed(handler, requests[0], _prompt(chats[0]))
         except (tr.RequestError, RouteError) as exc:
@@ -276,6 +276,13 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             return JSONResponse(await run.whole())
         except HTTPException as exc:
             return refusal(exc.status_code, _detail_message(exc))
+
+
+def _with_a_limit(request: Any) -> Any:
+    """Completions always have a token limit: the request's, the entry's default, else OpenAI's 16."""
+    if request.max_tokens is None and request.max_completion_tokens is None:
+        request.max_tokens = tr.OPENAI_MAX_TOKENS
+    return request
 
 
 def _sse_error(message: str, status: int) -> str:
@@ -324,7 +331,8 @@ class _Completion:
             self.prompt_tokens += usage.prompt_tokens
             self.completion_tokens += usage.completion_tokens
             stopped = scanner.matched is not None
-            yield index, "", tr.finish_reason(usage.completion_tokens, request.max_tokens, stopped)
+            limit = request.max_tokens or request.max_completion_tokens
+            yield index, "", tr.finish_reason(usage.completion_tokens, limit, stopped)
 
     async def whole(self) -> dict[str, Any]:
         texts: dict[int, list[str]] = {}

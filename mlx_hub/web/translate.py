@@ -610,7 +610,8 @@ def to_completion_requests(body: Any) -> list[dict[str, Any]]:
     if isinstance(body.get("model"), str):
         base["model"] = body["model"]
     max_tokens = _positive_int(body, "max_tokens", required=False)
-    base["max_tokens"] = 16 if max_tokens is None else max_tokens  # OpenAI's default
+    if max_tokens is not None:  # left out: the entry's default_max_tokens, else OPENAI_MAX_TOKENS
+        base["max_tokens"] = max_tokens
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"):
         if body.get(name) is not None:
             base[name] = body[name]
@@ -618,6 +619,10 @@ def to_completion_requests(body: Any) -> list[dict[str, Any]]:
         base["user"] = body["user"]
     stop_sequences(body, "stop")
     return [{**base, "messages": [{"role": "user", "content": p}]} for p in prompts]
+
+
+#: OpenAI's ``max_tokens`` for a completions request that names none (and whose entry sets no default).
+OPENAI_MAX_TOKENS = 16
 
 
 def completion_id() -> str:
