@@ -516,3 +516,15 @@ async def test_the_entrys_sampling_defaults_apply_as_for_chat(
     )
     assert completion.usage.completion_tokens == 4 and completion.choices[0].finish_reason == "length"
     assert completion.choices[0].text == said.choices[0].message.content
+
+
+async def test_a_model_that_does_not_chat_says_so(start: Start, hub_config, tiny_embedder: Path) -> None:
+    entry = {"name": "embed", "model_path": str(tiny_embedder), "model_type": "embeddings", "default": True}
+    live = await start(hub_config([entry]))
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await claude(live.url).messages.create(model="embed", max_tokens=2, messages=HELLO)
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    assert "only lm and multimodal models chat" in info.value.body["error"]["message"]
+    plain = openai.AsyncOpenAI(base_url=f"{port_url(live, 'embed')}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        await plain.completions.create(model="embed", prompt="x", max_tokens=2)

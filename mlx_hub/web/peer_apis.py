@@ -114,7 +114,10 @@ class Driver:
         if handler is None:
             raise RouteError(503, f"model '{self.slot.name}' is not loaded")
         if getattr(handler, "handler_type", "") not in TEXT_TYPES:
-            raise RouteError(400, f"model '{self.slot.name}' ({self.slot.entry.model_type}) does not chat")
+            kind = self.slot.entry.model_type
+            raise RouteError(
+                400, f"model '{self.slot.name}' is a {kind} model: only lm and multimodal models chat"
+            )
         return handler
 
     def request(self, handler: Any, chat: dict[str, Any]) -> Any:
@@ -210,9 +213,12 @@ async def _anthropic_sse(events: AsyncIterator[tr.Event]) -> AsyncIterator[str]:
 
 
 def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
-    """Register /v1/messages, /v1/messages/count_tokens and /v1/completions on a model app."""
-    if slot.entry.model_type not in TEXT_TYPES:
-        return
+    """Register /v1/messages, /v1/messages/count_tokens and /v1/completions on a model app.
+
+    Every port gets them, so a model that does not chat (embeddings, whisper,
+    images) answers 400 in the caller's envelope, as upstream's chat route does,
+    rather than a bare 404.
+    """
     driver = Driver(slot)
 
     @app.post("/v1/messages", response_model=None)
