@@ -74,8 +74,28 @@ def port_url(live: LiveController, name: str) -> str:
     return f"http://127.0.0.1:{live.hub.slots[name].port}"
 
 
+_CLIENTS: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    """Close each test's SDK clients in its own loop (an unclosed one complains after the loop ends)."""
+    yield
+    while _CLIENTS:
+        await _CLIENTS.pop().close()
+
+
 def claude(url: str, key: str = "unused") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0)
+    _CLIENTS.append(client)
+    return client
+
+
+def oai(url: str, key: str = "unused") -> openai.AsyncOpenAI:
+    """An OpenAI client for ``url`` (a port or the controller), at its ``/v1``."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    _CLIENTS.append(client)
+    return client
 
 
 def greedy(path: Path, **extra: Any) -> dict[str, Any]:
@@ -108,7 +128,7 @@ async def test_chat_messages_and_completions_answer_the_same(
 ) -> None:
     live = await start(hub_config([lm("m", phrase_model, default=True)]))
     bias = text_only_logit_bias(phrase_model)
-    chat = openai.AsyncOpenAI(base_url=f"{port_url(live, 'm')}/v1", api_key="unused", max_retries=0)
+    chat = oai(port_url(live, "m"))
     said = await chat.chat.completions.create(
         model="m", messages=HELLO, max_tokens=6, temperature=0, logit_bias=bias
     )
@@ -129,7 +149,7 @@ async def test_chat_messages_and_completions_answer_the_same(
         assert counted.input_tokens == said.usage.prompt_tokens  # the model's own template and tokenizer
 
         # The same rendered prompt, sent as written, gives the same text.
-        plain = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        plain = oai(url)
         completion = await plain.completions.create(
             model="m", prompt=HELLO_RENDERED, max_tokens=6, temperature=0, extra_body={"logit_bias": bias}
         )
@@ -139,8 +159,8 @@ async def test_chat_messages_and_completions_answer_the_same(
         assert completion.usage.completion_tokens == 6
 
     def sync_call() -> str:
-        client = anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0)
-        reply = client.messages.create(model="m", max_tokens=6, messages=HELLO, **greedy(phrase_model))
+        with anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0) as client:
+            reply = client.messages.create(model="m", max_tokens=6, messages=HELLO, **greedy(phrase_model))
         return reply.content[0].text
 
     assert await asyncio.to_thread(sync_call) == expected  # the sync client, off the hub's loop
@@ -294,7 +314,7 @@ async def test_an_image_block_on_the_multimodal_model(start: Start, hub_config, 
         model="see", max_tokens=4, messages=[{"role": "user", "content": content}], **greedy(tiny_vlm)
     )
     assert through.content[0].text == reply.content[0].text
-    plain = openai.AsyncOpenAI(base_url=f"{port_url(live, 'see')}/v1", api_key="unused", max_retries=0)
+    plain = oai(port_url(live, "see"))
     done = await plain.completions.create(
         model="see",
         prompt="A picture of",
@@ -310,7 +330,7 @@ async def test_completions_plain_stream_and_several_prompts(
     start: Start, hub_config, tiny_llama: Path
 ) -> None:
     live = await start(hub_config([lm("m", tiny_llama, default=True)]))
-    client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    client = oai(live.url)
     bias = {"logit_bias": text_only_logit_bias(tiny_llama)}
     whole = await client.completions.create(
         model="m", prompt="The hub keeps", max_tokens=5, temperature=0, extra_body=bias
@@ -366,9 +386,9 @@ async def test_the_gate_treats_messages_like_chat(
     await eventually(lambda: meta(live.hub, "jit")["memory_state"] == "unloaded")  # ... and keep_alive 0 held
     await client.messages.create(model="other", max_tokens=2, messages=HELLO)
     assert meta(live.hub, "other")["memory_state"] == "loaded"
-    completion = await openai.AsyncOpenAI(
-        base_url=f"{port_url(live, 'jit')}/v1", api_key="sekret", max_retries=0
-    ).completions.create(model="jit", prompt="Hi", max_tokens=2)
+    completion = await oai(port_url(live, "jit"), "sekret").completions.create(
+        model="jit", prompt="Hi", max_tokens=2
+    )
     assert completion.usage.completion_tokens <= 2
     # The group holds one: loading "jit" for completions made room by unloading "other".
     assert (meta(live.hub, "jit")["memory_state"], meta(live.hub, "other")["memory_state"]) == (
@@ -502,7 +522,7 @@ async def test_the_entrys_sampling_defaults_apply_as_for_chat(
     entry = lm("m", phrase_model, default=True, default_temperature=0.0, default_max_tokens=4)
     live = await start(hub_config([entry]))
     bias = text_only_logit_bias(phrase_model)
-    chat = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    chat = oai(live.url)
     said = await chat.chat.completions.create(model="m", messages=HELLO, logit_bias=bias)  # greedy, 4 tokens
     assert said.usage.completion_tokens == 4
     # No temperature: the entry's default (0) makes Messages as greedy as chat.
@@ -525,6 +545,6 @@ async def test_a_model_that_does_not_chat_says_so(start: Start, hub_config, tiny
         await claude(live.url).messages.create(model="embed", max_tokens=2, messages=HELLO)
     assert info.value.body["error"]["type"] == "invalid_request_error"
     assert "only lm and multimodal models chat" in info.value.body["error"]["message"]
-    plain = openai.AsyncOpenAI(base_url=f"{port_url(live, 'embed')}/v1", api_key="unused", max_retries=0)
+    plain = oai(port_url(live, "embed"))
     with pytest.raises(openai.BadRequestError):
         await plain.completions.create(model="embed", prompt="x", max_tokens=2)
