@@ -548,3 +548,24 @@ async def test_a_model_that_does_not_chat_says_so(start: Start, hub_config, tiny
     plain = oai(port_url(live, "embed"))
     with pytest.raises(openai.BadRequestError):
         await plain.completions.create(model="embed", prompt="x", max_tokens=2)
+
+
+async def test_a_failing_template_answers_in_the_envelope(
+    start: Start, hub_config, tiny_llama: Path, tmp_path: Path
+) -> None:
+    template = tmp_path / "broken.jinja"
+    template.write_text("{{ raise_exception('this template refuses every prompt') }}")
+    live = await start(hub_config([lm("m", tiny_llama, default=True, chat_template_file=str(template))]))
+    async with httpx.AsyncClient() as http:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            answer = await http.post(
+                f"{live.url}{path}", json={"model": "m", "max_tokens": 2, "messages": HELLO}
+            )
+            assert answer.status_code in (400, 500), answer.text
+            assert answer.json()["type"] == "error"
+            assert "refuses every prompt" in answer.json()["error"]["message"]
+        # Completions skip the template, so they still answer.
+        done = await http.post(
+            f"{live.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2}
+        )
+        assert done.status_code == 200 and done.json()["usage"]["prompt_tokens"] > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
@@ -37,6 +38,8 @@ from .responses import error_json
 
 if TYPE_CHECKING:
     from ..slot import ModelSlot
+
+log = logging.getLogger(__name__)
 
 #: The POST routes this module adds; the controller's ``/v1`` forwards them beside upstream's.
 HUB_POST_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/completions"})
@@ -242,6 +245,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             return refusal(exc.status, exc.message)
         except HTTPException as exc:
             return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:  # as upstream's chat route does: a 500 that says what failed
+            return _failed("messages", exc)
 
     @app.post("/v1/messages/count_tokens", response_model=None)
     async def count_tokens(raw: Request) -> Response:
@@ -256,6 +261,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             return refusal(exc.status, exc.message)
         except HTTPException as exc:
             return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("count_tokens", exc)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(raw: Request) -> Response:
@@ -272,6 +279,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             return refusal(exc.status, exc.message)
         except HTTPException as exc:
             return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("completions", exc)
         run = _Completion(driver, handler, requests, stops, model, first)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -282,6 +291,13 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             return JSONResponse(await run.whole())
         except HTTPException as exc:
             return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("completions", exc)
+
+
+def _failed(route: str, exc: Exception) -> Response:
+    log.exception("%s failed", route)
+    return refusal(500, f"{type(exc).__name__}: {exc}")
 
 
 def _with_a_limit(request: Any) -> Any:
