@@ -569,3 +569,23 @@ async def test_a_failing_template_answers_in_the_envelope(
             f"{live.url}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2}
         )
         assert done.status_code == 200 and done.json()["usage"]["prompt_tokens"] > 0
+
+
+async def test_an_assistant_prefill_continues_like_the_raw_prompt(
+    start: Start, hub_config, phrase_model: Path
+) -> None:
+    live = await start(hub_config([lm("m", phrase_model, default=True)]))
+    prefill = [*HELLO, {"role": "assistant", "content": "keeps"}]
+    message = await claude(live.url).messages.create(
+        model="m", max_tokens=3, messages=prefill, **greedy(phrase_model)
+    )
+    counted = await claude(live.url).messages.count_tokens(model="m", messages=prefill)
+    completion = await oai(live.url).completions.create(
+        model="m",
+        prompt=HELLO_RENDERED + "keeps",  # the template continues the assistant's turn: no end-of-turn token
+        max_tokens=3,
+        temperature=0,
+        extra_body={"logit_bias": text_only_logit_bias(phrase_model)},
+    )
+    assert message.content[0].text == completion.choices[0].text
+    assert counted.input_tokens == completion.usage.prompt_tokens == prompt_of(message.usage)
