@@ -58,8 +58,8 @@ _CORPUS = (
 )
 
 
-def _train_tokenizer(vocab_size: int, specials: list[str]) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(vocab_size: int, specials: list[str], phrases: tuple[str, ...] = ()) -> Any:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,6 +78,8 @@ def _train_tokenizer(vocab_size: int, specials: list[str]) -> Any:
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    if phrases:
+        tokenizer.add_tokens([AddedToken(p, special=False, normalized=False) for p in phrases])
     return tokenizer
 
 
@@ -111,9 +113,10 @@ def _write_tokenizer(
     max_length: int,
     specials: list[str] = SPECIAL_TOKENS,
     chat_template: str = CHAT_TEMPLATE,
+    phrases: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train and save the tokenizer; return the config.json keys that depend on it."""
-    tokenizer = _train_tokenizer(vocab_size, specials)
+    tokenizer = _train_tokenizer(vocab_size, specials, phrases)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -124,7 +127,8 @@ def _write_tokenizer(
         "unk_token": None,
         "chat_template": chat_template,
         "added_tokens_decoder": {
-            str(tokenizer.token_to_id(tok)): {"content": tok, "special": True} for tok in specials
+            **{str(tokenizer.token_to_id(tok)): {"content": tok, "special": True} for tok in specials},
+            **{str(tokenizer.token_to_id(p)): {"content": p, "special": False} for p in phrases},
         },
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -150,6 +154,15 @@ def text_only_logit_bias(path: str | os.PathLike[str]) -> dict[str, int]:
     return {token_id: -100 for token_id in config["added_tokens_decoder"]}
 
 
+def phrase_token(path: str | os.PathLike[str], phrase: str) -> int:
+    """The id of a whole-phrase token a model was made with (``make_model(phrases=...)``)."""
+    added = json.loads((Path(path) / "tokenizer.json").read_text())["added_tokens"]
+    for token in added:
+        if token["content"] == phrase:
+            return int(token["id"])
+    raise KeyError(phrase)
+
+
 def _save(folder: Path, model: Any, config: dict[str, Any]) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -160,7 +173,9 @@ def _save(folder: Path, model: Any, config: dict[str, Any]) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _base_config(folder: Path, vocab_size: int, shape: dict[str, Any] | None) -> dict[str, Any]:
+def _base_config(
+    folder: Path, vocab_size: int, shape: dict[str, Any] | None, phrases: tuple[str, ...] = ()
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
@@ -168,7 +183,7 @@ def _base_config(folder: Path, vocab_size: int, shape: dict[str, Any] | None) ->
         **TINY_SHAPE,
         **(shape or {}),
     }
-    config.update(_write_tokenizer(folder, vocab_size, config["max_position_embeddings"]))
+    config.update(_write_tokenizer(folder, vocab_size, config["max_position_embeddings"], phrases=phrases))
     return config
 
 
@@ -180,15 +195,23 @@ def make_model(
     vocab_size: int = 512,
     seed: int = 0,
     quantize_bits: int | None = None,
+    phrases: tuple[str, ...] = (),
 ) -> Path:
-    """Write a chat model folder (``mlx_lm.load`` accepts it) at ``path`` and return it."""
+    """Write a chat model folder (``mlx_lm.load`` accepts it) at ``path`` and return it.
+
+    Each of ``phrases`` becomes one whole token (see :func:`phrase_token`): a
+    ``logit_bias`` on it makes the random model say that exact text, which is
+    how tests get a real tool call or reasoning block out of a tool or
+    reasoning parser. Keep phrases free of spaces and newlines (the byte-level
+    detokenizer maps printable ASCII only).
+    """
     import mlx.core as mx
 
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
     with _building(path) as work:
         if work is not None:
-            config = _base_config(work, vocab_size, shape)
+            config = _base_config(work, vocab_size, shape, phrases)
             config["model_type"] = arch
             config["architectures"] = ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"]
             if arch == "qwen2":

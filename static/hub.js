@@ -129,6 +129,7 @@ function renderSummary(status) {
   $("count-loaded").textContent = `${c.loaded} / ${c.registered} loaded`;
   $("last-updated").textContent = clock(status.timestamp);
   $("openai-url").textContent = `${window.location.origin}/v1`;
+  $("anthropic-url").textContent = window.location.origin;
 
   const mem = status.memory || {};
   const total = mem.system_total_bytes || 0;

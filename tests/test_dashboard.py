@@ -115,6 +115,7 @@ async def test_buttons_drive_the_hub(page: Any, live: LiveController, tmp_path: 
     )  # port not running
     await counts_match(page, live)
     assert await page.locator("#openai-url").inner_text() == f"{live.url}/v1"
+    assert await page.locator("#anthropic-url").inner_text() == live.url
 
     await click(page, "beta", "start")
     await expect_toast(page, "beta: started")

@@ -30,6 +30,7 @@ from ..policy import parse_keep_alive
 from ..registry import token_limits
 from ..slot import PortState
 from .asgi import is_json, json_object, read_body, replay, with_length
+from .peer_apis import add_peer_routes
 from .responses import error_response
 from .security import ApiKeyGuard
 
@@ -204,6 +205,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": registry.list_models()}
 
+    add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
     app.include_router(router)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
     app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")

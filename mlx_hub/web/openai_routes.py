@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _upstream_post_paths() -> frozenset[str]:
-    """The POST routes a model port serves: upstream's router decides, not a copy of its list."""
+    """The POST routes a model port serves: upstream's router decides, not a copy of its list, plus the hub's."""
     from app.api.endpoints import router
 
-    return frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ()))
+    from .peer_apis import HUB_POST_PATHS
+
+    return frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ())) | HUB_POST_PATHS
 
 
 def _is_v1(path: str) -> bool:

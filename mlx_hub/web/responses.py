@@ -1,10 +1,41 @@
-"""One way to write an error, OpenAI's ``{"error": {...}}`` envelope, used by every app."""
+"""One way to write an error, used by every app: OpenAI's ``{"error": {...}}`` envelope,
+or Anthropic's ``{"type": "error", "error": {...}}`` on the Anthropic routes.
+
+The envelope is picked when the response is sent, from the request's path, so
+whatever refuses a request (the key guard, the gate, the controller's router)
+answers an Anthropic client in the shape its SDK reads.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from ..errors import HubError
+from .translate import error_body, is_anthropic_path
+
+
+class ErrorResponse(JSONResponse):
+    """A JSON error that rewrites itself into Anthropic's envelope on an Anthropic path."""
+
+    def __init__(self, body: dict[str, Any], status: int, headers: dict[str, str] | None = None):
+        super().__init__(body, status_code=status, headers=headers)
+        self.message = str(body["error"]["message"])
+        self.code = body["error"].get("code")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "http" and is_anthropic_path(scope.get("path", "")):
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "content-type")
+            }
+            anthropic = JSONResponse(
+                error_body(self.status_code, self.message, self.code), self.status_code, headers
+            )
+            await anthropic(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def error_json(
@@ -17,7 +48,7 @@ def error_json(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorResponse(body, status, headers)
 
 
 def error_response(exc: HubError) -> JSONResponse:

@@ -20,7 +20,10 @@ from .responses import error_json
 
 
 class ApiKeyGuard:
-    """401 unless ``Authorization: Bearer <key>`` names a configured key (when any is set)."""
+    """401 unless ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` names a configured key.
+
+    ``x-api-key`` is how Anthropic's clients send their key; either header is accepted on every route.
+    """
 
     def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]], open_paths: Callable[[str], bool]):
         self.app = app
@@ -38,11 +41,15 @@ class ApiKeyGuard:
             await self.app(scope, receive, send)
             return
         scheme, _, token = header(scope, b"authorization").partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        offered = [token.strip()] if scheme.lower() == "bearer" else []
+        offered.append(header(scope, b"x-api-key").strip())
+        if any(t and hmac.compare_digest(t.encode(), k.encode()) for t in offered for k in keys):
             await self.app(scope, receive, send)
             return
-        message = "missing or wrong API key: send 'Authorization: Bearer <key>' (one of hub.yaml api_keys)"
+        message = (
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+            " (one of hub.yaml api_keys)"
+        )
         await error_json(
             401, message, "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )(scope, receive, send)

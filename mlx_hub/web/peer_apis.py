@@ -1,0 +1,392 @@
+"""The two APIs upstream lacks, on every lm and multimodal port: Anthropic Messages and completions.
+
+Each route is a thin driver around :mod:`.translate`: it builds upstream's
+``ChatCompletionRequest`` from the translated body, fills the entry's
+sampling defaults with upstream's own ``refine_chat_completion_request`` (what
+the chat route does), and iterates the same handler stream the chat route
+iterates (``generate_text_stream`` or ``generate_multimodal_stream``). So
+parsers, defaults, batching and the prompt cache behave exactly as for chat.
+
+The routes sit on the model app behind its gate (every POST under ``/v1/``),
+so JIT loads, groups, the memory budget, keep_alive, in-flight counts and
+/metrics apply unchanged, and the controller's ``/v1`` forwards them by
+``model`` like chat.
+
+``/v1/completions`` sends the prompt as written: the model's
+``create_input_prompt`` (the one place both handlers render a template) is
+wrapped once per handler to return the prompt a completions request carries
+instead of rendering messages. Everything after it, tokenizing included, is
+the chat path's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from . import translate as tr
+from .responses import error_json
+
+if TYPE_CHECKING:
+    from ..slot import ModelSlot
+
+log = logging.getLogger(__name__)
+
+#: The POST routes this module adds; the controller's ``/v1`` forwards them beside upstream's.
+HUB_POST_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/completions"})
+#: Model types whose handlers stream chat.
+TEXT_TYPES = ("lm", "multimodal")
+
+#: The prompt a completions request sends as written, for the request's own task only.
+_RAW_PROMPT: ContextVar[str | None] = ContextVar("hub_raw_prompt", default=None)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+
+
+class RouteError(Exception):
+    """A refusal with its status; each route writes it in its own API's envelope."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def refusal(status: int, message: str) -> Response:
+    """The hub's one error writer: OpenAI's envelope, or Anthropic's on the Messages paths."""
+    return error_json(status, message, "invalid_request_error" if status < 500 else "server_error", status)
+
+
+def _detail_message(exc: HTTPException) -> str:
+    detail = exc.detail
+    if isinstance(detail, dict):
+        inner = detail.get("error", detail)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(detail)
+
+
+async def _body(raw: Request) -> Any:
+    try:
+        return json.loads(await raw.body() or b"null")
+    except ValueError as exc:
+        raise RouteError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def _wrap_prompt_renderer(handler: Any) -> None:
+    """Let a completions prompt skip the chat template (once per handler; chat is unaffected)."""
+    model = getattr(handler, "model", None)
+    render = getattr(model, "create_input_prompt", None)
+    if render is None or getattr(render, "_hub_raw", False):
+        return
+
+    def create_input_prompt(messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]) -> str:
+        raw = _RAW_PROMPT.get()
+        return raw if raw is not None else render(messages, chat_template_kwargs)
+
+    create_input_prompt._hub_raw = True  # type: ignore[attr-defined]
+    model.create_input_prompt = create_input_prompt
+
+
+class Driver:
+    """What the three routes share: the slot's handler, the request it takes, its stream."""
+
+    def __init__(self, slot: ModelSlot):
+        self.slot = slot
+
+    def model_name(self, body: Any) -> str:
+        requested = body.get("model") if isinstance(body, dict) else None
+        if isinstance(requested, str) and requested:
+            if requested not in self.slot.entry.names:
+                served = self.slot.entry.served_name
+                raise RouteError(404, f"model '{requested}' not found; this port serves '{served}'")
+            return requested
+        return self.slot.entry.served_name
+
+    def handler(self) -> Any:
+        handler = self.slot.handler
+        if handler is None:
+            raise RouteError(503, f"model '{self.slot.name}' is not loaded")
+        if getattr(handler, "handler_type", "") not in TEXT_TYPES:
+            kind = self.slot.entry.model_type
+            raise RouteError(
+                400, f"model '{self.slot.name}' is a {kind} model: only lm and multimodal models chat"
+            )
+        return handler
+
+    def request(self, handler: Any, chat: dict[str, Any]) -> Any:
+        """Upstream's request object with the entry's sampling defaults, as the chat route fills them."""
+        from app.api import endpoints
+        from app.schemas.openai import ChatCompletionRequest
+        from pydantic import ValidationError
+
+        chat = {k: v for k, v in chat.items() if k != "model"}
+        try:
+            request = ChatCompletionRequest(**chat)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise RouteError(400, f"{where}: {first.get('msg')}") from exc
+        refine: Callable[..., Any] | None = getattr(endpoints, "refine_chat_completion_request", None)
+        if refine is None:
+            return request
+        # 1.8.x reads the handler's sampling defaults; 1.6.x takes the request alone (env defaults).
+        takes_handler = len(inspect.signature(refine).parameters) > 1
+        return refine(request, handler) if takes_handler else refine(request)
+
+    @staticmethod
+    def stream(handler: Any, request: Any) -> AsyncIterator[Any]:
+        if getattr(handler, "handler_type", "") == "multimodal":
+            return handler.generate_multimodal_stream(request)
+        return handler.generate_text_stream(request)
+
+    async def primed(self, handler: Any, request: Any, raw_prompt: str | None = None) -> AsyncIterator[Any]:
+        """The handler's stream with its first chunk already read, so early refusals keep their status.
+
+        The handler renders and tokenizes the prompt before its first chunk, so
+        a ``raw_prompt`` set around that first read is the prompt it uses.
+        """
+        source = self.stream(handler, request)
+        token = _RAW_PROMPT.set(raw_prompt)
+        try:
+            first = await source.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except HTTPException as exc:
+            raise RouteError(exc.status_code, _detail_message(exc)) from exc
+        finally:
+            _RAW_PROMPT.reset(token)
+
+        async def chunks() -> AsyncIterator[Any]:
+            try:
+                if first is not None:
+                    yield first
+                async for chunk in source:
+                    yield chunk
+            finally:
+                with contextlib.suppress(Exception):
+                    await source.aclose()  # a client gone mid-stream ends generation
+
+        return chunks()
+
+    async def count_tokens(self, handler: Any, request: Any) -> int:
+        """The prompt's length as the handler would tokenize it: its template, its tokenizer."""
+        model = handler.model
+        if getattr(handler, "handler_type", "") == "multimodal":
+            prepared = await handler._prepare_multimodal_request(request)
+            prompt = model.create_input_prompt(prepared["messages"], prepared["chat_template_kwargs"])
+            inputs = model.create_model_inputs(prompt, prepared["messages"], prepared.get("audios") or None)
+            return int(model.count_prompt_tokens(inputs))
+        messages, params = await handler._prepare_text_request(request)
+        prompt = model.create_input_prompt(handler.refine_messages(messages), params["chat_template_kwargs"])
+        return len(model.encode_prompt(prompt))
+
+
+async def _anthropic_events(chunks: AsyncIterator[Any], stream: tr.MessageStream) -> AsyncIterator[tr.Event]:
+    for event in stream.start():
+        yield event
+    try:
+        async for chunk in chunks:
+            for piece in tr.pieces(chunk):
+                for event in stream.feed(piece):
+                    yield event
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    for event in stream.finish():
+        yield event
+
+
+async def _anthropic_sse(events: AsyncIterator[tr.Event]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield tr.sse(event)
+    except HTTPException as exc:
+        yield tr.sse(("error", tr.error_body(exc.status_code, _detail_message(exc))))
+    except Exception as exc:  # the stream has started: the error travels as Anthropic's error event
+        yield tr.sse(("error", tr.error_body(500, f"{type(exc).__name__}: {exc}")))
+
+
+def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
+    """Register /v1/messages, /v1/messages/count_tokens and /v1/completions on a model app.
+
+    Every port gets them, so a model that does not chat (embeddings, whisper,
+    images) answers 400 in the caller's envelope, as upstream's chat route does,
+    rather than a bare 404.
+    """
+    driver = Driver(slot)
+
+    @app.post("/v1/messages", response_model=None)
+    async def messages(raw: Request) -> Response:
+        try:
+            body = await _body(raw)
+            chat = tr.to_chat_request(body)
+            model = driver.model_name(body)
+            handler = driver.handler()
+            request = driver.request(handler, chat)
+            stream = tr.MessageStream(
+                model=model, max_tokens=chat["max_tokens"], stops=tr.stop_sequences(body, "stop_sequences")
+            )
+            events = _anthropic_events(await driver.primed(handler, request), stream)
+            if body.get("stream"):
+                return StreamingResponse(
+                    _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
+                )
+            return JSONResponse(tr.collect([event async for event in events]))
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
+        except HTTPException as exc:
+            return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:  # as upstream's chat route does: a 500 that says what failed
+            return _failed("messages", exc)
+
+    @app.post("/v1/messages/count_tokens", response_model=None)
+    async def count_tokens(raw: Request) -> Response:
+        try:
+            body = await _body(raw)
+            chat = tr.to_chat_request(body, count_only=True)
+            driver.model_name(body)
+            handler = driver.handler()
+            request = driver.request(handler, chat)
+            return JSONResponse({"input_tokens": await driver.count_tokens(handler, request)})
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
+        except HTTPException as exc:
+            return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("count_tokens", exc)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(raw: Request) -> Response:
+        try:
+            body = await _body(raw)
+            chats = tr.to_completion_requests(body)
+            model = driver.model_name(body)
+            handler = driver.handler()
+            _wrap_prompt_renderer(handler)
+            requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
+            stops = tr.stop_sequences(body, "stop")
+            first = await driver.primed(handler, requests[0], _prompt(chats[0]))
+        except (tr.RequestError, RouteError) as exc:
+            return refusal(exc.status, exc.message)
+        except HTTPException as exc:
+            return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("completions", exc)
+        run = _Completion(driver, handler, requests, stops, model, first)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                run.sse(include_usage), media_type="text/event-stream", headers=_SSE_HEADERS
+            )
+        try:
+            return JSONResponse(await run.whole())
+        except HTTPException as exc:
+            return refusal(exc.status_code, _detail_message(exc))
+        except Exception as exc:
+            return _failed("completions", exc)
+
+
+def _failed(route: str, exc: Exception) -> Response:
+    log.exception("%s failed", route)
+    return refusal(500, f"{type(exc).__name__}: {exc}")
+
+
+def _with_a_limit(request: Any) -> Any:
+    """Completions always have a token limit: the request's, the entry's default, else OpenAI's 16."""
+    if request.max_tokens is None and request.max_completion_tokens is None:
+        request.max_tokens = tr.OPENAI_MAX_TOKENS
+    return request
+
+
+def _sse_error(message: str, status: int) -> str:
+    error_type = "invalid_request_error" if status < 500 else "server_error"
+    return f"data: {json.dumps({'error': {'message': message, 'type': error_type, 'code': status}})}\n\n"
+
+
+def _prompt(chat: dict[str, Any]) -> str:
+    return str(chat["messages"][0]["content"])
+
+
+class _Completion:
+    """One completions request: its prompts in turn, each as choice ``index``."""
+
+    def __init__(
+        self, driver: Driver, handler: Any, requests: list[Any], stops: list[str], model: str, first: Any
+    ):
+        self.driver, self.handler, self.requests = driver, handler, requests
+        self.stops, self.model, self.first = stops, model, first
+        self.id = tr.completion_id()
+        self.prompt_tokens = self.completion_tokens = 0
+
+    async def choices(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(index, text, None) as text arrives, then (index, '', finish_reason) per prompt."""
+        for index, request in enumerate(self.requests):
+            if index == 0:
+                chunks = self.first
+            else:
+                chunks = await self.driver.primed(self.handler, request, request.messages[0].content)
+            scanner = tr.StopScanner(self.stops)
+            usage = tr.Usage(0, 0)
+            try:
+                async for chunk in chunks:
+                    for piece in tr.pieces(chunk):
+                        if isinstance(piece, tr.Usage):
+                            usage = piece
+                        elif isinstance(piece, tr.Text | tr.Thinking):
+                            text = scanner.feed(piece.text)
+                            if text:
+                                yield index, text, None
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+            tail = scanner.flush()
+            if tail:
+                yield index, tail, None
+            self.prompt_tokens += usage.prompt_tokens
+            self.completion_tokens += usage.completion_tokens
+            stopped = scanner.matched is not None
+            limit = request.max_tokens or request.max_completion_tokens
+            yield index, "", tr.finish_reason(usage.completion_tokens, limit, stopped)
+
+    async def whole(self) -> dict[str, Any]:
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        async for index, text, reason in self.choices():
+            texts.setdefault(index, []).append(text)
+            if reason:
+                finish[index] = reason
+        choices = [
+            {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finish.get(i)}
+            for i in sorted(texts)
+        ]
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": tr.usage_dict(self.prompt_tokens, self.completion_tokens),
+        }
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            async for index, text, reason in self.choices():
+                yield f"data: {json.dumps(tr.completion_chunk(self.id, self.model, index, text, reason))}\n\n"
+            if include_usage:
+                chunk = tr.completion_chunk(self.id, self.model, 0, "", None)
+                chunk["choices"] = []
+                chunk["usage"] = tr.usage_dict(self.prompt_tokens, self.completion_tokens)
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except HTTPException as exc:
+            yield _sse_error(_detail_message(exc), exc.status_code)
+        except Exception as exc:  # the stream has started: the error travels as a chunk
+            yield _sse_error(f"{type(exc).__name__}: {exc}", 500)
+        yield "data: [DONE]\n\n"
