@@ -365,22 +365,10 @@ def help_command(ctx: click.Context, command: tuple[str, ...]) -> None:
 @click.argument("model")
 @click.argument("port", required=False)
 @click.option("--name", help="Entry name (default: made from the repo or folder name).")
-@click.option(
-    "--convert",
-    type=click.Choice(["auto", "force", "skip"]),
-    default="auto",
-    show_default=True,
-    help="Convert a checkpoint that is not MLX-ready (see `ensure`).",
-)
-@click.option(
-    "--preconverted",
-    type=click.Choice(["auto", "yes", "no"]),
-    default="auto",
-    show_default=True,
-    help="Override the MLX-ready detection.",
-)
-@click.option("--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting.")
-@click.option("--no-offload", is_flag=True, help="Keep the base weights in the cache after a conversion.")
+@registry_commands.CONVERT_OPTION
+@registry_commands.PRECONVERTED_OPTION
+@registry_commands.QUANTIZE_OPTION
+@registry_commands.NO_OFFLOAD_OPTION
 @click.option(
     "--wait", "wait_seconds", default=900.0, show_default=True, help="Seconds to wait for a new hub."
 )

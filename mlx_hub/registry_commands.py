@@ -84,6 +84,12 @@ PRECONVERTED_OPTION = click.option(
     show_default=True,
     help="Override the MLX-ready detection (orgs $MLX_PRECONVERTED_ORGS, name hints $MLX_PRECONVERTED_HINTS).",
 )
+QUANTIZE_OPTION = click.option(
+    "--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting."
+)
+NO_OFFLOAD_OPTION = click.option(
+    "--no-offload", is_flag=True, help="Keep the base weights in the cache after a conversion."
+)
 
 
 def ensure_model(
@@ -119,8 +125,8 @@ def ensure_model(
 @click.argument("repo")
 @CONVERT_OPTION
 @PRECONVERTED_OPTION
-@click.option("--quantize", type=click.IntRange(2, 8), help="Quantize to this many bits while converting.")
-@click.option("--no-offload", is_flag=True, help="Keep the base weights in the cache after a conversion.")
+@QUANTIZE_OPTION
+@NO_OFFLOAD_OPTION
 @click.option(
     "--add", is_flag=True, help="Append an entry for it to hub.yaml (keeps comments; writes hub.yaml.bak)."
 )

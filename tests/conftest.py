@@ -125,3 +125,23 @@ def speech(models_dir: Path) -> Path:
     from mlx_hub.tinymodel import make_speech
 
     return make_speech(models_dir / "tone.wav")
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
+    """Start a hub with its controller from a hub.yaml-shaped dict; stopped after the test."""
+    from mlx_hub import Hub
+
+    from .helpers import LiveController
+
+    running: list[LiveController] = []
+
+    async def go(doc: dict[str, Any]) -> LiveController:
+        live = LiveController(Hub.from_config(doc, reap_interval=0.05), free_port())
+        await live.__aenter__()
+        running.append(live)
+        return live
+
+    yield go
+    for live in running:
+        await live.__aexit__()

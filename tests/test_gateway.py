@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +12,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_hub import Hub
-
-from .helpers import LiveController, free_port, hello, meta, text_only
+from .helpers import LiveController, hello, meta, text_only
 from .test_hub import eventually, lm
 
 Start = Callable[..., Any]
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    """Start a hub with its controller from a hub.yaml-shaped dict; stopped after the test."""
-    running: list[LiveController] = []
-
-    async def go(doc: dict[str, Any]) -> LiveController:
-        live = LiveController(Hub.from_config(doc, reap_interval=0.05), free_port())
-        await live.__aenter__()
-        running.append(live)
-        return live
-
-    yield go
-    for live in running:
-        await live.__aexit__()
 
 
 def gateway(live: LiveController, key: str = "unused") -> openai.AsyncOpenAI:

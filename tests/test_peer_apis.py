@@ -21,11 +21,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_hub import Hub
 from mlx_hub.tinymodel import phrase_token, text_only_logit_bias
 
 from .equivalence.conftest import TOOLS_TEMPLATE
-from .helpers import LiveController, free_port, meta
+from .helpers import LiveController, meta
 from .test_hub import eventually, lm
 
 CALL = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
@@ -53,21 +52,6 @@ def tools_template(models_dir: Path) -> Path:
     path = models_dir / "peer-tools.jinja"
     path.write_text(TOOLS_TEMPLATE)
     return path
-
-
-@pytest.fixture
-async def start() -> AsyncIterator[Start]:
-    running: list[LiveController] = []
-
-    async def go(doc: dict[str, Any]) -> LiveController:
-        live = LiveController(Hub.from_config(doc, reap_interval=0.05), free_port())
-        await live.__aenter__()
-        running.append(live)
-        return live
-
-    yield go
-    for live in running:
-        await live.__aexit__()
 
 
 def port_url(live: LiveController, name: str) -> str:

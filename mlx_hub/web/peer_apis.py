@@ -241,12 +241,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
                     _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
                 )
             return JSONResponse(tr.collect([event async for event in events]))
-        except (tr.RequestError, RouteError) as exc:
-            return refusal(exc.status, exc.message)
-        except HTTPException as exc:
-            return refusal(exc.status_code, _detail_message(exc))
-        except Exception as exc:  # as upstream's chat route does: a 500 that says what failed
-            return _failed("messages", exc)
+        except Exception as exc:
+            return _refused("messages", exc)
 
     @app.post("/v1/messages/count_tokens", response_model=None)
     async def count_tokens(raw: Request) -> Response:
@@ -257,12 +253,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             handler = driver.handler()
             request = driver.request(handler, chat)
             return JSONResponse({"input_tokens": await driver.count_tokens(handler, request)})
-        except (tr.RequestError, RouteError) as exc:
-            return refusal(exc.status, exc.message)
-        except HTTPException as exc:
-            return refusal(exc.status_code, _detail_message(exc))
         except Exception as exc:
-            return _failed("count_tokens", exc)
+            return _refused("count_tokens", exc)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(raw: Request) -> Response:
@@ -275,12 +267,8 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
             stops = tr.stop_sequences(body, "stop")
             first = await driver.primed(handler, requests[0], _prompt(chats[0]))
-        except (tr.RequestError, RouteError) as exc:
-            return refusal(exc.status, exc.message)
-        except HTTPException as exc:
-            return refusal(exc.status_code, _detail_message(exc))
         except Exception as exc:
-            return _failed("completions", exc)
+            return _refused("completions", exc)
         run = _Completion(driver, handler, requests, stops, model, first)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -289,13 +277,16 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             )
         try:
             return JSONResponse(await run.whole())
-        except HTTPException as exc:
-            return refusal(exc.status_code, _detail_message(exc))
         except Exception as exc:
-            return _failed("completions", exc)
+            return _refused("completions", exc)
 
 
-def _failed(route: str, exc: Exception) -> Response:
+def _refused(route: str, exc: Exception) -> Response:
+    """The answer for what stopped a route: its own refusal, upstream's HTTP error, else a 500 that says what failed."""
+    if isinstance(exc, tr.RequestError | RouteError):
+        return refusal(exc.status, exc.message)
+    if isinstance(exc, HTTPException):
+        return refusal(exc.status_code, _detail_message(exc))
     log.exception("%s failed", route)
     return refusal(500, f"{type(exc).__name__}: {exc}")
 
