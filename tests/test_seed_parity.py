@@ -550,3 +550,17 @@ async def test_a_gpt_oss_entry_gets_its_reasoning_effort_from_request_params(
         assert await prompt_tokens("low") == await prompt_tokens("plain", **low)
         high = {"chat_template_kwargs": {"reasoning_effort": "high"}}
         assert await prompt_tokens("low", **high) == await prompt_tokens("plain", **high)  # the request wins
+
+
+def test_export_litellm_writes_token_limits_and_request_params(tmp_path: Path, tiny_llama: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    path.write_text(
+        f"port: {free_port()}\nlog_path: {tmp_path / 'logs'}\nmodels:\n"
+        f"  - name: chat\n    model_path: {tiny_llama}\n    max_output_tokens: 512\n"
+        "    request_params: {reasoning_effort: low}\n"
+    )
+    done = run("export", "litellm", config=path)
+    assert done.returncode == 0, done.stderr
+    (entry,) = yaml.safe_load(done.stdout)["model_list"]
+    assert entry["litellm_params"]["reasoning_effort"] == "low"
+    assert entry["model_info"] == {"mode": "chat", "max_input_tokens": 2048, "max_output_tokens": 512}
