@@ -28,6 +28,7 @@ class Candidate:
     frees: int | None = (
         None  # bytes its unload gives back, if not ``size`` (weights another model shares stay)
     )
+    reserved: int = 0  # bytes its requests in flight reserve (KV cache and prefill working memory)
 
 
 def is_idle_expired(model: Candidate, now: float) -> bool:
@@ -120,14 +121,40 @@ def budget_admission(
     if need > budget:
         return Admission(admit=False, impossible=True)
     others = [m for m in models if m.name != loading and m.loaded]
-    if sum(m.size for m in others) + need <= budget:
+    if sum(m.size + m.reserved for m in others) + need <= budget:
         return ADMIT
+    return _evict_for(others)
+
+
+def _evict_for(others: Sequence[Candidate]) -> Admission:
+    """The least recently used idle, unpinned model of ``others`` to unload, or wait if there is none."""
     victims = [m for m in others if not m.busy and not m.pinned]
     # Unloading a model whose weights another loaded model shares frees only its
     # own part: models that free something go first; sharers only when nothing
     # else is left (the last of them then frees the copy).
     freeing = [m for m in victims if (m.size if m.frees is None else m.frees) > 0]
     return _least_recently_used(freeing or victims)
+
+
+def request_admission(model: str, need: int, models: Sequence[Candidate], *, budget: int | None) -> Admission:
+    """May a request that reserves ``need`` bytes start on ``model`` (which is loaded) now?
+
+    Everything held counts: every loaded model's bytes (weights and prompt
+    caches) plus the reservations of the requests already in flight, each
+    batched request on its own. If that plus ``need`` fits ``budget`` it starts;
+    else idle unpinned models give way as for a load, least recently used first;
+    else the caller waits. A request that would not fit beside its own model's
+    weights even with everything else unloaded is ``impossible``.
+    """
+    if budget is None:
+        return ADMIT
+    own = next((m for m in models if m.name == model), None)
+    if (own.size if own is not None else 0) + need > budget:
+        return Admission(admit=False, impossible=True)
+    held = [m for m in models if m.loaded]
+    if sum(m.size + m.reserved for m in held) + need <= budget:
+        return ADMIT
+    return _evict_for([m for m in held if m.name != model])
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

@@ -69,9 +69,11 @@ class ModelSlot:
         host: str,
         on_change: Callable[[], None] = lambda: None,
         shared: Callable[[str], list[SharedWeights]] = lambda name: [],
+        cached: Callable[[Any], int] = lambda handler: 0,
     ):
         self.entry = entry
         self._shared = shared  # the weights copies an entry holds (the engine's view)
+        self._cached = cached  # bytes the handler's in-memory prompt cache holds (the engine's view)
         self.on_change = on_change  # every transition calls it: the hub wakes its waiters
         self.port = port
         self.host = host
@@ -88,6 +90,8 @@ class ModelSlot:
         self.requests: set[asyncio.Task[Any]] = set()  # tasks serving the active requests, for a forced stop
         self.last_used = time.monotonic()
         self.memory_bytes = 0
+        self.reserved_bytes = 0  # what the requests in flight reserve (KV cache, prefill), summed
+        self.peak_bytes = 0  # the most this model accounted for at once (held + reserved) since it loaded
         self.estimate = 0  # bytes a load is expected to add, from the weight files
         self.keep_alive: float | None = None  # a request's keep_alive, for this residency
         self.load_seconds: float | None = None
@@ -133,6 +137,7 @@ class ModelSlot:
             self.app.state.handler = loaded.handler
         # Its own bytes; weights copies are counted apart (held_bytes), once for all their holders.
         self.memory_bytes = max(loaded.memory_bytes - loaded.created_bytes, 0)
+        self.peak_bytes = self.held_bytes
         self.load_seconds = loaded.load_seconds
         self.load_count += 1
         self.memory_error = None
@@ -167,21 +172,34 @@ class ModelSlot:
         Every copy has exactly one first holder, so summing this over models
         counts shared weights once.
         """
-        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders[0] == self.name)
+        own = self.memory_bytes + self.prompt_cache_bytes
+        return own + sum(g.bytes for g in self.shared() if g.holders[0] == self.name)
 
     @property
     def sole_bytes(self) -> int:
         """What unloading this model would free: its own bytes and the copies nobody else holds."""
-        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders == [self.name])
+        own = self.memory_bytes + self.prompt_cache_bytes
+        return own + sum(g.bytes for g in self.shared() if g.holders == [self.name])
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """KV caches upstream keeps between requests (its prompt cache): the model's own bytes."""
+        return self._cached(self.handler) if self.handler is not None else 0
 
     # ---------------------------------------------------------------- requests
 
-    def begin_request(self) -> None:
+    def begin_request(self, reserve: int = 0) -> None:
+        """Count a request in, with the bytes admission reserved for it."""
         self.active += 1
+        self.reserved_bytes += reserve
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes + self.reserved_bytes)
         self._idle.clear()
 
-    def end_request(self) -> None:
+    def end_request(self, reserve: int = 0) -> None:
+        """Count a request out and give back its reservation (what ``begin_request`` took)."""
         self.active -= 1
+        self.reserved_bytes = max(self.reserved_bytes - reserve, 0)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)  # its KV may now sit in the prompt cache
         self.touch()
         if self.active == 0:
             self._idle.set()
@@ -218,6 +236,7 @@ class ModelSlot:
             size=self.held_bytes if self.memory_state is MemoryState.LOADED else self.estimate,
             pinned=self.entry.pinned,
             frees=self.sole_bytes if self.memory_state is MemoryState.LOADED else None,
+            reserved=self.reserved_bytes,
         )
 
     # ---------------------------------------------------------------- weights
@@ -329,6 +348,9 @@ class ModelSlot:
                 process_last_error=self.port_error,
                 exit_code=1 if self.port_state is PortState.FAILED else None,
                 memory_bytes=self.held_bytes,
+                kv_reserved_bytes=self.reserved_bytes,
+                memory_peak_bytes=self.peak_bytes,
+                prompt_cache_bytes=self.prompt_cache_bytes,
                 shared_bytes=sum(g.bytes for g in shared if len(g.holders) > 1),
                 shared_with=sorted({h for g in shared for h in g.holders} - {self.name}),
                 in_flight=self.active,
