@@ -564,7 +564,7 @@ def prompt_tokens(entry: ModelConfig, data: dict[str, Any]) -> int:
                 ids = tokenizer.apply_chat_template(
                     messages, tools=data.get("tools") or None, add_generation_prompt=True, tokenize=True
                 )
-                if isinstance(ids, dict):  # some releases answer a BatchEncoding
+                if hasattr(ids, "keys"):  # transformers 5 answers a BatchEncoding
                     ids = ids["input_ids"]
                 return len(ids)
             except Exception:
@@ -633,6 +633,35 @@ def adapt_libraries() -> None:
     _vlm_batching_capability()
     _whisper_weights_per_folder()
     _share_weights()
+    _batch_failure_frees_its_sequences()
+
+
+def _batch_failure_frees_its_sequences() -> None:
+    """Upstream's batch scheduler fails a batch's requests on an error but leaves their sequences in mlx-lm's
+    ``BatchGenerator``: their KV caches stay allocated, and the generator goes on decoding them.
+
+    After an allocation error that is the worst thing to keep. The failed uids
+    are removed from the generator first (on the scheduler's own thread, where
+    ``_fail_all_active`` runs), as upstream itself does for cancelled requests.
+    """
+    module = sys.modules.get("app.core.batch_scheduler")
+    scheduler = getattr(module, "BatchScheduler", None)
+    if scheduler is None or getattr(scheduler._fail_all_active, "_mlx_hub_frees", False):
+        return
+    original = scheduler._fail_all_active
+
+    def fail_all_active(self: Any, exc: BaseException) -> None:
+        generator = getattr(self, "_batch_generator", None)
+        uids = list(getattr(self, "_active", {}))
+        if generator is not None and uids:
+            try:
+                generator.remove(uids)
+            except Exception:  # the requests still fail; only the memory stays until the generator ends
+                log.exception("could not drop the failed batch's sequences")
+        original(self, exc)
+
+    fail_all_active._mlx_hub_frees = True  # type: ignore[attr-defined]
+    scheduler._fail_all_active = fail_all_active
 
 
 def _share_weights() -> None:

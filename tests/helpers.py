@@ -90,3 +90,17 @@ class LiveController:
     async def __aexit__(self, *exc: object) -> None:
         await self.server.stop()
         await self.hub.shutdown()
+
+
+def long_chat(model: str, words: int, max_tokens: int, *, offset: int = 0, **extra: Any) -> dict[str, Any]:
+    """A chat request whose one message is ``words`` words (about as many tokens with the test tokenizer).
+
+    ``offset`` starts the text elsewhere in the corpus, so two requests share no
+    prefix that upstream's prompt cache would reuse.
+    """
+    from mlx_hub.tinymodel import _CORPUS
+
+    corpus = _CORPUS.split()
+    text = " ".join(corpus[(offset + i) % len(corpus)] for i in range(words))
+    return {"model": model, "messages": [{"role": "user", "content": f"{offset} {text}"}],
+            "max_tokens": max_tokens, **extra}  # fmt: skip

@@ -24,7 +24,7 @@ from mlx_hub.policy import Candidate, request_admission
 from mlx_hub.web.model_app import build_model_app
 
 from .fakes import FakeEngine
-from .helpers import hello, meta
+from .helpers import hello, long_chat, meta
 
 Make = Callable[..., Any]
 
@@ -264,3 +264,137 @@ async def test_reload_sets_the_new_budget_and_limit(fast: Make, hub_config, tmp_
     hub = await fast([fake("a")], fe, max_memory=10_000)
     await hub.reload(hub_config([fake("a")], max_memory=20_000))
     assert hub.budget == 20_000 and fe.limit == 20_000
+
+
+# ------------------------------------------------------ generated models, real ports
+
+
+def lm(name: str, path: Path, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "model_path": str(path), "default": True, **kw}
+
+
+def chat_url(hub: Hub, name: str) -> str:
+    return f"http://127.0.0.1:{hub.slots[name].port}/v1/chat/completions"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "single"])
+async def test_estimate_matches_measured_memory(
+    make_hub, hub_config, memory_models: dict[str, Path], arch: str, batching: bool
+) -> None:
+    """The gate's reservation against what MLX's active memory rose to during the request: within 25 %."""
+    import mlx.core as mx
+
+    hub = await make_hub(hub_config([lm("m", memory_models[arch], disable_batching=not batching)]))
+    body = long_chat("m", 1300, 8, offset=7)
+    need = engine.estimate_request(hub.slots["m"].entry, body)
+    async with httpx.AsyncClient(timeout=300) as http:
+        assert (await http.post(chat_url(hub, "m"), json=long_chat("m", 20, 2, offset=3))).status_code == 200
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        reply = await http.post(chat_url(hub, "m"), json=body)
+        measured = mx.get_peak_memory() - before
+    assert reply.status_code == 200
+    usage = reply.json()["usage"]
+    assert abs(need.prompt_tokens - usage["prompt_tokens"]) <= 2, (need, usage)  # the template, counted
+    ratio = need.bytes / measured
+    print(
+        f"{arch} {'batched' if batching else 'single'}: estimate {need.bytes} / measured {measured} = {ratio:.3f}"
+    )
+    assert 0.75 <= ratio <= 1.25, (need, measured)
+    slot = hub.slots["m"]
+    assert slot.peak_bytes >= need.bytes  # the reservation the gate took is this estimate
+
+
+async def test_a_request_too_big_for_the_budget_gets_400_naming_it(
+    make_hub, hub_config, memory_models: dict[str, Path]
+) -> None:
+    path = memory_models["llama"]
+    hub = await make_hub(hub_config([lm("m", path)], max_memory=int(engine.estimate_bytes(ModelConfig(name="m", model_path=str(path))) * 1.5)))  # fmt: skip
+    async with httpx.AsyncClient(timeout=300) as http:
+        small = await http.post(chat_url(hub, "m"), json=long_chat("m", 30, 4))
+        big = await http.post(chat_url(hub, "m"), json=long_chat("m", 3000, 500, offset=1))
+    assert small.status_code == 200
+    error = big.json()["error"]
+    assert big.status_code == 400 and error["code"] == "request_exceeds_memory_budget", big.text
+    assert "tokens" in error["message"] and f"{hub.budget} bytes" in error["message"]
+    assert meta(hub, "m")["in_flight"] == 0 and meta(hub, "m")["kv_reserved_bytes"] == 0
+
+
+class FailingModel:
+    """Stands in for a model's forward pass and raises MLX's allocation error on one call (a decode step).
+
+    CPU MLX 0.32 cannot be made to raise it for real: an allocation beyond the
+    machine's memory there ends the process with SIGSEGV. Metal raises this
+    RuntimeError from the generation thread, which is what this reproduces.
+    """
+
+    def __init__(self, inner: Any, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError(
+                "[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
+                "maximum allowed buffer size of 28991029248 bytes."
+            )
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def cached(hub: Hub) -> int:
+    """What upstream's prompt caches hold, over every model: KV kept on purpose between requests."""
+    return sum(slot.prompt_cache_bytes for slot in hub.slots.values())
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "single"])
+async def test_an_allocation_error_fails_that_request_alone(
+    make_hub, hub_config, memory_models: dict[str, Path], batching: bool
+) -> None:
+    import mlx.core as mx
+
+    hub = await make_hub(
+        hub_config(
+            [
+                lm("a", memory_models["llama"], disable_batching=not batching),
+                lm("b", memory_models["qwen2"]),
+            ]
+        )
+    )
+    handler = hub.slots["a"].handler
+    # Before the first request: upstream's batch scheduler keeps the model it first saw.
+    handler.model.model = failing = FailingModel(handler.model.model, fail_at=-1)
+    async with httpx.AsyncClient(timeout=300) as http:
+        assert (await http.post(chat_url(hub, "a"), json=long_chat("a", 10, 2, offset=2))).status_code == 200
+        engine.free_memory()
+        before = mx.get_active_memory() - cached(hub)
+        failing.calls, failing.fail_at = 0, 3  # the prefill, one decode step, then the error
+        other = asyncio.create_task(http.post(chat_url(hub, "b"), json=long_chat("b", 400, 16, offset=5)))
+        events = []
+        async with http.stream("POST", chat_url(hub, "a"), json=long_chat("a", 600, 32, stream=True)) as s:
+            assert s.status_code == 200  # the stream had begun
+            events = [line async for line in s.aiter_lines() if line.startswith("data: ")]
+        assert any("metal::malloc" in e and '"error"' in e for e in events), events
+        assert events[-1] == "data: [DONE]"  # the stream ended, with the error event before its end
+        failing.calls, failing.fail_at = 0, 3
+        plain = await http.post(chat_url(hub, "a"), json=long_chat("a", 600, 8, offset=9))
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "memory_exhausted", plain.text
+        assert plain.headers["retry-after"] == "5"
+        assert (await other).status_code == 200  # the other model served meanwhile
+        engine.free_memory()
+        # Its KV state is freed: what is left over the loaded model is only upstream's prompt cache.
+        left = mx.get_active_memory() - cached(hub) - before
+        need = engine.estimate_request(hub.slots["a"].entry, long_chat("a", 600, 32))
+        # Two requests failed; had either kept its KV cache, at least one whole cache would be left. What
+        # remains (a quarter of one, batched) is the batch generator's own state, which outlives any request.
+        assert left < 0.5 * need.kv_bytes, (left, need)
+        failing.fail_at = -1
+        again = await http.post(chat_url(hub, "a"), json=long_chat("a", 30, 4, offset=4))
+        assert again.status_code == 200
+    assert meta(hub, "a")["kv_reserved_bytes"] == 0 and meta(hub, "a")["memory_state"] == "loaded"
+    scrape = hub.metrics.render().decode()
+    assert 'mlx_hub_allocation_failures_total{model="a"} 2.0' in scrape

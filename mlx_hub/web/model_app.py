@@ -212,7 +212,7 @@ def _first_line(text: str) -> str:
     for marker in ALLOCATION_ERRORS:
         at = text.find(marker)
         if at >= 0:
-            return text[at : at + 120].split('"')[0].split("\\n")[0].strip()
+            return text[at : at + 200].split('"')[0].split("\\n")[0].strip()
     return "allocation failed"
 
 
