@@ -24,7 +24,7 @@ from .errors import (
     NotRunningError,
     RequestTooLargeError,
 )
-from .slot import MemoryState, ModelSlot, PortState
+from .slot import NO_RESERVATION, MemoryState, ModelSlot, PortState, Reservation
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -96,8 +96,8 @@ def first_refusal(hub: Hub, slot: ModelSlot, group: GroupConfig | None) -> tuple
     return "memory budget", decision
 
 
-async def acquire(hub: Hub, slot: ModelSlot, body: dict[str, Any] | None = None) -> int:
-    """Wait until ``slot`` can serve a request and count the request in; returns the bytes reserved.
+async def acquire(hub: Hub, slot: ModelSlot, body: dict[str, Any] | None = None) -> Reservation:
+    """Wait until ``slot`` can serve a request and count the request in; returns what it reserved.
 
     Called by the model app's gate. Loads a JIT model (one load however
     many requests arrive), waits out an unload, then admits the request's own
@@ -115,9 +115,10 @@ async def acquire(hub: Hub, slot: ModelSlot, body: dict[str, Any] | None = None)
                 if need is None:  # counted once: the tokenizer is the model's, whatever happens next
                     need = await asyncio.to_thread(hub.engine.estimate_request, slot.entry, body)
                     continue  # the await may have seen the model unloaded
-                if await admit_request(hub, slot, need):
-                    slot.begin_request(need.bytes)
-                    return need.bytes
+                reservation = await admit_request(hub, slot, need)
+                if reservation is not None:
+                    slot.begin_request(reservation)  # no await since the decision: it still fits
+                    return reservation
                 continue
             pending = slot.load_in_progress()
             if state is MemoryState.UNLOADING:
@@ -142,23 +143,26 @@ def _gb(value: int | None) -> str:
     return f"{(value or 0) / 1e9:.3f} GB ({value or 0} bytes)"
 
 
-async def admit_request(hub: Hub, slot: ModelSlot, need: Any) -> bool:
-    """Make room for one request's reservation under the budget: True once it fits with ``slot`` loaded.
+async def admit_request(hub: Hub, slot: ModelSlot, need: Any) -> Reservation | None:
+    """Make room for one request's reservation under the budget: the reservation once it fits.
 
     Evicts idle unpinned models as ``policy.request_admission`` names them,
     else waits up to the model's ``queue_timeout`` (then ``BudgetError``, 503
     with Retry-After). A request that could not fit beside its own model alone
-    gets ``RequestTooLargeError`` (400) at once. False: the model left LOADED
-    while this waited; the caller starts over.
+    gets ``RequestTooLargeError`` (400) at once. None: the model left LOADED
+    while this waited; the caller starts over. On a model that batches, the
+    reservation includes the padding its batch adds (``policy.batch_padding``).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + slot.entry.queue_timeout
+    batched = hub.engine.batches(slot.entry)
     while slot.memory_state is MemoryState.LOADED:
+        reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, batched)
         decision = policy.request_admission(
-            slot.name, need.bytes, [s.candidate() for s in hub.slots.values()], budget=hub.budget
+            slot.name, reservation.bytes, [s.candidate() for s in hub.slots.values()], budget=hub.budget
         )
         if decision.admit:
-            return True
+            return reservation
         if decision.impossible:
             raise RequestTooLargeError(
                 f"this request to model '{slot.name}' can reach {need.tokens} tokens "
@@ -182,10 +186,12 @@ async def admit_request(hub: Hub, slot: ModelSlot, need: Any) -> bool:
                 model=slot.name,
             )
         await hub.wait_change(min(remaining, hub.reap_interval))
-    return False
+    return None
 
 
-def release(hub: Hub, slot: ModelSlot, keep_alive: float | None = None, reserved: int = 0) -> None:
+def release(
+    hub: Hub, slot: ModelSlot, keep_alive: float | None = None, reserved: Reservation = NO_RESERVATION
+) -> None:
     """Count a request out, giving back its ``reserved`` bytes. ``keep_alive`` (seconds; inf = never)
     overrides a JIT model's idle timer."""
     slot.end_request(reserved)

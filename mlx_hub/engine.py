@@ -321,6 +321,10 @@ PREFILL_STEP = 2048
 HIDDEN_COPIES = 20
 INTERMEDIATE_COPIES = 2
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: While a request runs, upstream's prompt cache copies its KV twice: a checkpoint of the prompt once it
+#: is prefilled, and the whole sequence when it ends. The copies stay in the prompt cache (counted there,
+#: as the model's bytes) once the request is over; until then the request's reservation carries them.
+PROMPT_CACHE_COPIES = 2
 #: Text of the errors MLX raises when an allocation fails (CPU ``[malloc]``, Metal ``[metal::malloc]``).
 ALLOCATION_ERRORS = ("[malloc] Unable to allocate", "[metal::malloc]", "Unable to allocate", "Resource limit")
 
@@ -342,6 +346,7 @@ class KVShape:
     kv_bits: int | None = None
     kv_group_size: int = 64
     prefill_step: int = PREFILL_STEP
+    cache_copies: int = 0  # copies of a request's KV that upstream's prompt cache takes while it runs
 
     def kv_bytes_per_token(self) -> int:
         """K and V of one token in one layer."""
@@ -356,15 +361,15 @@ class KVShape:
 class RequestNeed:
     """One request's reservation: the tokens it can reach and the bytes they cost."""
 
-    prompt_tokens: int
-    max_tokens: int
-    tokens: int  # prompt + max_tokens, capped by the context
-    kv_bytes: int
-    prefill_bytes: int
-
     @property
     def bytes(self) -> int:
         return self.kv_bytes + self.prefill_bytes
+
+    prompt_tokens: int
+    max_tokens: int
+    tokens: int  # prompt + max_tokens, capped by the context
+    kv_bytes: int  # its KV cache, with the copies upstream's prompt cache takes of it while it runs
+    prefill_bytes: int
 
 
 def _config_json(model_path: str) -> dict[str, Any] | None:
@@ -436,6 +441,7 @@ def kv_shape(entry: ModelConfig) -> KVShape | None:
         kv_bits=entry.kv_bits,
         kv_group_size=entry.kv_group_size,
         prefill_step=max(PREFILL_STEP, entry.batch_prefill_step_size),
+        cache_copies=PROMPT_CACHE_COPIES if entry.prompt_cache_size > 0 else 0,
     )
 
 
@@ -448,7 +454,8 @@ def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> 
 
     KV: per layer K and V for every token the request can reach (prompt plus
     ``max_tokens``, capped by the context), in mlx-lm's 256-token blocks, or at
-    most a sliding or rotating layer's bound. Prefill: the worst chunk of
+    most a sliding or rotating layer's bound; times one plus the copies
+    upstream's prompt cache takes while the request runs (``PROMPT_CACHE_COPIES``). Prefill: the worst chunk of
     ``prefill_step`` tokens, whose attention scores (heads x chunk x keys in the
     activation dtype, plus a one-byte causal mask) dominate at long prompts,
     and its activations (``HIDDEN_COPIES``/``INTERMEDIATE_COPIES`` per token).
@@ -478,7 +485,7 @@ def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> 
         worst = max(worst, scores + activations)
         done, left = done + chunk, left - chunk
     decode = 2 * shape.vocab * 4  # one step's float32 logits and log-probabilities
-    return RequestNeed(prompt_tokens, max_tokens, reach, kv, max(worst, decode))
+    return RequestNeed(prompt_tokens, max_tokens, reach, kv * (1 + shape.cache_copies), max(worst, decode))
 
 
 def default_max_tokens(entry: ModelConfig) -> int:
@@ -587,6 +594,35 @@ def estimate_request(entry: ModelConfig, data: dict[str, Any] | None) -> Request
     if shape is None or data is None:
         return RequestNeed(0, 0, 0, 0, 0)
     return request_need(shape, prompt_tokens(entry, data), requested_max_tokens(entry, data))
+
+
+#: Under a budget, upstream's in-memory prompt cache of one model may hold at most this share of it.
+PROMPT_CACHE_SHARE = 0.25
+
+
+def bound_prompt_cache(handler: Any, budget: int | None) -> None:
+    """Cap upstream's prompt cache at ``PROMPT_CACHE_SHARE`` of the budget (or its own smaller
+    ``prompt_cache_max_bytes``): its default is unbounded, and what it keeps counts as the model's bytes.
+
+    Upstream's ``LRUPromptCache`` evicts down to ``max_bytes`` on its next insert,
+    on its own thread; the hub only lowers the bound.
+    """
+    cache = getattr(handler, "prompt_cache", None)
+    current = getattr(cache, "max_bytes", None)
+    if budget is not None and isinstance(current, int):
+        cache.max_bytes = min(current, int(budget * PROMPT_CACHE_SHARE))
+
+
+def batches(entry: ModelConfig) -> bool:
+    """Whether upstream serves this entry's requests as one batch (1.8's ``BatchScheduler`` for lm).
+
+    Upstream batches language models unless ``disable_batching`` is set or a
+    draft model is attached; its multimodal batching is off here
+    (``_vlm_batching_capability``), and 1.6.x has no batching at all.
+    """
+    if entry.model_type != "lm" or entry.disable_batching or entry.draft_model_path:
+        return False
+    return importlib.util.find_spec("app.core.batch_scheduler") is not None
 
 
 def is_allocation_error(text: str) -> bool:
@@ -1106,6 +1142,8 @@ class Engine(Protocol):
     def shared(self, name: str) -> list[weights.SharedWeights]: ...
     def estimate_request(self, entry: ModelConfig, body: dict[str, Any] | None) -> RequestNeed: ...
     def prompt_cache_bytes(self, handler: Any) -> int: ...
+    def batches(self, entry: ModelConfig) -> bool: ...
+    def bound_prompt_cache(self, handler: Any, budget: int | None) -> None: ...
     def peak_memory(self) -> int: ...
     def reset_peak_memory(self) -> None: ...
     def working_set(self) -> int | None: ...
@@ -1127,6 +1165,8 @@ class MLXEngine:
     shared = staticmethod(weights.held_by)
     estimate_request = staticmethod(estimate_request)
     prompt_cache_bytes = staticmethod(prompt_cache_bytes)
+    batches = staticmethod(batches)
+    bound_prompt_cache = staticmethod(bound_prompt_cache)
     peak_memory = staticmethod(peak_memory)
     reset_peak_memory = staticmethod(reset_peak_memory)
     working_set = staticmethod(working_set)

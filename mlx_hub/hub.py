@@ -31,7 +31,7 @@ from .errors import (
 )
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
-from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
+from .slot import NO_RESERVATION, OCCUPYING, MemoryState, ModelSlot, PortState, Reservation
 from .status import HubStatus, build_status
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,14 @@ class Hub:
 
     # ------------------------------------------------------- request gate
 
-    async def acquire(self, slot: ModelSlot, body: dict[str, Any] | None = None) -> int:
-        """Wait until ``slot`` can serve a request (``body``, its JSON) and count it in; returns the bytes
-        reserved for it (``admission.acquire``). Pair with ``release``."""
+    async def acquire(self, slot: ModelSlot, body: dict[str, Any] | None = None) -> Reservation:
+        """Wait until ``slot`` can serve a request (``body``, its JSON) and count it in; returns what it
+        reserved (``admission.acquire``). Pair with ``release``."""
         return await admission.acquire(self, slot, body)
 
-    def release(self, slot: ModelSlot, keep_alive: float | None = None, reserved: int = 0) -> None:
+    def release(
+        self, slot: ModelSlot, keep_alive: float | None = None, reserved: Reservation = NO_RESERVATION
+    ) -> None:
         """Count a request out (``admission.release``); ``keep_alive`` overrides a JIT model's idle timer."""
         admission.release(self, slot, keep_alive, reserved)
 
@@ -303,6 +305,7 @@ class Hub:
         await admission.admit(self, slot)  # returns with slot LOADING, or raises
         try:
             loaded = await slot.load(self.engine, self._memory_lock)
+            self.engine.bound_prompt_cache(loaded.handler, self.budget)
         except engine.EngineError as exc:
             log.error("model '%s' failed to load: %s", slot.name, exc)
             raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None

@@ -15,11 +15,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelConfig
 from .engine import Engine, EngineError, Loaded
-from .policy import Candidate, seconds_until_idle_unload
+from .policy import Candidate, batch_padding, seconds_until_idle_unload
 from .ports import PortError
 from .server import AppServer
 from .status import OCCUPYING, MemoryState, ModelMetadata, ModelStatus, PortState
@@ -44,6 +45,18 @@ MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
     MemoryState.FAILED: frozenset({MemoryState.LOADING, MemoryState.UNLOADED}),
 }
 
+
+@dataclass(frozen=True)
+class Reservation:
+    """What one request in flight holds under the budget: ``bytes`` in all, of which ``kv`` is its own KV
+    cache and ``kv_reserved`` its KV with the batch padding it took on joining."""
+
+    bytes: int = 0
+    kv: int = 0
+    kv_reserved: int = 0
+
+
+NO_RESERVATION = Reservation()
 
 #: How long cancelled requests get to unwind before a stop frees their model regardless.
 CANCEL_GRACE_SECONDS = 5.0
@@ -90,7 +103,7 @@ class ModelSlot:
         self.requests: set[asyncio.Task[Any]] = set()  # tasks serving the active requests, for a forced stop
         self.last_used = time.monotonic()
         self.memory_bytes = 0
-        self.reserved_bytes = 0  # what the requests in flight reserve (KV cache, prefill), summed
+        self.reservations: list[Reservation] = []  # one per request in flight that reserved memory
         self.peak_bytes = 0  # the most this model accounted for at once (held + reserved) since it loaded
         self.estimate = 0  # bytes a load is expected to add, from the weight files
         self.keep_alive: float | None = None  # a request's keep_alive, for this residency
@@ -188,17 +201,35 @@ class ModelSlot:
 
     # ---------------------------------------------------------------- requests
 
-    def begin_request(self, reserve: int = 0) -> None:
-        """Count a request in, with the bytes admission reserved for it."""
+    @property
+    def reserved_bytes(self) -> int:
+        """What the requests in flight reserve (KV cache, prefill, batch padding), summed."""
+        return sum(r.bytes for r in self.reservations)
+
+    def reservation(self, kv: int, prefill: int, batched: bool) -> Reservation:
+        """A request's reservation if it started now: its KV and prefill, and in a batch the padding it adds."""
+        padding = (
+            batch_padding(
+                kv, [r.kv for r in self.reservations], sum(r.kv_reserved for r in self.reservations)
+            )
+            if batched
+            else 0
+        )
+        return Reservation(bytes=kv + padding + prefill, kv=kv, kv_reserved=kv + padding)
+
+    def begin_request(self, reservation: Reservation = NO_RESERVATION) -> None:
+        """Count a request in, with what admission reserved for it."""
         self.active += 1
-        self.reserved_bytes += reserve
+        if reservation.bytes:
+            self.reservations.append(reservation)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes + self.reserved_bytes)
         self._idle.clear()
 
-    def end_request(self, reserve: int = 0) -> None:
+    def end_request(self, reservation: Reservation = NO_RESERVATION) -> None:
         """Count a request out and give back its reservation (what ``begin_request`` took)."""
         self.active -= 1
-        self.reserved_bytes = max(self.reserved_bytes - reserve, 0)
+        if reservation.bytes and reservation in self.reservations:
+            self.reservations.remove(reservation)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)  # its KV may now sit in the prompt cache
         self.touch()
         if self.active == 0:
@@ -237,6 +268,7 @@ class ModelSlot:
             pinned=self.entry.pinned,
             frees=self.sole_bytes if self.memory_state is MemoryState.LOADED else None,
             reserved=self.reserved_bytes,
+            evictable=self.prompt_cache_bytes,
         )
 
     # ---------------------------------------------------------------- weights

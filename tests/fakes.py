@@ -118,6 +118,12 @@ class FakeEngine:
     def prompt_cache_bytes(self, handler: Any) -> int:
         return 0
 
+    def batches(self, entry: ModelConfig) -> bool:
+        return False
+
+    def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:
+        pass
+
     def peak_memory(self) -> int:
         return self.active
 

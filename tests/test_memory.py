@@ -58,6 +58,22 @@ def test_a_request_that_cannot_fit_even_alone_is_impossible() -> None:
     assert not request_admission("a", 300, models, budget=1000).impossible
 
 
+def test_a_batch_pads_every_sequence_to_its_longest() -> None:
+    from mlx_hub.policy import batch_padding
+
+    assert batch_padding(100, [], 0) == 0  # alone: its own KV
+    assert batch_padding(100, [1000], 1000) == 900  # a short joining a long: held at the long's length
+    assert batch_padding(1000, [100], 100) == 900  # a long joining a short: the short grows to it
+    assert batch_padding(100, [1000, 100], 1000 + 1000) == 900  # a third short: held at the long too
+    assert batch_padding(1000, [1000], 1000) == 0  # equal lengths pad nothing
+
+
+def test_a_prompt_cache_does_not_make_a_request_impossible() -> None:
+    models = [model("a", 700, evictable=400)]
+    decision = request_admission("a", 500, models, budget=1000)
+    assert not decision.impossible and decision.wait
+
+
 def test_loads_count_the_reservations_of_requests_in_flight() -> None:
     from mlx_hub.policy import budget_admission
 
@@ -79,6 +95,11 @@ def test_kv_grows_with_tokens_in_blocks_and_stops_at_the_context() -> None:
     assert engine.request_need(s, 300, 0).kv_bytes == 2 * per_block
     capped = engine.request_need(s, 8000, 4000)
     assert capped.tokens == 8192 and capped.kv_bytes == 32 * per_block
+
+
+def test_the_prompt_cache_copies_count_while_the_request_runs() -> None:
+    plain = engine.request_need(shape(), 1000, 100).kv_bytes
+    assert engine.request_need(shape(cache_copies=2), 1000, 100).kv_bytes == 3 * plain
 
 
 def test_rotating_and_sliding_layers_keep_their_window() -> None:
