@@ -159,7 +159,11 @@ async def admit_request(hub: Hub, slot: ModelSlot, need: Any) -> Reservation | N
     while slot.memory_state is MemoryState.LOADED:
         reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, batched)
         decision = policy.request_admission(
-            slot.name, reservation.bytes, [s.candidate() for s in hub.slots.values()], budget=hub.budget
+            slot.name,
+            reservation.bytes,
+            [s.candidate() for s in hub.slots.values()],
+            budget=hub.budget,
+            alone=need.bytes,
         )
         if decision.admit:
             return reservation

@@ -137,7 +137,9 @@ def _evict_for(others: Sequence[Candidate]) -> Admission:
     return _least_recently_used(freeing or victims)
 
 
-def request_admission(model: str, need: int, models: Sequence[Candidate], *, budget: int | None) -> Admission:
+def request_admission(
+    model: str, need: int, models: Sequence[Candidate], *, budget: int | None, alone: int | None = None
+) -> Admission:
     """May a request that reserves ``need`` bytes start on ``model`` (which is loaded) now?
 
     Everything held counts: every loaded model's bytes (weights and prompt
@@ -146,12 +148,13 @@ def request_admission(model: str, need: int, models: Sequence[Candidate], *, bud
     else idle unpinned models give way as for a load, least recently used first;
     else the caller waits. A request that would not fit beside its own model's
     weights even with everything else unloaded (and its own prompt cache
-    dropped) is ``impossible``.
+    dropped) is ``impossible``; ``alone`` is what it would need then, if not
+    ``need`` (a batch's padding is not there when the request runs alone).
     """
     if budget is None:
         return ADMIT
     own = next((m for m in models if m.name == model), None)
-    if (own.size - own.evictable if own is not None else 0) + need > budget:
+    if (own.size - own.evictable if own is not None else 0) + (need if alone is None else alone) > budget:
         return Admission(admit=False, impossible=True)
     held = [m for m in models if m.loaded]
     if sum(m.size + m.reserved for m in held) + need <= budget:

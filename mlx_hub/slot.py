@@ -49,11 +49,13 @@ MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
 @dataclass(frozen=True)
 class Reservation:
     """What one request in flight holds under the budget: ``bytes`` in all, of which ``kv`` is its own KV
-    cache and ``kv_reserved`` its KV with the batch padding it took on joining."""
+    cache and ``kv_reserved`` its KV with the batch padding it took on joining (``prefill`` likewise)."""
 
     bytes: int = 0
     kv: int = 0
     kv_reserved: int = 0
+    prefill: int = 0
+    prefill_reserved: int = 0
 
 
 NO_RESERVATION = Reservation()
@@ -208,14 +210,21 @@ class ModelSlot:
 
     def reservation(self, kv: int, prefill: int, batched: bool) -> Reservation:
         """A request's reservation if it started now: its KV and prefill, and in a batch the padding it adds."""
-        padding = (
-            batch_padding(
-                kv, [r.kv for r in self.reservations], sum(r.kv_reserved for r in self.reservations)
-            )
-            if batched
+        held = self.reservations if batched else []
+        kv_pad = batch_padding(kv, [r.kv for r in held], sum(r.kv_reserved for r in held)) if held else 0
+        # Prompts admitted together are prefilled as one padded batch: as for KV, each counts at the longest.
+        pre_pad = (
+            batch_padding(prefill, [r.prefill for r in held], sum(r.prefill_reserved for r in held))
+            if held
             else 0
         )
-        return Reservation(bytes=kv + padding + prefill, kv=kv, kv_reserved=kv + padding)
+        return Reservation(
+            bytes=kv + kv_pad + prefill + pre_pad,
+            kv=kv,
+            kv_reserved=kv + kv_pad,
+            prefill=prefill,
+            prefill_reserved=prefill + pre_pad,
+        )
 
     def begin_request(self, reservation: Reservation = NO_RESERVATION) -> None:
         """Count a request in, with what admission reserved for it."""

@@ -68,6 +68,26 @@ def test_a_batch_pads_every_sequence_to_its_longest() -> None:
     assert batch_padding(1000, [1000], 1000) == 0  # equal lengths pad nothing
 
 
+def test_a_batched_request_reserves_the_padding_of_its_batch() -> None:
+    from mlx_hub.slot import ModelSlot
+
+    slot = ModelSlot(ModelConfig(name="m", model_path="/x"), 47850, "127.0.0.1")
+    long = slot.reservation(kv=1000, prefill=50_000, batched=True)
+    slot.begin_request(long)
+    assert (
+        slot.reservation(kv=10, prefill=500, batched=True).bytes == 1000 + 50_000
+    )  # held at the long's size
+    assert slot.reservation(kv=10, prefill=500, batched=False).bytes == 510  # one at a time: its own
+    slot.end_request(long)
+    assert slot.reserved_bytes == 0 and slot.reservation(kv=10, prefill=500, batched=True).bytes == 510
+
+
+def test_batch_padding_does_not_make_a_request_impossible() -> None:
+    models = [model("a", 400, reserved=300, busy=True)]
+    decision = request_admission("a", 700, models, budget=1000, alone=500)  # 700 with its batch's padding
+    assert not decision.impossible and decision.wait
+
+
 def test_a_prompt_cache_does_not_make_a_request_impossible() -> None:
     models = [model("a", 700, evictable=400)]
     decision = request_admission("a", 500, models, budget=1000)
