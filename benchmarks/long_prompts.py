@@ -77,7 +77,9 @@ async def run(cache: Path, workdir: Path) -> dict[str, Any]:
                    for n, p in paths.items()],
     }  # fmt: skip
     hub = Hub.from_config(config, app_factory=build_model_app)
-    controller = AppServer(build_controller_app(hub, request_shutdown=lambda: None), "127.0.0.1", port)
+    controller = AppServer(
+        build_controller_app(hub, request_shutdown=lambda: None), "127.0.0.1", port, name="controller"
+    )
     await controller.start()
     await hub.start()
     result: dict[str, Any] = {"budget_bytes": budget, "weights_bytes": weights, "requests": []}
