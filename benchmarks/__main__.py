@@ -277,6 +277,19 @@ def concurrency(hub: HubProcess, names: list[str], levels: list[int], tokens: in
     return {"levels": out}
 
 
+def long_prompts(cache: Path, out: Path) -> dict[str, Any]:
+    """benchmarks/long_prompts.py in a fresh process: estimate/measured per request, peak/budget under load."""
+    import subprocess
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.long_prompts", "--cache", str(cache), "--out", str(out)],
+        check=True,
+        cwd=ROOT.parent,
+    )
+    return json.loads(out.read_text())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -388,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bare.close()
         hub.close()
+    log("memory under long prompts (its own hub process, so MLX's peak is this section's)")
+    results["long_prompts"] = long_prompts(args.cache, workdir / "long-prompts.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)

@@ -42,7 +42,30 @@ TARGETS: dict[str, tuple[str, Any, str]] = {
         lambda r: r <= 0.5,
         "≤ 0.5",
     ),
+    "long_prompt_estimate_min": (
+        "a long prompt's reservation / MLX memory it took (lowest)",
+        lambda r: 0.75 <= r <= 1.25,
+        "0.75–1.25",
+    ),
+    "long_prompt_estimate_max": (
+        "a long prompt's reservation / MLX memory it took (highest)",
+        lambda r: 0.75 <= r <= 1.25,
+        "0.75–1.25",
+    ),
+    "long_prompt_peak_vs_budget": (
+        "MLX peak under concurrent long and short prompts / max_memory",
+        lambda r: r <= 1.0,
+        "≤ 1.0",
+    ),
 }
+
+
+def _long_prompt_ratios(p: dict[str, Any]) -> dict[str, float]:
+    return {
+        "long_prompt_estimate_min": min(q["ratio"] for q in p["requests"]),
+        "long_prompt_estimate_max": max(q["ratio"] for q in p["requests"]),
+        "long_prompt_peak_vs_budget": p["load"]["peak_vs_budget"],
+    }
 
 
 def ratios(r: dict[str, Any]) -> dict[str, float]:
@@ -60,6 +83,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         / mem["cycles"]["rss_first"],
         "swap_vs_bare_load": swap["hub_swap"]["median"] / swap["bare_load"]["median"],
         **(_profile_ratios(r["second_profile"]) if "second_profile" in r else {}),
+        **(_long_prompt_ratios(r["long_prompts"]) if "long_prompts" in r else {}),
     }
 
 
@@ -181,6 +205,33 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
         lines.append(
             f"| {level['clients']} | {level['aggregate_tps']:.1f} | {level['latency_p50_s']:.2f} s | {level['latency_max_s']:.2f} s |"
         )
+    if "long_prompts" in r:
+        p = r["long_prompts"]
+        lines += [
+            "",
+            "## Memory under long prompts",
+            "",
+            "Each request's reservation (KV cache at prompt + max_tokens, plus its worst prefill chunk) against",
+            "the rise of MLX's peak memory while it ran, one request at a time:",
+            "",
+            "| model | prompt tokens (counted) | estimate | measured | estimate / measured |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for q in p["requests"]:
+            lines.append(
+                f"| {q['model']} | {q['prompt_tokens']} ({q['counted_tokens']}) | {q['estimate_bytes'] / mb:,.1f} MB "
+                f"| {q['measured_bytes'] / mb:,.1f} MB | {q['ratio']:.3f} |"
+            )
+        load = p["load"]
+        lines += [
+            "",
+            f"Then {load['requests']} long and short prompts from 4 clients at once, on both models, through",
+            f"their ports and /v1, under max_memory {p['budget_bytes'] / mb:,.1f} MB (both models' weights and",
+            "one and a half long requests): MLX peak "
+            f"{load['peak_bytes'] / mb:,.1f} MB = {load['peak_vs_budget']:.3f} of the budget; statuses "
+            + ", ".join(f"{k}: {v}" for k, v in load["outcomes"].items())
+            + f"; {load['seconds']:.0f} s.",
+        ]
     if r.get("notes"):
         lines += ["", "## Notes", "", *r["notes"]]
     return "\n".join(lines) + "\n"

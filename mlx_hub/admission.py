@@ -12,12 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .config import GroupConfig
-from .errors import BudgetError, CapacityError, ModelLoadError, NotLoadedError, NotRunningError
-from .slot import MemoryState, ModelSlot, PortState
+from .errors import (
+    BudgetError,
+    CapacityError,
+    ModelLoadError,
+    NotLoadedError,
+    NotRunningError,
+    RequestTooLargeError,
+)
+from .slot import NO_RESERVATION, MemoryState, ModelSlot, PortState, Reservation
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -89,22 +96,30 @@ def first_refusal(hub: Hub, slot: ModelSlot, group: GroupConfig | None) -> tuple
     return "memory budget", decision
 
 
-async def acquire(hub: Hub, slot: ModelSlot) -> None:
-    """Wait until ``slot`` can serve a request and count the request in.
+async def acquire(hub: Hub, slot: ModelSlot, body: dict[str, Any] | None = None) -> Reservation:
+    """Wait until ``slot`` can serve a request and count the request in; returns what it reserved.
 
     Called by the model app's gate. Loads a JIT model (one load however
-    many requests arrive), waits out an unload, and raises what the
-    client should see otherwise. Pair with ``release``.
+    many requests arrive), waits out an unload, then admits the request's own
+    memory (``admit_request``), and raises what the client should see
+    otherwise. Pair with ``release``, passing back the reservation.
     """
     slot.waiting += 1
+    need = None
     try:
         while True:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
                 raise NotRunningError(f"model '{slot.name}' is stopping", model=slot.name)
             state = slot.memory_state
             if state is MemoryState.LOADED:
-                slot.begin_request()
-                return
+                if need is None:  # counted once: the tokenizer is the model's, whatever happens next
+                    need = await asyncio.to_thread(hub.engine.estimate_request, slot.entry, body)
+                    continue  # the await may have seen the model unloaded
+                reservation = await admit_request(hub, slot, need)
+                if reservation is not None:
+                    slot.begin_request(reservation)  # no await since the decision: it still fits
+                    return reservation
+                continue
             pending = slot.load_in_progress()
             if state is MemoryState.UNLOADING:
                 await hub.wait_change()
@@ -124,9 +139,66 @@ async def acquire(hub: Hub, slot: ModelSlot) -> None:
         slot.waiting -= 1
 
 
-def release(hub: Hub, slot: ModelSlot, keep_alive: float | None = None) -> None:
-    """Count a request out. ``keep_alive`` (seconds; inf = never) overrides a JIT model's idle timer."""
-    slot.end_request()
+def _gb(value: int | None) -> str:
+    return f"{(value or 0) / 1e9:.3f} GB ({value or 0} bytes)"
+
+
+async def admit_request(hub: Hub, slot: ModelSlot, need: Any) -> Reservation | None:
+    """Make room for one request's reservation under the budget: the reservation once it fits.
+
+    Evicts idle unpinned models as ``policy.request_admission`` names them,
+    else waits up to the model's ``queue_timeout`` (then ``BudgetError``, 503
+    with Retry-After). A request that could not fit beside its own model alone
+    gets ``RequestTooLargeError`` (400) at once. None: the model left LOADED
+    while this waited; the caller starts over. On a model that batches, the
+    reservation includes the padding its batch adds (``policy.batch_padding``).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + slot.entry.queue_timeout
+    batched = hub.engine.batches(slot.entry)
+    while slot.memory_state is MemoryState.LOADED:
+        reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, batched)
+        decision = policy.request_admission(
+            slot.name,
+            reservation.bytes,
+            [s.candidate() for s in hub.slots.values()],
+            budget=hub.budget,
+            alone=need.bytes,
+        )
+        if decision.admit:
+            return reservation
+        if decision.impossible:
+            raise RequestTooLargeError(
+                f"this request to model '{slot.name}' can reach {need.tokens} tokens "
+                f"({need.prompt_tokens} prompt + {need.max_tokens} max_tokens) and needs about "
+                f"{_gb(need.bytes)} for its KV cache and prefill; beside the model's "
+                f"{_gb(slot.held_bytes)} that exceeds the whole max_memory budget of {_gb(hub.budget)}. "
+                "Send a shorter prompt or a smaller max_tokens.",
+                model=slot.name,
+            )
+        if decision.evict is not None:
+            log.info("memory budget: unloading '%s' for a request to '%s'", decision.evict, slot.name)
+            await hub.unload_slot(hub.slots[decision.evict], reason="budget")
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise BudgetError(
+                f"the memory budget ({_gb(hub.budget)}) is held by loaded models and requests in flight "
+                f"({_gb(hub.reserved_bytes())} reserved); this request to '{slot.name}' needs "
+                f"{_gb(need.bytes)} for {need.tokens} tokens and waited {slot.entry.queue_timeout:g} s. "
+                "Retry later.",
+                model=slot.name,
+            )
+        await hub.wait_change(min(remaining, hub.reap_interval))
+    return None
+
+
+def release(
+    hub: Hub, slot: ModelSlot, keep_alive: float | None = None, reserved: Reservation = NO_RESERVATION
+) -> None:
+    """Count a request out, giving back its ``reserved`` bytes. ``keep_alive`` (seconds; inf = never)
+    overrides a JIT model's idle timer."""
+    slot.end_request(reserved)
     if keep_alive is not None and slot.entry.jit_enabled:
         slot.keep_alive = keep_alive
         if keep_alive == 0 and not slot.busy and slot.memory_state is MemoryState.LOADED:

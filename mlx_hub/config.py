@@ -38,6 +38,15 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
+#: ``max_memory`` words: ``auto`` (the engine's safe working set) and ``none`` (no budget).
+BUDGET_WORDS = ("auto", "none")
+
+
+def is_budget_word(value: object) -> bool:
+    """``max_memory: auto`` or ``max_memory: none`` (any case)."""
+    return isinstance(value, str) and value.strip().lower() in BUDGET_WORDS
+
+
 def memory_bytes(value: int | float | str, total: int | None) -> int:
     """``max_memory`` in bytes: an integer of bytes, a size like ``"48GB"``, or a fraction of ``total``.
 
@@ -254,7 +263,7 @@ class HubConfig(_Strict):
     enable_status_page: bool = True
     drain_timeout: Annotated[float, Field(gt=0)] = 30  # seconds a stop lets running requests finish
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
-    max_memory: int | float | str | None = None
+    max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     models: Annotated[list[ModelConfig], Field(min_length=1)]
@@ -290,7 +299,7 @@ class HubConfig(_Strict):
     @field_validator("max_memory", mode="before")
     @classmethod
     def _memory_size(cls, value: int | float | str | None) -> int | float | str | None:
-        if value is not None:
+        if value is not None and not is_budget_word(value):
             memory_bytes(value, total=1)  # the form is checked now; a fraction resolves at start
         return value
 

@@ -64,3 +64,16 @@ class NoConfigFileError(HubError):
 class BudgetError(HubError):
     status, error_type, code = 503, "service_unavailable", "memory_budget_exceeded"
     retry_after = 5.0
+
+
+class RequestTooLargeError(HubError):
+    """A request whose KV cache and prefill would not fit the memory budget even beside its model alone."""
+
+    status, error_type, code = 400, "invalid_request_error", "request_exceeds_memory_budget"
+
+
+class MemoryExhaustedError(HubError):
+    """MLX could not allocate memory for this one request; the hub and every other request go on."""
+
+    status, error_type, code = 503, "service_unavailable", "memory_exhausted"
+    retry_after = 5.0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import admission, engine, logs, reload
-from .config import HubConfig, load_config, memory_bytes, parse_config
+from .config import HubConfig, is_budget_word, load_config, memory_bytes, parse_config
 from .engine import Engine, MLXEngine
 from .errors import (
     HubError,
@@ -31,7 +31,7 @@ from .errors import (
 )
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
-from .slot import OCCUPYING, MemoryState, ModelSlot, PortState
+from .slot import NO_RESERVATION, OCCUPYING, MemoryState, ModelSlot, PortState, Reservation
 from .status import HubStatus, build_status
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,16 @@ def as_config(source: ConfigSource) -> tuple[HubConfig, Path | None]:
         return parse_config(source, source="<dict>"), None
     path = Path(source).expanduser().resolve()
     return load_config(path), path
+
+
+def resolve_budget(value: int | float | str | None, engine: Engine) -> tuple[int | None, str]:
+    """``max_memory`` in bytes and where it came from: ``auto`` (the engine's working set), ``none``, or
+    ``max_memory`` (a size or a fraction of physical memory)."""
+    if value is None or (is_budget_word(value) and str(value).strip().lower() == "none"):
+        return None, "none"
+    if is_budget_word(value):
+        return engine.working_set(), "auto"
+    return memory_bytes(value, engine.system_memory()), "max_memory"
 
 
 class Hub:
@@ -88,6 +98,7 @@ class Hub:
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.budget: int | None = None
+        self.budget_source: str | None = None  # "auto", "none", or "max_memory" (a size or fraction)
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
@@ -117,12 +128,15 @@ class Hub:
             ports = PortBook.for_config(self.config).assign(self.config)
             host = self.config.host_of
             self.slots = {
-                m.name: ModelSlot(m, ports[m.name], host(m), self.notify, self.engine.shared)
+                m.name: ModelSlot(
+                    m, ports[m.name], host(m), self.notify, self.engine.shared, self.engine.prompt_cache_bytes
+                )
                 for m in self.config.models
             }
             self._link_groups()
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             self.started_at = time.time()
+            self.engine.reset_peak_memory()  # status's peak_bytes: the highest since start
             # Import the handler modules now, off the loop, so a JIT model's
             # first request pays for its weights, not for importing mlx-lm.
             await asyncio.to_thread(self.engine.preload, {m.model_type for m in self.config.models})
@@ -277,13 +291,32 @@ class Hub:
 
     # ------------------------------------------------------- request gate
 
-    async def acquire(self, slot: ModelSlot) -> None:
-        """Wait until ``slot`` can serve a request and count it in (``admission.acquire``). Pair with ``release``."""
-        await admission.acquire(self, slot)
+    async def acquire(self, slot: ModelSlot, body: dict[str, Any] | None = None) -> Reservation:
+        """Wait until ``slot`` can serve a request (``body``, its JSON) and count it in; returns what it
+        reserved (``admission.acquire``). Pair with ``release``."""
+        return await admission.acquire(self, slot, body)
 
-    def release(self, slot: ModelSlot, keep_alive: float | None = None) -> None:
+    def release(
+        self, slot: ModelSlot, keep_alive: float | None = None, reserved: Reservation = NO_RESERVATION
+    ) -> None:
         """Count a request out (``admission.release``); ``keep_alive`` overrides a JIT model's idle timer."""
-        admission.release(self, slot, keep_alive)
+        admission.release(self, slot, keep_alive, reserved)
+
+    def allocation_failed(self, slot: ModelSlot) -> None:
+        """MLX could not allocate inside one of ``slot``'s requests: free what that request left behind.
+
+        Its KV cache and activations are garbage once upstream's generator has
+        unwound; collecting them and emptying MLX's buffer cache gives the
+        memory back before the next request is admitted.
+        """
+        log.warning("model '%s': a request ran out of memory; freeing its KV state", slot.name)
+        self.engine.free_memory()
+        self.metrics.allocation_failed(slot.name)
+        self.notify()
+
+    def reserved_bytes(self) -> int:
+        """What the requests in flight reserve, over every model."""
+        return sum(s.reserved_bytes for s in self.slots.values())
 
     # ------------------------------------------------------ load / unload
 
@@ -296,6 +329,7 @@ class Hub:
         await admission.admit(self, slot)  # returns with slot LOADING, or raises
         try:
             loaded = await slot.load(self.engine, self._memory_lock)
+            self.engine.bound_prompt_cache(loaded.handler, self.budget)
         except engine.EngineError as exc:
             log.error("model '%s' failed to load: %s", slot.name, exc)
             raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
@@ -355,8 +389,8 @@ class Hub:
         """Take ``config`` as the running one: the memory budget, API keys and group timers follow it."""
         self.config = config
         self._link_groups()
-        total = self.engine.system_memory()
-        self.budget = None if config.max_memory is None else memory_bytes(config.max_memory, total)
+        self.budget, self.budget_source = resolve_budget(config.max_memory, self.engine)
+        self.engine.set_memory_limit(self.budget)
         self.api_keys = config.keys
 
     def _link_groups(self) -> None:

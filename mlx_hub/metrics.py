@@ -42,6 +42,14 @@ class _StateCollector:
         )
         in_flight = GaugeMetricFamily("mlx_hub_model_in_flight", "requests being served", labels=["model"])
         waiting = GaugeMetricFamily("mlx_hub_model_waiting", "requests waiting for a load", labels=["model"])
+        reserved = GaugeMetricFamily(
+            "mlx_hub_model_kv_reserved_bytes",
+            "KV cache and prefill memory its requests in flight reserve",
+            labels=["model"],
+        )
+        peak = GaugeMetricFamily(
+            "mlx_hub_model_memory_peak_bytes", "the most the model accounted for at once", labels=["model"]
+        )
         for row in status.models:
             name, meta = row.id, row.metadata
             running.add_metric([name], 1.0 if meta.process_state == "running" else 0.0)
@@ -51,10 +59,23 @@ class _StateCollector:
             memory.add_metric([name], float(meta.memory_bytes))
             in_flight.add_metric([name], float(meta.in_flight))
             waiting.add_metric([name], float(meta.waiting))
-        yield from (running, loaded, state, memory, in_flight, waiting)
+            reserved.add_metric([name], float(meta.kv_reserved_bytes))
+            peak.add_metric([name], float(meta.memory_peak_bytes))
+        yield from (running, loaded, state, memory, in_flight, waiting, reserved, peak)
         active = GaugeMetricFamily("mlx_hub_mlx_active_memory_bytes", "MLX active memory of the hub process")
         active.add_metric([], float(status.memory.active_bytes))
         yield active
+        hub_reserved = GaugeMetricFamily(
+            "mlx_hub_memory_reserved_bytes", "what every request in flight reserves (KV cache, prefill)"
+        )
+        hub_reserved.add_metric([], float(status.memory.reserved_bytes))
+        hub_peak = GaugeMetricFamily("mlx_hub_mlx_peak_memory_bytes", "MLX peak memory since the hub started")
+        hub_peak.add_metric([], float(status.memory.peak_bytes))
+        models = GaugeMetricFamily(
+            "mlx_hub_models_memory_bytes", "loaded models' bytes (weights, prompt caches)"
+        )
+        models.add_metric([], float(status.memory.models_bytes))
+        yield from (hub_reserved, hub_peak, models)
         if status.memory.budget_bytes:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
             budget.add_metric([], float(status.memory.budget_bytes))
@@ -96,6 +117,12 @@ class HubMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.allocation_failures = Counter(
+            "mlx_hub_allocation_failures",
+            "requests that failed because MLX could not allocate memory",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(status))
 
     def request(self, model: str, route: str, status: int, tokens: int) -> None:
@@ -108,6 +135,9 @@ class HubMetrics:
     def loaded(self, model: str, seconds: float) -> None:
         self.loads.labels(model).inc()
         self.load_seconds.labels(model).observe(seconds)
+
+    def allocation_failed(self, model: str) -> None:
+        self.allocation_failures.labels(model).inc()
 
     def unloaded(self, model: str, reason: str) -> None:
         self.evictions.labels(model, reason).inc()

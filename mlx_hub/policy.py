@@ -28,6 +28,8 @@ class Candidate:
     frees: int | None = (
         None  # bytes its unload gives back, if not ``size`` (weights another model shares stay)
     )
+    reserved: int = 0  # bytes its requests in flight reserve (KV cache and prefill working memory)
+    evictable: int = 0  # of ``size``, what it can drop without unloading (its prompt cache)
 
 
 def is_idle_expired(model: Candidate, now: float) -> bool:
@@ -120,14 +122,57 @@ def budget_admission(
     if need > budget:
         return Admission(admit=False, impossible=True)
     others = [m for m in models if m.name != loading and m.loaded]
-    if sum(m.size for m in others) + need <= budget:
+    if sum(m.size + m.reserved for m in others) + need <= budget:
         return ADMIT
+    return _evict_for(others)
+
+
+def _evict_for(others: Sequence[Candidate]) -> Admission:
+    """The least recently used idle, unpinned model of ``others`` to unload, or wait if there is none."""
     victims = [m for m in others if not m.busy and not m.pinned]
     # Unloading a model whose weights another loaded model shares frees only its
     # own part: models that free something go first; sharers only when nothing
     # else is left (the last of them then frees the copy).
     freeing = [m for m in victims if (m.size if m.frees is None else m.frees) > 0]
     return _least_recently_used(freeing or victims)
+
+
+def request_admission(
+    model: str, need: int, models: Sequence[Candidate], *, budget: int | None, alone: int | None = None
+) -> Admission:
+    """May a request that reserves ``need`` bytes start on ``model`` (which is loaded) now?
+
+    Everything held counts: every loaded model's bytes (weights and prompt
+    caches) plus the reservations of the requests already in flight, each
+    batched request on its own. If that plus ``need`` fits ``budget`` it starts;
+    else idle unpinned models give way as for a load, least recently used first;
+    else the caller waits. A request that would not fit beside its own model's
+    weights even with everything else unloaded (and its own prompt cache
+    dropped) is ``impossible``; ``alone`` is what it would need then, if not
+    ``need`` (a batch's padding is not there when the request runs alone).
+    """
+    if budget is None:
+        return ADMIT
+    own = next((m for m in models if m.name == model), None)
+    if (own.size - own.evictable if own is not None else 0) + (need if alone is None else alone) > budget:
+        return Admission(admit=False, impossible=True)
+    held = [m for m in models if m.loaded]
+    if sum(m.size + m.reserved for m in held) + need <= budget:
+        return ADMIT
+    return _evict_for([m for m in held if m.name != model])
+
+
+def batch_padding(own_kv: int, in_flight_kv: Sequence[int], reserved_kv: int) -> int:
+    """Extra KV bytes a request joining a model's batch reserves: a batch pads every sequence to its longest.
+
+    mlx-lm's batched cache holds each of the batch's ``n`` sequences at the
+    longest one's length, so the batch's KV is ``n x longest``, not the sum of
+    each request's own. ``reserved_kv`` is what the batch's requests already
+    reserve for KV (their own and their padding); the newcomer adds what is
+    missing for the batch it joins.
+    """
+    longest = max([own_kv, *in_flight_kv])
+    return max(0, (len(in_flight_kv) + 1) * longest - reserved_kv - own_kv)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

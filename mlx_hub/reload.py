@@ -40,7 +40,10 @@ async def apply(hub: Hub, new: HubConfig) -> dict[str, Any]:
     ]
     kept = {n: hub.slots[n] for n in plan.keep}
     hub.slots = {
-        m.name: kept.get(m.name) or ModelSlot(m, ports[m.name], new.host_of(m), hub.notify, hub.engine.shared)
+        m.name: kept.get(m.name)
+        or ModelSlot(
+            m, ports[m.name], new.host_of(m), hub.notify, hub.engine.shared, hub.engine.prompt_cache_bytes
+        )
         for m in new.models
     }
     hub.adopt(new)

@@ -15,11 +15,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelConfig
 from .engine import Engine, EngineError, Loaded
-from .policy import Candidate, seconds_until_idle_unload
+from .policy import Candidate, batch_padding, seconds_until_idle_unload
 from .ports import PortError
 from .server import AppServer
 from .status import OCCUPYING, MemoryState, ModelMetadata, ModelStatus, PortState
@@ -45,6 +46,20 @@ MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
 }
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """What one request in flight holds under the budget: ``bytes`` in all, of which ``kv`` is its own KV
+    cache and ``kv_reserved`` its KV with the batch padding it took on joining (``prefill`` likewise)."""
+
+    bytes: int = 0
+    kv: int = 0
+    kv_reserved: int = 0
+    prefill: int = 0
+    prefill_reserved: int = 0
+
+
+NO_RESERVATION = Reservation()
+
 #: How long cancelled requests get to unwind before a stop frees their model regardless.
 CANCEL_GRACE_SECONDS = 5.0
 
@@ -69,9 +84,11 @@ class ModelSlot:
         host: str,
         on_change: Callable[[], None] = lambda: None,
         shared: Callable[[str], list[SharedWeights]] = lambda name: [],
+        cached: Callable[[Any], int] = lambda handler: 0,
     ):
         self.entry = entry
         self._shared = shared  # the weights copies an entry holds (the engine's view)
+        self._cached = cached  # bytes the handler's in-memory prompt cache holds (the engine's view)
         self.on_change = on_change  # every transition calls it: the hub wakes its waiters
         self.port = port
         self.host = host
@@ -88,6 +105,8 @@ class ModelSlot:
         self.requests: set[asyncio.Task[Any]] = set()  # tasks serving the active requests, for a forced stop
         self.last_used = time.monotonic()
         self.memory_bytes = 0
+        self.reservations: list[Reservation] = []  # one per request in flight that reserved memory
+        self.peak_bytes = 0  # the most this model accounted for at once (held + reserved) since it loaded
         self.estimate = 0  # bytes a load is expected to add, from the weight files
         self.keep_alive: float | None = None  # a request's keep_alive, for this residency
         self.group_idle_minutes: float | None = None  # its group's idle_unload_trigger_min (Hub sets it)
@@ -134,6 +153,7 @@ class ModelSlot:
             self.app.state.handler = loaded.handler
         # Its own bytes; weights copies are counted apart (held_bytes), once for all their holders.
         self.memory_bytes = max(loaded.memory_bytes - loaded.created_bytes, 0)
+        self.peak_bytes = self.held_bytes
         self.load_seconds = loaded.load_seconds
         self.load_count += 1
         self.memory_error = None
@@ -168,21 +188,59 @@ class ModelSlot:
         Every copy has exactly one first holder, so summing this over models
         counts shared weights once.
         """
-        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders[0] == self.name)
+        own = self.memory_bytes + self.prompt_cache_bytes
+        return own + sum(g.bytes for g in self.shared() if g.holders[0] == self.name)
 
     @property
     def sole_bytes(self) -> int:
         """What unloading this model would free: its own bytes and the copies nobody else holds."""
-        return self.memory_bytes + sum(g.bytes for g in self.shared() if g.holders == [self.name])
+        own = self.memory_bytes + self.prompt_cache_bytes
+        return own + sum(g.bytes for g in self.shared() if g.holders == [self.name])
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """KV caches upstream keeps between requests (its prompt cache): the model's own bytes."""
+        return self._cached(self.handler) if self.handler is not None else 0
 
     # ---------------------------------------------------------------- requests
 
-    def begin_request(self) -> None:
+    @property
+    def reserved_bytes(self) -> int:
+        """What the requests in flight reserve (KV cache, prefill, batch padding), summed."""
+        return sum(r.bytes for r in self.reservations)
+
+    def reservation(self, kv: int, prefill: int, batched: bool) -> Reservation:
+        """A request's reservation if it started now: its KV and prefill, and in a batch the padding it adds."""
+        held = self.reservations if batched else []
+        kv_pad = batch_padding(kv, [r.kv for r in held], sum(r.kv_reserved for r in held)) if held else 0
+        # Prompts admitted together are prefilled as one padded batch: as for KV, each counts at the longest.
+        pre_pad = (
+            batch_padding(prefill, [r.prefill for r in held], sum(r.prefill_reserved for r in held))
+            if held
+            else 0
+        )
+        return Reservation(
+            bytes=kv + kv_pad + prefill + pre_pad,
+            kv=kv,
+            kv_reserved=kv + kv_pad,
+            prefill=prefill,
+            prefill_reserved=prefill + pre_pad,
+        )
+
+    def begin_request(self, reservation: Reservation = NO_RESERVATION) -> None:
+        """Count a request in, with what admission reserved for it."""
         self.active += 1
+        if reservation.bytes:
+            self.reservations.append(reservation)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes + self.reserved_bytes)
         self._idle.clear()
 
-    def end_request(self) -> None:
+    def end_request(self, reservation: Reservation = NO_RESERVATION) -> None:
+        """Count a request out and give back its reservation (what ``begin_request`` took)."""
         self.active -= 1
+        if reservation.bytes and reservation in self.reservations:
+            self.reservations.remove(reservation)
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)  # its KV may now sit in the prompt cache
         self.touch()
         if self.active == 0:
             self._idle.set()
@@ -221,6 +279,8 @@ class ModelSlot:
             size=self.held_bytes if self.memory_state is MemoryState.LOADED else self.estimate,
             pinned=self.entry.pinned,
             frees=self.sole_bytes if self.memory_state is MemoryState.LOADED else None,
+            reserved=self.reserved_bytes,
+            evictable=self.prompt_cache_bytes,
         )
 
     # ---------------------------------------------------------------- weights
@@ -332,6 +392,9 @@ class ModelSlot:
                 process_last_error=self.port_error,
                 exit_code=1 if self.port_state is PortState.FAILED else None,
                 memory_bytes=self.held_bytes,
+                kv_reserved_bytes=self.reserved_bytes,
+                memory_peak_bytes=self.peak_bytes,
+                prompt_cache_bytes=self.prompt_cache_bytes,
                 shared_bytes=sum(g.bytes for g in shared if len(g.holders) > 1),
                 shared_with=sorted({h for g in shared for h in g.holders} - {self.name}),
                 in_flight=self.active,

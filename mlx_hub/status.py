@@ -64,6 +64,9 @@ class ModelMetadata(_Document):
     process_last_error: str | None
     exit_code: int | None
     memory_bytes: int  # its own bytes, plus the weights copies it carries (each copy counted once)
+    kv_reserved_bytes: int = 0  # what its requests in flight reserve: KV cache and prefill working memory
+    memory_peak_bytes: int = 0  # the most it accounted for at once (memory_bytes + kv_reserved_bytes)
+    prompt_cache_bytes: int = 0  # of memory_bytes, upstream's prompt cache kept between requests
     shared_bytes: int = 0  # weights it holds together with other entries
     shared_with: list[str] = []  # those entries
     in_flight: int
@@ -95,6 +98,9 @@ class MemoryStatus(_Document):
     models_bytes: int
     system_total_bytes: int | None
     budget_bytes: int | None
+    reserved_bytes: int = 0  # what every request in flight reserves, summed over models
+    peak_bytes: int = 0  # MLX's peak memory since the hub started (mx.get_peak_memory)
+    budget_source: str | None = None  # how max_memory was set: a size, a fraction, auto, or none
 
 
 class GroupStatus(_Document):
@@ -176,6 +182,9 @@ def build_status(hub: Hub) -> HubStatus:
             models_bytes=sum(s.held_bytes for s in loaded),
             system_total_bytes=hub.engine.system_memory(),
             budget_bytes=hub.budget,
+            reserved_bytes=sum(s.reserved_bytes for s in slots),
+            peak_bytes=hub.engine.peak_memory(),
+            budget_source=hub.budget_source,
         ),
         warnings=warnings,
         groups=groups,

@@ -6,7 +6,7 @@
 const POLL_MS = 5000;
 const TRANSITIONS = new Set(["starting", "stopping", "loading", "unloading"]);
 const KEY_STORE = "mlx-hub-api-key";
-const state = { status: null, pending: new Set(), offline: false, needKey: false, timer: null };
+const state = { status: null, pending: new Set(), offline: false, needKey: false, timer: null, budget: null };
 
 // ---------------------------------------------------------------- helpers
 
@@ -147,6 +147,9 @@ function renderSummary(status) {
   if (total) parts.push(`of ${gigabytes(total)} machine memory`);
   if (mem.budget_bytes) parts.push(`budget ${gigabytes(mem.budget_bytes)}`);
   if (mem.active_bytes !== undefined) parts.push(`MLX active ${megabytes(mem.active_bytes)}`);
+  if (mem.reserved_bytes) parts.push(`KV reserved ${megabytes(mem.reserved_bytes)}`);
+  if (mem.peak_bytes) parts.push(`peak ${megabytes(mem.peak_bytes)}`);
+  state.budget = mem.budget_bytes || null;
   $("mem-text").textContent = parts.join(" · ");
 
   $("groups").replaceChildren(...(status.groups || []).map((g) => {
@@ -179,7 +182,9 @@ function memoryCell(m) {
   const cell = el("td", {}, el("div", {}, head));
   const details = [];
   if (m.memory_state === "loaded") {
-    details.push(megabytes(m.memory_bytes));
+    details.push(`weights ${megabytes(m.memory_bytes)}`);
+    details.push(`KV ${((m.kv_reserved_bytes || 0) / 1e6).toFixed(1)} MB in use`);
+    if (state.budget) details.push(`budget ${gigabytes(state.budget)}`);
     if (m.load_seconds !== null && m.load_seconds !== undefined) details.push(`loaded in ${m.load_seconds.toFixed(2)} s`);
   }
   if (m.idle_seconds_left !== null && m.idle_seconds_left !== undefined) details.push(`unloads in ${countdown(m.idle_seconds_left)}`);

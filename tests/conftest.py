@@ -145,3 +145,23 @@ async def start() -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
     yield go
     for live in running:
         await live.__aexit__()
+
+
+#: Shapes where a request's KV cache and prefill are a visible share of memory (tests/test_memory.py, the soak).
+MEMORY_SHAPES: dict[str, dict[str, Any]] = {
+    "llama": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 512, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "qwen2": {"hidden_size": 384, "num_hidden_layers": 4, "intermediate_size": 768, "num_attention_heads": 6,
+              "num_key_value_heads": 2, "max_position_embeddings": 4096},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def memory_models(models_dir: Path) -> dict[str, Path]:
+    """A llama and a qwen2 for memory measurements, by architecture."""
+    from mlx_hub.tinymodel import make_model
+
+    return {
+        arch: make_model(models_dir / f"mem-{arch}", arch=arch, shape=shape, seed=11)
+        for arch, shape in MEMORY_SHAPES.items()
+    }

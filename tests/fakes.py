@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine import EngineError, Loaded
+from mlx_hub.engine import EngineError, Loaded, RequestNeed
 
 
 class FakeHandler:
@@ -50,8 +50,15 @@ class FakeHandler:
 class FakeEngine:
     """Loads take a real await and no time; ``sizes`` (bytes by entry name) default to 1000."""
 
-    def __init__(self, sizes: dict[str, int] | None = None, failing: set[str] | None = None):
+    def __init__(
+        self,
+        sizes: dict[str, int] | None = None,
+        failing: set[str] | None = None,
+        request_bytes_per_token: int = 0,
+    ):
         self.sizes = sizes or {}
+        self.request_bytes_per_token = request_bytes_per_token  # a request reserves this x its max_tokens
+        self.limit: int | None = None  # what the hub set as MLX's memory limit
         self.failing = failing or set()
         self.active = 0
         self.loads: Counter[str] = Counter()
@@ -103,3 +110,28 @@ class FakeEngine:
 
     def shared(self, name: str) -> list[Any]:
         return []  # fake models share nothing
+
+    def estimate_request(self, entry: ModelConfig, body: dict[str, Any] | None) -> RequestNeed:
+        tokens = int((body or {}).get("max_tokens") or 0)
+        return RequestNeed(0, tokens, tokens, tokens * self.request_bytes_per_token, 0)
+
+    def prompt_cache_bytes(self, handler: Any) -> int:
+        return 0
+
+    def batches(self, entry: ModelConfig) -> bool:
+        return False
+
+    def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:
+        pass
+
+    def peak_memory(self) -> int:
+        return self.active
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def working_set(self) -> int | None:
+        return 3 << 32
+
+    def set_memory_limit(self, budget: int | None) -> None:
+        self.limit = budget

@@ -135,3 +135,27 @@ def harmony_vocab(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, folder / "o200k_base.tiktoken")
     return folder
+
+
+def long_chat(model: str, words: int, max_tokens: int, *, offset: int = 0, **extra: Any) -> dict[str, Any]:
+    """A chat request whose one message is ``words`` words (about as many tokens with the test tokenizer).
+
+    ``offset`` starts the text elsewhere in the corpus, so two requests share no
+    prefix that upstream's prompt cache would reuse.
+    """
+    from mlx_hub.tinymodel import _CORPUS
+
+    corpus = _CORPUS.split()
+    text = " ".join(corpus[(offset + i) % len(corpus)] for i in range(words))
+    return {"model": model, "messages": [{"role": "user", "content": f"{offset} {text}"}],
+            "max_tokens": max_tokens, **extra}  # fmt: skip
+
+
+def request_room(path: str | Path, max_tokens: int = 5, **entry: Any) -> int:
+    """What one ``hello`` request to the model at ``path`` reserves under a budget (KV cache, prefill)."""
+    from mlx_hub import engine
+    from mlx_hub.config import ModelConfig
+
+    options = {"context_length": 2048, **entry}
+    model = ModelConfig(name="m", model_path=str(path), **options)
+    return engine.estimate_request(model, hello("m", max_tokens)).bytes

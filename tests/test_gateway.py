@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import LiveController, hello, meta, text_only
+from .helpers import LiveController, hello, meta, request_room, text_only
 from .test_hub import eventually, lm
 
 Start = Callable[..., Any]
@@ -106,10 +106,14 @@ async def test_budget_evicts_lru_and_spares_pinned(
     # Three folders of one size: three copies (entries of one folder would share one, test_shared_weights).
     folders = {n: shutil.copytree(tiny_llama, tmp_path / n) for n in ("a", "b", "c")}
     models = [
-        lm("pinned", tiny_qwen, default=True, pinned=True),
-        *(lm(n, folders[n], jit_enabled=True) for n in ("a", "b", "c")),
+        lm("pinned", tiny_qwen, default=True, pinned=True, prompt_cache_size=0),
+        *(lm(n, folders[n], jit_enabled=True, prompt_cache_size=0) for n in ("a", "b", "c")),
     ]
-    live = await start(hub_config(models, max_memory=int(3.5 * size)))
+    # Three of the four models and one request's KV and prefill (it counts too, tests/test_memory.py), not four.
+    room = max(request_room(p, prompt_cache_size=0) for p in (tiny_llama, tiny_qwen))
+    budget = sized(tiny_qwen) + 2 * size + room + size // 4
+    assert 4 * size > budget
+    live = await start(hub_config(models, max_memory=budget))
     client = gateway(live)
     await ask(client, "a")
     await ask(client, "b")
@@ -118,8 +122,8 @@ async def test_budget_evicts_lru_and_spares_pinned(
     states = {n: meta(live.hub, n)["memory_state"] for n in ("pinned", "a", "b", "c")}
     assert states == {"pinned": "loaded", "a": "loaded", "b": "unloaded", "c": "loaded"}
     status = live.hub.status()
-    assert status["memory"]["budget_bytes"] == int(3.5 * size)
-    assert status["memory"]["models_bytes"] <= int(3.5 * size) * 1.1
+    assert status["memory"]["budget_bytes"] == budget
+    assert status["memory"]["models_bytes"] <= budget * 1.1
 
 
 async def test_budget_full_and_busy_answers_503(
@@ -129,8 +133,14 @@ async def test_budget_full_and_busy_answers_503(
 
     size = sized(tiny_llama)
     other = shutil.copytree(tiny_llama, tmp_path / "b")  # its own copy: one folder would share a's
-    models = [lm("a", tiny_llama, default=True), lm("b", other, jit_enabled=True, queue_timeout=0.3)]
-    live = await start(hub_config(models, max_memory=int(1.5 * size)))
+    models = [
+        lm("a", tiny_llama, default=True, prompt_cache_size=0),
+        lm("b", other, jit_enabled=True, queue_timeout=0.3, prompt_cache_size=0),
+    ]
+    # One model and its request fit, two models do not.
+    budget = size + request_room(other, prompt_cache_size=0) + size // 4
+    assert 2 * size > budget
+    live = await start(hub_config(models, max_memory=budget))
     await live.hub.acquire(live.hub.slots["a"])
     try:
         with pytest.raises(openai.InternalServerError) as info:

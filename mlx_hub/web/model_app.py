@@ -23,7 +23,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import HubError, InvalidKeepAliveError, StoppedError
+from ..engine import ALLOCATION_ERRORS, is_allocation_error
+from ..errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
 from ..logs import current_model
 from ..metrics import ResponseWatch
 from ..policy import parse_keep_alive
@@ -129,6 +130,7 @@ class LoadGate:
         watch = ResponseWatch(send)
         try:
             keep_alive = None
+            data = None
             if is_json(scope):
                 body, gone = await read_body(receive)
                 if gone:
@@ -153,14 +155,15 @@ class LoadGate:
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
             try:
-                await self.hub.acquire(self.slot)
+                reserved = await self.hub.acquire(self.slot, data)
             except HubError as exc:
                 await error_response(exc)(scope, receive, watch.send)
                 return
             task = asyncio.current_task()
             self.slot.requests.add(task)
+            guard = AllocationGuard(watch.send, self.slot.name)
             try:
-                await self.app(scope, receive, watch.send)
+                await self.app(scope, receive, guard.send)
             except asyncio.CancelledError:
                 # The hub cancels what is still running when a stop's drain time is up.
                 if self.slot.port_state is PortState.STOPPING and not watch.started:
@@ -172,10 +175,64 @@ class LoadGate:
                 raise
             finally:
                 self.slot.requests.discard(task)
-                self.hub.release(self.slot, keep_alive=keep_alive)
+                self.hub.release(self.slot, keep_alive=keep_alive, reserved=reserved)
+                if guard.failed:
+                    self.hub.allocation_failed(self.slot)
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
+
+
+class AllocationGuard:
+    """Wraps ``send``: MLX failing to allocate inside one request fails that request alone, as 503.
+
+    Upstream answers a generation error with 500 (a JSON body) or, mid-stream,
+    with an error event before the stream's end; both carry MLX's message. A
+    500 whose body is an allocation error becomes 503 ``memory_exhausted`` with
+    Retry-After; a stream keeps its error event (the status line has gone out)
+    and ends as upstream ends it. Either way ``failed`` tells the gate to free
+    the request's memory.
+    """
+
+    def __init__(self, send: Send, model: str):
+        self._send = send
+        self.model = model
+        self.failed = False
+        self._held: dict[str, Any] | None = None  # a 500's start, until its body says what failed
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 500:
+            self._held = message
+            return
+        if message["type"] == "http.response.body":
+            text = message.get("body", b"").decode("utf-8", "replace")
+            if is_allocation_error(text):
+                self.failed = True
+            if self._held is not None:
+                start, self._held = self._held, None
+                if self.failed and not message.get("more_body", False):
+                    error = MemoryExhaustedError(
+                        f"model '{self.model}' ran out of memory during this request ({_first_line(text)}); "
+                        "its memory was freed and the hub and its other requests go on. Retry later, "
+                        "or send a shorter prompt or smaller max_tokens.",
+                        model=self.model,
+                    )
+                    await error_response(error)({"type": "http"}, _no_receive, self._send)
+                    return
+                await self._send(start)
+        await self._send(message)
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+def _first_line(text: str) -> str:
+    for marker in ALLOCATION_ERRORS:
+        at = text.find(marker)
+        if at >= 0:
+            return text[at : at + 200].split('"')[0].split("\\n")[0].strip()
+    return "allocation failed"
 
 
 def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
