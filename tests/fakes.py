@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Any
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine import EngineError, Loaded, RequestNeed
+from mlx_hub.engine import EngineError, Loaded
+from mlx_hub.reservation import RequestNeed
 
 
 class FakeHandler:

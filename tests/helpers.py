@@ -153,9 +153,9 @@ def long_chat(model: str, words: int, max_tokens: int, *, offset: int = 0, **ext
 
 def request_room(path: str | Path, max_tokens: int = 5, **entry: Any) -> int:
     """What one ``hello`` request to the model at ``path`` reserves under a budget (KV cache, prefill)."""
-    from mlx_hub import engine
+    from mlx_hub import reservation
     from mlx_hub.config import ModelConfig
 
     options = {"context_length": 2048, **entry}
     model = ModelConfig(name="m", model_path=str(path), **options)
-    return engine.estimate_request(model, hello("m", max_tokens)).bytes
+    return reservation.estimate_request(model, hello("m", max_tokens)).bytes

@@ -1,6 +1,6 @@
 """Memory that holds in one process: each request's KV cache and prefill count in the budget.
 
-Three tiers: the pure rules (``policy.request_admission``, ``engine.request_need``,
+Three tiers: the pure rules (``policy.request_admission``, ``reservation.request_need``,
 budget words), the gate on a fake engine (evict, wait, 503, 400, status and
 metrics), and generated models on real ports (the estimate against MLX's
 measured memory, an allocation error mid-stream, a 400 naming the request).
@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_hub import engine
+from mlx_hub import engine, reservation
 from mlx_hub.config import ModelConfig, parse_config
 from mlx_hub.hub import Hub, resolve_budget
 from mlx_hub.policy import Candidate, request_admission
@@ -102,44 +102,44 @@ def test_loads_count_the_reservations_of_requests_in_flight() -> None:
     assert budget_admission("b", 100, running, budget=1000).admit
 
 
-def shape(**kw: Any) -> engine.KVShape:
+def shape(**kw: Any) -> reservation.KVShape:
     base = dict(layers=4, heads=8, kv_heads=2, head_dim=32, hidden=256, intermediate=512, vocab=300,
                 dtype_bytes=2, context=8192, windows=(None,) * 4)  # fmt: skip
-    return engine.KVShape(**{**base, **kw})
+    return reservation.KVShape(**{**base, **kw})
 
 
 def test_kv_grows_with_tokens_in_blocks_and_stops_at_the_context() -> None:
     s = shape()
-    per_block = 4 * 2 * 2 * 32 * 2 * engine.KV_STEP
-    assert engine.request_need(s, 10, 10).kv_bytes == per_block
-    assert engine.request_need(s, 300, 0).kv_bytes == 2 * per_block
-    capped = engine.request_need(s, 8000, 4000)
+    per_block = 4 * 2 * 2 * 32 * 2 * reservation.KV_STEP
+    assert reservation.request_need(s, 10, 10).kv_bytes == per_block
+    assert reservation.request_need(s, 300, 0).kv_bytes == 2 * per_block
+    capped = reservation.request_need(s, 8000, 4000)
     assert capped.tokens == 8192 and capped.kv_bytes == 32 * per_block
 
 
 def test_the_prompt_cache_copies_count_while_the_request_runs() -> None:
-    plain = engine.request_need(shape(), 1000, 100).kv_bytes
-    assert engine.request_need(shape(cache_copies=2), 1000, 100).kv_bytes == 3 * plain
+    plain = reservation.request_need(shape(), 1000, 100).kv_bytes
+    assert reservation.request_need(shape(cache_copies=2), 1000, 100).kv_bytes == 3 * plain
 
 
 def test_rotating_and_sliding_layers_keep_their_window() -> None:
-    full = engine.request_need(shape(), 4000, 100)
-    rotating = engine.request_need(shape(windows=(1024,) * 4), 4000, 100)
-    mixed = engine.request_need(shape(windows=(1024, 1024, 1024, None)), 4000, 100)
+    full = reservation.request_need(shape(), 4000, 100)
+    rotating = reservation.request_need(shape(windows=(1024,) * 4), 4000, 100)
+    mixed = reservation.request_need(shape(windows=(1024, 1024, 1024, None)), 4000, 100)
     assert rotating.kv_bytes < mixed.kv_bytes < full.kv_bytes
     assert rotating.kv_bytes == 4 * 1024 * 2 * 2 * 32 * 2
 
 
 def test_kv_bits_shrink_the_cache() -> None:
-    plain = engine.request_need(shape(), 2000, 100).kv_bytes
-    assert engine.request_need(shape(kv_bits=4), 2000, 100).kv_bytes < plain / 3
+    plain = reservation.request_need(shape(), 2000, 100).kv_bytes
+    assert reservation.request_need(shape(kv_bits=4), 2000, 100).kv_bytes < plain / 3
 
 
 def test_prefill_takes_the_worst_chunk() -> None:
-    one_chunk = engine.request_need(shape(), 2049, 0).prefill_bytes  # 2048 tokens prefilled, one decoded
-    two_chunks = engine.request_need(shape(), 4097, 0).prefill_bytes  # the second sees 4096 keys
+    one_chunk = reservation.request_need(shape(), 2049, 0).prefill_bytes  # 2048 tokens prefilled, one decoded
+    two_chunks = reservation.request_need(shape(), 4097, 0).prefill_bytes  # the second sees 4096 keys
     assert two_chunks > 1.7 * one_chunk  # twice the attention scores, the same activations
-    assert engine.request_need(None, 5000, 5000).bytes == 0
+    assert reservation.request_need(None, 5000, 5000).bytes == 0
 
 
 def test_kv_shape_reads_config_and_entry(tmp_path: Path) -> None:
@@ -160,12 +160,14 @@ def test_kv_shape_reads_config_and_entry(tmp_path: Path) -> None:
         )
     )
     entry = ModelConfig(name="m", model_path=str(tmp_path), kv_bits=8)
-    s = engine.kv_shape(entry)
+    s = reservation.kv_shape(entry)
     assert s is not None and (s.layers, s.kv_heads, s.head_dim, s.dtype_bytes) == (6, 4, 64, 2)
     assert s.windows == (128, 128, None, 128, 128, None) and s.kv_bits == 8 and s.context == 4096
-    bounded = engine.kv_shape(ModelConfig(name="m", model_path=str(tmp_path), context_length=1000))
+    bounded = reservation.kv_shape(ModelConfig(name="m", model_path=str(tmp_path), context_length=1000))
     assert bounded is not None and bounded.windows == (128, 128, 1000, 128, 128, 1000)
-    assert engine.kv_shape(ModelConfig(name="e", model_path=str(tmp_path), model_type="embeddings")) is None
+    assert (
+        reservation.kv_shape(ModelConfig(name="e", model_path=str(tmp_path), model_type="embeddings")) is None
+    )
 
 
 @pytest.mark.parametrize("word", ["auto", "AUTO", "none", None])
@@ -328,7 +330,7 @@ async def test_estimate_matches_measured_memory(
 
     hub = await make_hub(hub_config([lm("m", memory_models[arch], disable_batching=not batching)]))
     body = long_chat("m", 1300, 8, offset=7)
-    need = engine.estimate_request(hub.slots["m"].entry, body)
+    need = reservation.estimate_request(hub.slots["m"].entry, body)
     async with httpx.AsyncClient(timeout=300) as http:
         assert (await http.post(chat_url(hub, "m"), json=long_chat("m", 20, 2, offset=3))).status_code == 200
         mx.clear_cache()
@@ -429,7 +431,7 @@ async def test_an_allocation_error_fails_that_request_alone(
         engine.free_memory()
         # Its KV state is freed: what is left over the loaded model is only upstream's prompt cache.
         left = mx.get_active_memory() - cached(hub) - before
-        need = engine.estimate_request(hub.slots["a"].entry, long_chat("a", 600, 32))
+        need = reservation.estimate_request(hub.slots["a"].entry, long_chat("a", 600, 32))
         # Two requests failed; had either kept its KV cache, at least one whole cache would be left. What
         # remains (a quarter of one, batched) is the batch generator's own state, which outlives any request.
         assert left < 0.5 * need.kv_bytes, (left, need)

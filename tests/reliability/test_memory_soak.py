@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_hub import Hub, engine
+from mlx_hub import Hub, engine, reservation
 from mlx_hub.web.model_app import build_model_app
 
 from ..helpers import LiveController, free_port, long_chat
@@ -61,7 +61,7 @@ async def test_memory_soak_long_and_short_prompts(hub_config, memory_models: dic
     paths = {"a": memory_models["llama"], "b": memory_models["qwen2"]}
     weights = {name: engine.estimate_bytes(_entry(name, path)) for name, path in paths.items()}
     longest = max(
-        engine.estimate_request(_entry(name, path), long_chat(name, LONG_WORDS, 32)).bytes
+        reservation.estimate_request(_entry(name, path), long_chat(name, LONG_WORDS, 32)).bytes
         for name, path in paths.items()
     )
     # Both models' weights, their prompt caches, and room for one and a half long requests: never all four.
