@@ -51,12 +51,14 @@ def test_the_readme_example_runs(tmp_path: Path, tiny_llama: Path, hub_config) -
     config = tmp_path / "hub.yaml"
     config.write_text(yaml.safe_dump(hub_config([lm("chat", tiny_llama, default=True)])))
     port = free_port()
-    app = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), str(config), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-    )
+    log = tmp_path / "example.log"  # a file, not a pipe nobody drains: a full pipe blocks the app's logging
+    with log.open("wb") as out:
+        app = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), str(config), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -74,7 +76,8 @@ def test_the_readme_example_runs(tmp_path: Path, tiny_llama: Path, hub_config) -
         )
         assert reply.status_code == 200
         app.send_signal(signal.SIGINT)
-        assert app.wait(60) == 0
+        code = app.wait(60)
+        assert code == 0, f"the example exited with {code}:\n{log.read_text(errors='replace')[-4000:]}"
     finally:
         if app.poll() is None:
             app.kill()
