@@ -263,18 +263,26 @@ def model_folder(model_path: str) -> Path | None:
 CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "n_ctx")
 
 
-def native_context_length(model_path: str) -> int | None:
-    """The context the model was built for, from its config.json (a VLM's text_config too); None if unknown.
-
-    This is what upstream uses when ``context_length`` is unset, so it is what a
-    gateway should be told the model takes.
-    """
+def config_json(model_path: str) -> dict[str, Any] | None:
+    """The model's config.json as a mapping; None where there is no readable one."""
     folder = model_folder(model_path)
     if folder is None:
         return None
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def native_context_length(model_path: str) -> int | None:
+    """The context the model was built for, from its config.json (a VLM's text_config too); None if unknown.
+
+    This is what upstream uses when ``context_length`` is unset, so it is what a
+    gateway should be told the model takes.
+    """
+    data = config_json(model_path)
+    if data is None:
         return None
     for section in (data, data.get("text_config") or {}):
         for key in CONTEXT_KEYS:

@@ -79,19 +79,6 @@ class RequestNeed:
     prefill_bytes: int
 
 
-def _config_json(model_path: str) -> dict[str, Any] | None:
-    from .engine import model_folder  # engine imports this module; its file helpers come at call time
-
-    folder = model_folder(model_path)
-    if folder is None:
-        return None
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _int(section: dict[str, Any], *keys: str) -> int | None:
     for key in keys:
         value = section.get(key)
@@ -112,7 +99,9 @@ def kv_shape(entry: ModelConfig) -> KVShape | None:
     """
     if entry.model_type not in ("lm", "multimodal"):
         return None
-    data = _config_json(entry.model_path)
+    from .engine import config_json  # engine imports this module; its file helpers come at call time
+
+    data = config_json(entry.model_path)
     if data is None:
         return None
     text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data

@@ -165,3 +165,29 @@ def memory_models(models_dir: Path) -> dict[str, Path]:
         arch: make_model(models_dir / f"mem-{arch}", arch=arch, shape=shape, seed=11)
         for arch, shape in MEMORY_SHAPES.items()
     }
+
+
+@pytest.fixture
+async def fast(hub_config) -> AsyncIterator[Callable[..., Any]]:
+    """The fast tier: hubs on a FakeEngine, their apps reached in-process (``fakes.port``)."""
+    from mlx_hub import Hub
+    from mlx_hub.web.model_app import build_model_app
+
+    from .fakes import FakeEngine
+
+    hubs: list[Hub] = []
+
+    async def make(models: list[dict[str, Any]], engine: FakeEngine | None = None, **hub: Any) -> Hub:
+        built = Hub.from_config(
+            hub_config(models, **hub),
+            app_factory=build_model_app,
+            engine=engine or FakeEngine(),
+            reap_interval=0.02,
+        )
+        hubs.append(built)
+        await built.start()
+        return built
+
+    yield make
+    for built in hubs:
+        await built.shutdown(drain_timeout=0.2)

@@ -136,3 +136,15 @@ class FakeEngine:
 
     def set_memory_limit(self, budget: int | None) -> None:
         self.limit = budget
+
+
+def fake(name: str, **kw: Any) -> dict[str, Any]:
+    """A hub.yaml entry for a FakeEngine model (``default: true`` unless said otherwise)."""
+    return {"name": name, "model_path": f"fake/{name}", "default": True, **kw}
+
+
+def port(hub: Any, name: str) -> Any:
+    """A client for one model's app, in-process."""
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://m")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -11,41 +11,11 @@ import pytest
 
 from mlx_hub.hub import Hub
 from mlx_hub.web.controller import build_controller_app
-from mlx_hub.web.model_app import build_model_app
 
-from .fakes import FakeEngine
+from .fakes import FakeEngine, fake, port
 from .helpers import hello, meta
 
 Make = Callable[..., Any]
-
-
-def fake(name: str, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "model_path": f"fake/{name}", "default": True, **kw}
-
-
-@pytest.fixture
-async def fast(hub_config) -> AsyncIterator[Make]:
-    hubs: list[Hub] = []
-
-    async def make(models: list[dict[str, Any]], engine: FakeEngine | None = None, **hub: Any) -> Hub:
-        built = Hub.from_config(
-            hub_config(models, **hub),
-            app_factory=build_model_app,
-            engine=engine or FakeEngine(),
-            reap_interval=0.02,
-        )
-        hubs.append(built)
-        await built.start()
-        return built
-
-    yield make
-    for built in hubs:
-        await built.shutdown(drain_timeout=0.2)
-
-
-def port(hub: Hub, name: str) -> httpx.AsyncClient:
-    """A client for one model's app, in-process."""
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://m")
 
 
 def controller(hub: Hub) -> httpx.AsyncClient:

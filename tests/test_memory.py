@@ -10,7 +10,7 @@ The soak under load is tests/reliability/test_memory_soak.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,8 @@ from mlx_hub import engine, reservation
 from mlx_hub.config import ModelConfig, parse_config
 from mlx_hub.hub import Hub, resolve_budget
 from mlx_hub.policy import Candidate, request_admission
-from mlx_hub.web.model_app import build_model_app
 
-from .fakes import FakeEngine
+from .fakes import FakeEngine, fake, port
 from .helpers import hello, long_chat, meta
 
 Make = Callable[..., Any]
@@ -197,31 +196,6 @@ def test_bad_budget_words_name_the_field() -> None:
 
 
 # ------------------------------------------------------------- the gate, fast
-
-
-def fake(name: str, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "model_path": f"fake/{name}", "default": True, **kw}
-
-
-@pytest.fixture
-async def fast(hub_config) -> AsyncIterator[Make]:
-    hubs: list[Hub] = []
-
-    async def make(models: list[dict[str, Any]], fake_engine: FakeEngine, **hub: Any) -> Hub:
-        built = Hub.from_config(
-            hub_config(models, **hub), app_factory=build_model_app, engine=fake_engine, reap_interval=0.02
-        )
-        hubs.append(built)
-        await built.start()
-        return built
-
-    yield make
-    for built in hubs:
-        await built.shutdown(drain_timeout=0.2)
-
-
-def port(hub: Hub, name: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://m")
 
 
 async def test_requests_reserve_and_show_in_status_and_metrics(fast: Make) -> None:
