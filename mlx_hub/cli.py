@@ -243,7 +243,8 @@ def status(config: str | None, names: tuple[str, ...]) -> None:
         return  # connect_hub already warned; the running hub's view stands
     from .ports import foreign_listeners
 
-    ours = {status.port} | {row.metadata.port for row in status.models if row.metadata.port}
+    serving = ("running", "starting", "stopping")
+    ours = {status.port} | {r.metadata.port for r in status.models if r.metadata.process_state in serving}
     for port, where in foreign_listeners(cfg, ours).items():
         warn(f"port {port} ({where}) is in use by another process, not this hub")
 
@@ -426,8 +427,9 @@ def load_command(
         found = find_running(cfg.log_dir)
     except ClientError as exc:
         fail(exc.message)
-    if found is None:
-        _start_detached(path, load_config(path), (entry,), wait_seconds)
+    if found is None:  # a new hub: the startup models, and this one
+        fresh = load_config(path)
+        _start_detached(path, fresh, tuple(dict.fromkeys([*fresh.startup_models(), entry])), wait_seconds)
         return
     runtime, client = found
     result = client.reload()

@@ -104,6 +104,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
 
+#: Request fields ``request_params`` may not fill in: what a request is, and the hub's own option.
+REQUEST_OWN_FIELDS = frozenset({"model", "messages", "prompt", "input", "stream", "keep_alive", "file"})
+
+
 class ModelConfig(_Strict):
     """One model entry. Server options are handed to the upstream handler."""
 
@@ -199,6 +203,18 @@ class ModelConfig(_Strict):
                 )
             data["auto_unload_minutes"] = seconds / 60.0
         return data
+
+    @field_validator("request_params")
+    @classmethod
+    def _request_defaults(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Defaults for sampling and template fields; never what a request is about, or the hub's own."""
+        banned = sorted(set(value or {}) & REQUEST_OWN_FIELDS)
+        if banned:
+            raise ValueError(
+                f"{', '.join(banned)} cannot be a default request field (each request sets its own); "
+                "keep_alive goes in auto_unload_minutes"
+            )
+        return value
 
     @field_validator("port", mode="before")
     @classmethod

@@ -391,6 +391,9 @@ class Hub:
         self._link_groups()
         self.budget, self.budget_source = resolve_budget(config.max_memory, self.engine)
         self.engine.set_memory_limit(self.budget)
+        for slot in self.slots.values():  # a new budget bounds the prompt caches already held
+            if slot.handler is not None:
+                self.engine.bound_prompt_cache(slot.handler, self.budget)
         self.api_keys = config.keys
 
     def _link_groups(self) -> None:

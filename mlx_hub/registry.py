@@ -185,7 +185,9 @@ def editing(path: Path) -> Iterator[Any]:
 def add_entries(path: Path, entries: list[dict[str, Any]]) -> list[str]:
     """Append model entries (``model_path`` required; ``name`` made from it when absent) to hub.yaml.
 
-    An entry whose ``model_path`` hub.yaml already serves is skipped. Returns the names added.
+    An entry whose ``model_path`` hub.yaml already serves is skipped. In a file that
+    never writes ``default`` the new entries do not either, so which models
+    ``start`` brings up stays as it was. Returns the names added.
     """
     from ruamel.yaml.comments import CommentedMap
 
@@ -194,7 +196,12 @@ def add_entries(path: Path, entries: list[dict[str, Any]]) -> list[str]:
         models = document.setdefault("models", [])
         taken = {m.get("name") for m in models if isinstance(m, dict)}
         present = {m.get("model_path") for m in models if isinstance(m, dict)}
+        # A file that never writes `default` starts every non-JIT model; an added
+        # `default: true` would switch that rule off for the models already there.
+        keeps_rule = not any(isinstance(m, dict) and "default" in m for m in models)
         for fields in entries:
+            if keeps_rule:
+                fields = {k: v for k, v in fields.items() if k != "default"}
             if fields["model_path"] in present:
                 continue
             name = fields.get("name") or entry_name(fields["model_path"], taken)

@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from .config import HubConfig
+from .config import ConfigError, HubConfig
 from .terminal import config_option, console, fail, load, ok, warn
 
 
@@ -144,7 +144,7 @@ def ensure(
     $MLX_CONVERT_CMD (with {repo} {src} {dest}) replaces mlx_lm.convert. With
     hub.yaml's offload_path set, the base weights move there afterwards.
     """
-    from .config import ConfigError, find_config, load_config
+    from .config import find_config, load_config
     from .registry import add_to_config
 
     if add:
@@ -379,5 +379,8 @@ def assign_team(config: str | None, range_name: str, priority: tuple[str, ...], 
     if dry_run:
         console.print(f"dry run: {path} is unchanged")
         return
-    set_ports(path, plan)
+    try:
+        set_ports(path, plan)
+    except ConfigError as exc:
+        fail(f"{path} would not load with these ports, so it is unchanged:\n" + "\n".join(exc.problems))
     ok(f"wrote {len(plan)} port(s) into {path} (previous version: {path.name}.bak); `reload` applies them")

@@ -188,17 +188,24 @@ def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> 
     return RequestNeed(prompt_tokens, max_tokens, reach, kv * (1 + shape.cache_copies), max(worst, decode))
 
 
-def default_max_tokens(entry: ModelConfig) -> int:
-    """The ``max_tokens`` a request that leaves it out reaches: the entry's default, else the context.
+#: New tokens reserved for a request that sets no ``max_tokens`` on an entry without
+#: ``default_max_tokens``. Upstream lets such a request run to the context; reserving all of it
+#: would refuse every open-ended request on a long-context model, so the hub reserves this
+#: many and MLX's memory limit (set from the budget) stands behind what goes beyond.
+OPEN_ENDED_TOKENS = 4096
+#: Prompt tokens allowed for each image or audio clip a request carries (a data URL is not text).
+MEDIA_TOKENS = 1024
 
-    Upstream falls back to its own default (a few thousand tokens) or the
-    model's generation_config; the context is the bound that is always safe.
-    """
+
+def default_max_tokens(entry: ModelConfig) -> int:
+    """The ``max_tokens`` reserved for a request that leaves it out: the entry's default, else
+    ``OPEN_ENDED_TOKENS`` (or the context, when that is shorter)."""
     if entry.default_max_tokens is not None:
         return entry.default_max_tokens
     from .engine import native_context_length
 
-    return entry.context_length or native_context_length(entry.model_path) or 4096
+    context = entry.context_length or native_context_length(entry.model_path)
+    return min(context, OPEN_ENDED_TOKENS) if context else OPEN_ENDED_TOKENS
 
 
 @dataclass
@@ -241,9 +248,9 @@ TEMPLATE_TOKENS_PER_MESSAGE = 8
 
 
 def _texts(value: Any) -> list[str]:
-    """Every string inside a request's messages or prompt, in order (image URLs and such included)."""
+    """Every string inside a request's messages or prompt, in order, less data URLs (see ``_media``)."""
     if isinstance(value, str):
-        return [value]
+        return [] if value.startswith("data:") else [value]
     if isinstance(value, dict):
         return [t for v in value.values() for t in _texts(v)]
     if isinstance(value, list):
@@ -251,22 +258,45 @@ def _texts(value: Any) -> list[str]:
     return []
 
 
+def _media(value: Any) -> int:
+    """How many images or audio clips a request carries (content parts and data URLs)."""
+    if isinstance(value, str):
+        return int(value.startswith("data:"))
+    if isinstance(value, dict):
+        if value.get("type") in ("image", "image_url", "input_image", "input_audio"):
+            return 1
+        return sum(_media(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_media(v) for v in value)
+    return 0
+
+
+def _system_first(data: dict[str, Any]) -> list[Any] | None:
+    """The chat a template renders: an Anthropic ``system`` or a Responses ``instructions`` as the
+    first message (neither is in ``messages``), then the messages themselves."""
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return None
+    system = [t for key in ("system", "instructions") for t in _texts(data.get(key))]
+    return [{"role": "system", "content": "\n".join(system)}, *messages] if system else messages
+
+
 def prompt_tokens(entry: ModelConfig, data: dict[str, Any]) -> int:
     """The prompt tokens of a request body, counted with the model's own tokenizer and chat template.
 
     Exact where it can be: the hub's copy of the tokenizer renders ``messages``
-    (and ``tools``) through the chat template as upstream does. Where the
+    (and ``tools``, with a ``system``/``instructions`` field first) through the
+    chat template as upstream does; each image or audio clip adds ``MEDIA_TOKENS``. Where the
     template cannot take the body (content parts, odd roles), the text of every
     string is tokenized plus ``TEMPLATE_TOKENS_PER_MESSAGE`` per message; without
     any tokenizer, UTF-8 bytes bound it (a byte-level BPE token is at least one
     byte). Blocking (a first use loads the tokenizer): run it in a worker thread.
     """
-    messages = data.get("messages")
-    parts = (
-        _texts(data.get("system")) + _texts(messages) + _texts(data.get("prompt")) + _texts(data.get("input"))
-    )
+    messages = _system_first(data)
+    parts = _texts(messages) + _texts(data.get("prompt")) + _texts(data.get("input"))
     parts += [json.dumps(data["tools"])] if data.get("tools") else []
     overhead = TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1) if isinstance(messages, list) else 0
+    overhead += MEDIA_TOKENS * _media([messages, data.get("input")])
     counter = _counter_for(entry)
     if counter is None:
         return sum(len(p.encode()) for p in parts) + overhead
@@ -279,7 +309,7 @@ def prompt_tokens(entry: ModelConfig, data: dict[str, Any]) -> int:
                 )
                 if hasattr(ids, "keys"):  # transformers 5 answers a BatchEncoding
                     ids = ids["input_ids"]
-                return len(ids)
+                return len(ids) + MEDIA_TOKENS * _media(messages)
             except Exception:
                 pass
         return sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in parts) + overhead

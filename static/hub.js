@@ -182,8 +182,10 @@ function memoryCell(m) {
   const cell = el("td", {}, el("div", {}, head));
   const details = [];
   if (m.memory_state === "loaded") {
-    details.push(`weights ${megabytes(m.memory_bytes)}`);
-    details.push(`KV ${((m.kv_reserved_bytes || 0) / 1e6).toFixed(1)} MB in use`);
+    const cache = m.prompt_cache_bytes || 0;
+    details.push(`weights ${megabytes(m.memory_bytes - cache)}`);
+    if (cache) details.push(`prompt cache ${megabytes(cache)}`);
+    details.push(`KV ${((m.kv_reserved_bytes || 0) / 1e6).toFixed(1)} MB reserved`);
     if (state.budget) details.push(`budget ${gigabytes(state.budget)}`);
     if (m.load_seconds !== null && m.load_seconds !== undefined) details.push(`loaded in ${m.load_seconds.toFixed(2)} s`);
   }

@@ -134,8 +134,8 @@ async def test_buttons_drive_the_hub(page: Any, live: LiveController, tmp_path: 
     await expect_toast(page, "beta: loaded")
     await wait_row(page, "beta", "MB")  # memory figure and load time beside LOADED
     assert "loaded in" in await row_text(page, "beta")
-    row = await row_text(page, "beta")  # the memory cell: weights, KV in use, the budget (auto by default)
-    assert "weights" in row and "KV 0.0 MB in use" in row and "budget" in row
+    row = await row_text(page, "beta")  # the memory cell: weights, KV reserved, the budget (auto by default)
+    assert "weights" in row and "KV 0.0 MB reserved" in row and "budget" in row
 
     await click(page, "beta", "stop")
     await expect_toast(page, "beta: stopped")

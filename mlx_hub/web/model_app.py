@@ -105,6 +105,23 @@ def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> 
     return bool(missing)
 
 
+def reserving(path: str, data: dict[str, Any] | None, entry: Any) -> dict[str, Any] | None:
+    """The body a request's memory is reserved for, as its route will run it.
+
+    Counting tokens generates nothing; a completion without ``max_tokens``
+    generates OpenAI's 16 (or the entry's default), not an open-ended answer.
+    """
+    if data is None or path.rstrip("/").endswith("/count_tokens"):
+        return None
+    if path.rstrip("/") == "/v1/completions" and not any(
+        data.get(k) for k in ("max_tokens", "max_completion_tokens")
+    ):
+        from .translate import OPENAI_MAX_TOKENS
+
+        return {**data, "max_tokens": entry.default_max_tokens or OPENAI_MAX_TOKENS}
+    return data
+
+
 def _gated(scope: Scope) -> bool:
     """Inference routes need weights; listings and health checks must not trigger a load."""
     return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/")
@@ -155,13 +172,13 @@ class LoadGate:
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
             try:
-                reserved = await self.hub.acquire(self.slot, data)
+                reserved = await self.hub.acquire(self.slot, reserving(scope["path"], data, self.slot.entry))
             except HubError as exc:
                 await error_response(exc)(scope, receive, watch.send)
                 return
             task = asyncio.current_task()
             self.slot.requests.add(task)
-            guard = AllocationGuard(watch.send, self.slot.name)
+            guard = AllocationGuard(watch.send, self.slot.name, scope)
             try:
                 await self.app(scope, receive, guard.send)
             except asyncio.CancelledError:
@@ -184,7 +201,10 @@ class LoadGate:
 
 
 class AllocationGuard:
-    """Wraps ``send``: MLX failing to allocate inside one request fails that request alone, as 503.
+    """Wraps ``send``: MLX failing to allocate inside a request fails it, as 503, not the hub.
+
+    On a model that batches, upstream fails every request of the batch step
+    that failed (one forward pass serves them all); each gets this treatment.
 
     Upstream answers a generation error with 500 (a JSON body) or, mid-stream,
     with an error event before the stream's end; both carry MLX's message. A
@@ -194,19 +214,24 @@ class AllocationGuard:
     the request's memory.
     """
 
-    def __init__(self, send: Send, model: str):
+    def __init__(self, send: Send, model: str, scope: Scope):
         self._send = send
         self.model = model
+        self.scope = scope  # the request's: the 503 is written in its API's envelope
         self.failed = False
+        self._status: int | None = None
         self._held: dict[str, Any] | None = None  # a 500's start, until its body says what failed
 
     async def send(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 500:
-            self._held = message
-            return
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            if self._status == 500:
+                self._held = message
+                return
         if message["type"] == "http.response.body":
             text = message.get("body", b"").decode("utf-8", "replace")
-            if is_allocation_error(text):
+            # Only an error says so: a 500's body or a stream's error event, never generated text.
+            if (self._status == 500 or '"error"' in text) and is_allocation_error(text):
                 self.failed = True
             if self._held is not None:
                 start, self._held = self._held, None
@@ -217,7 +242,7 @@ class AllocationGuard:
                         "or send a shorter prompt or smaller max_tokens.",
                         model=self.model,
                     )
-                    await error_response(error)({"type": "http"}, _no_receive, self._send)
+                    await error_response(error)(self.scope, _no_receive, self._send)
                     return
                 await self._send(start)
         await self._send(message)

@@ -49,7 +49,7 @@ ERROR_TYPES: dict[int, str] = {
     529: "overloaded_error",
 }
 #: The hub's own error codes that mean "busy, retry later", which Anthropic calls overloaded.
-OVERLOADED_CODES = frozenset({"memory_budget_exceeded"})
+OVERLOADED_CODES = frozenset({"memory_budget_exceeded", "memory_exhausted"})
 
 #: Paths whose errors are written in Anthropic's envelope.
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
