@@ -13,12 +13,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename.
 
     Readers see the old content or the new, never a mix; on any error the
-    temporary file is removed and the old file is left as it was.
+    temporary file is removed and the old file is left as it was. A file that
+    exists keeps its permissions (a rewritten hub.yaml stays as readable as it was).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        try:
+            os.chmod(tmp, target.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -564,3 +564,14 @@ def test_export_litellm_writes_token_limits_and_request_params(tmp_path: Path, t
     (entry,) = yaml.safe_load(done.stdout)["model_list"]
     assert entry["litellm_params"]["reasoning_effort"] == "low"
     assert entry["model_info"] == {"mode": "chat", "max_input_tokens": 2048, "max_output_tokens": 512}
+
+
+def test_the_hub_yaml_writer_keeps_the_files_permissions(tmp_path: Path) -> None:
+    from mlx_hub.registry import add_entries
+
+    path = tmp_path / "hub.yaml"
+    path.write_text("models:\n  - name: a\n    model_path: org/a\n")
+    path.chmod(0o644)
+    assert add_entries(path, [{"model_path": "org/b"}]) == ["b"]
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert "default" not in path.read_text()  # the file never wrote default: the writer does not either
