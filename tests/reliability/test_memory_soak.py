@@ -81,7 +81,7 @@ async def test_memory_soak_long_and_short_prompts(hub_config, memory_models: dic
     async with LiveController(hub, controller_port) as live:
         assert hub.budget == budget
         memory.free_memory()
-        hub.memory.reset_peak_memory()  # the soak's own peak, from here
+        hub.engine.reset_peak_memory()  # the soak's own peak, from here
         rng = random.Random(18)
 
         async def client(index: int) -> None:
