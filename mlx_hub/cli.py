@@ -24,6 +24,8 @@ from . import __version__, registry_commands, views
 from .client import ClientError, HubClient, find_running
 from .config import ConfigError, HubConfig, load_config
 from .terminal import (
+    HubGroup,
+    api_key,
     config_option,
     config_path,
     connect_hub,
@@ -38,7 +40,7 @@ from .terminal import (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HubGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="mlx-openai-server-hub")
 @config_option
 def main(config: str | None) -> None:
@@ -76,7 +78,7 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
     if unknown:
         fail(f"no model named {', '.join(unknown)} in {path}", code=2)
     try:
-        found = find_running(cfg.log_dir)
+        found = find_running(cfg.log_dir, api_key(path))
     except ClientError as exc:
         fail(exc.message)
     if found is not None:
@@ -136,10 +138,12 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
                 fail(f"the hub exited while starting (exit code {code}); last lines of {hub_log}:\n{tail}")
             runtime = read_runtime(cfg.log_dir)
             if runtime is not None and runtime.pid == process.pid:
-                client = client or HubClient(runtime.url)
+                client = client or HubClient(runtime.url, key=api_key(path))
                 try:
                     status = client.status()
-                except ClientError:
+                except ClientError as exc:
+                    if exc.status == 401:  # the hub runs, but this key cannot see it: say so now
+                        fail(f"{exc.message}; the hub (pid {runtime.pid}) is running")
                     status = None
                 if status is not None:
                     if status.ready:
@@ -190,7 +194,7 @@ def shutdown(config: str | None) -> None:
 
     folder = log_dir(config)
     try:
-        found = find_running(folder)
+        found = find_running(folder, api_key(config_path(config)))
     except ClientError as exc:
         fail(exc.message)
     if found is None:
@@ -424,7 +428,7 @@ def load_command(
             fail(f"cannot add {model_path} to {path}: {exc}", code=2)
         ok(f"added '{entry}' to {path}")
     try:
-        found = find_running(cfg.log_dir)
+        found = find_running(cfg.log_dir, api_key(path))
     except ClientError as exc:
         fail(exc.message)
     if found is None:  # a new hub: the startup models, and this one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -27,10 +27,37 @@ class NotRunning(ClientError):
     """No hub answers for this config."""
 
 
+class ApiKey(NamedTuple):
+    """The key the CLI sends, and where it came from (named when the hub refuses it)."""
+
+    value: str | None
+    source: str = ""
+
+
+NO_KEY = ApiKey(None)
+
+
+def refused_key_message(url: str, key: ApiKey) -> str:
+    """One line for a 401: which key to set, and where the one that was sent came from."""
+    if key.value is None:
+        return (
+            f"the hub at {url} needs an API key: set MLX_HUB_API_KEY to one of its api_keys "
+            "(or pass --api-key KEY, or list the key in hub.yaml's api_keys)"
+        )
+    return (
+        f"the hub at {url} refused the API key from {key.source}: set MLX_HUB_API_KEY "
+        "(or pass --api-key) to one of the api_keys the hub was started with"
+    )
+
+
 class HubClient:
-    def __init__(self, base_url: str, *, timeout: float = ACTION_TIMEOUT):
+    def __init__(self, base_url: str, *, timeout: float = ACTION_TIMEOUT, key: ApiKey = NO_KEY):
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0))
+        self.key = key
+        headers = {"Authorization": f"Bearer {key.value}"} if key.value else {}
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0), headers=headers
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -50,6 +77,8 @@ class HubClient:
             body = response.json()
         except ValueError:
             body = None
+        if response.status_code == 401:
+            raise ClientError(refused_key_message(self.base_url, self.key), 401)
         if response.is_error:
             message = response.text
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -76,7 +105,7 @@ class HubClient:
         return self._call("POST", "/hub/shutdown")
 
 
-def find_running(log_dir: Path) -> tuple[Runtime, HubClient] | None:
+def find_running(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClient] | None:
     """The hub this config's runtime file names, if it is alive and answers as itself.
 
     A runtime file whose process is gone is stale and removed, so the next
@@ -91,7 +120,7 @@ def find_running(log_dir: Path) -> tuple[Runtime, HubClient] | None:
     except ClientError:
         health = None
     if health is not None and health.get("pid") == runtime.pid:
-        return runtime, HubClient(runtime.url)
+        return runtime, HubClient(runtime.url, key=key)
     if not pid_alive(runtime.pid):
         clear_runtime(log_dir, runtime.pid)
         return None
@@ -101,8 +130,8 @@ def find_running(log_dir: Path) -> tuple[Runtime, HubClient] | None:
     )
 
 
-def connect(log_dir: Path) -> tuple[Runtime, HubClient]:
-    found = find_running(log_dir)
+def connect(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClient]:
+    found = find_running(log_dir, key)
     if found is None:
         raise NotRunning("no hub is running for this config; start it with `mlx-openai-server-hub start`")
     return found

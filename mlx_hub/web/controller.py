@@ -26,6 +26,7 @@ from ..errors import HubError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..status import HubStatus
 from .dashboard import ASSETS, asset
+from .local_control import LocalControlGuard
 from .openai_routes import OpenAIRoutes
 from .responses import error_json, error_response
 from .security import ApiKeyGuard, SameOriginGuard
@@ -107,12 +108,13 @@ def _open_path(path: str) -> bool:
 def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> ASGIApp:
     """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon.
 
-    Layers, outside in: API keys, the cross-site check, ``/v1`` routing by
-    model, then the control API below.
+    Layers, outside in: API keys, this machine only for control without keys,
+    the cross-site check, ``/v1`` routing by model, then the control API below.
     """
     app = _control_app(hub, request_shutdown)
     routed = OpenAIRoutes(app, hub)
-    return ApiKeyGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys, open_paths=_open_path)
+    local = LocalControlGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys)
+    return ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)
 
 
 def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
