@@ -7,7 +7,8 @@ config's ``log_path``. Exit codes: 0 done, 1 failed, 2 bad config or usage.
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -105,26 +106,28 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
 
 
 def _start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> None:
-    from . import logs
-    from .daemon import DaemonError, serve
+    """Supervise the hub from this process: Ctrl-C (or SIGTERM) stops both, a crash restarts the hub."""
     from .ports import connect_host
+    from .supervisor import run
 
-    logs.setup(cfg, console=True)
     url = f"http://{connect_host(cfg.host)}:{cfg.port}"
 
-    def ready(hub: Any) -> None:
-        print_status(hub.status_document(), url)
-        ok(f"hub running in the foreground; {_front_door(cfg, url)} · Ctrl-C stops it")
+    def ready(restarts: int) -> None:
+        with HubClient(url, key=api_key(path)) as client:
+            print_status(client.status(), url)
+        if restarts:
+            warn(f"hub restarted after a crash (restart {restarts}); `status` shows the cause")
+        else:
+            ok(f"hub running in the foreground; {_front_door(cfg, url)} · Ctrl-C stops it")
 
-    try:
-        asyncio.run(serve(cfg, config_path=path, names=names or None, on_ready=ready))
-    except DaemonError as exc:
-        fail(str(exc))
+    code = run(path, cfg, names, console=True, on_ready=ready)
+    if code:
+        fail(f"the hub stopped (exit code {code}); see {cfg.log_dir / 'hub.log'}", code=code)
 
 
 def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seconds: float) -> None:
-    from .daemon import spawn
     from .runtime import read_runtime
+    from .supervisor import spawn
 
     process = spawn(path, cfg, names)
     hub_log = cfg.log_dir / "hub.log"
@@ -137,7 +140,7 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
                 tail = _tail(hub_log, 15)
                 fail(f"the hub exited while starting (exit code {code}); last lines of {hub_log}:\n{tail}")
             runtime = read_runtime(cfg.log_dir)
-            if runtime is not None and runtime.pid == process.pid:
+            if runtime is not None and runtime.supervisor_pid == process.pid and runtime.state == "running":
                 client = client or HubClient(runtime.url, key=api_key(path))
                 try:
                     status = client.status()
@@ -159,7 +162,9 @@ def _start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_sec
             time.sleep(0.2)
     assert client is not None and runtime is not None
     print_status(status, runtime.url)
-    ok(f"hub started (pid {process.pid}); {_front_door(cfg, runtime.url)} · log {hub_log}")
+    ok(
+        f"hub started (pid {runtime.pid}, supervisor {process.pid}); {_front_door(cfg, runtime.url)} · log {hub_log}"
+    )
     failed = views.failed_models(status)
     if failed:
         fail(f"some models did not start: {', '.join(failed)} (see the warnings above)")
@@ -189,10 +194,21 @@ def _tail(path: Path, lines: int) -> str:
 @main.command()
 @config_option
 def shutdown(config: str | None) -> None:
-    """Stop every model and the hub itself."""
-    from .runtime import pid_alive
+    """Stop every model and the hub itself (and its supervisor)."""
+    from .runtime import pid_alive, read_runtime
 
     folder = log_dir(config)
+    stale = read_runtime(folder)
+    if (
+        stale is not None
+        and stale.state == "restarting"
+        and stale.supervisor_pid
+        and pid_alive(stale.supervisor_pid)
+    ):
+        os.kill(stale.supervisor_pid, signal.SIGTERM)  # between two hubs: the supervisor alone ends it
+        _wait_gone([stale.supervisor_pid], folder)
+        ok(f"hub stopped while restarting (supervisor {stale.supervisor_pid})")
+        return
     try:
         found = find_running(folder, api_key(config_path(config)))
     except ClientError as exc:
@@ -202,13 +218,21 @@ def shutdown(config: str | None) -> None:
         return
     runtime, client = found
     client.shutdown()
-    deadline = time.monotonic() + 120
-    with err_console.status(f"stopping the hub (pid {runtime.pid})…"):
-        while pid_alive(runtime.pid):
-            if time.monotonic() > deadline:
-                fail(f"the hub (pid {runtime.pid}) is still running after 120 s; see {folder / 'hub.log'}")
-            time.sleep(0.2)
+    _wait_gone([runtime.pid, *([runtime.supervisor_pid] if runtime.supervisor_pid else [])], folder)
     ok(f"hub stopped (pid {runtime.pid})")
+
+
+def _wait_gone(pids: list[int], folder: Path, timeout: float = 120) -> None:
+    from .runtime import pid_alive
+
+    deadline = time.monotonic() + timeout
+    with err_console.status(f"stopping the hub (pid {', '.join(map(str, pids))})…"):
+        while any(pid_alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                fail(
+                    f"the hub (pid {pids[0]}) is still running after {timeout:g} s; see {folder / 'hub.log'}"
+                )
+            time.sleep(0.2)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -108,8 +109,10 @@ class HubClient:
 def find_running(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClient] | None:
     """The hub this config's runtime file names, if it is alive and answers as itself.
 
-    A runtime file whose process is gone is stale and removed, so the next
-    ``start`` is not misled by a hub that was killed.
+    Under a supervisor the hub's pid changes with each restart; a hub whose
+    supervisor is the one on file is the same hub. A runtime file whose
+    processes are gone is stale and removed (unless it says why the
+    supervisor gave up), so the next ``start`` is not misled by a hub that was killed.
     """
     runtime = read_runtime(log_dir)
     if runtime is None:
@@ -119,19 +122,38 @@ def find_running(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClien
             health = probe.health()
     except ClientError:
         health = None
-    if health is not None and health.get("pid") == runtime.pid:
-        return runtime, HubClient(runtime.url, key=key)
-    if not pid_alive(runtime.pid):
-        clear_runtime(log_dir, runtime.pid)
+    if health is not None and _same_hub(runtime, health):
+        return dataclasses.replace(runtime, pid=health["pid"]), HubClient(runtime.url, key=key)
+    if not pid_alive(runtime.owner_pid):
+        if runtime.state != "gave_up":
+            clear_runtime(log_dir, runtime.pid)
         return None
+    if runtime.state == "restarting":
+        cause = (runtime.last_crash or {}).get("cause", "it crashed")
+        raise ClientError(
+            f"the hub is restarting after a crash ({cause}; restart {runtime.restarts}); "
+            f"try again in a moment, or see {log_dir / 'hub.log'}"
+        )
     raise ClientError(
         f"a hub process (pid {runtime.pid}) is alive but does not answer at {runtime.url}; "
-        f"see {log_dir / 'hub.log'}, or stop it with `kill {runtime.pid}`"
+        f"see {log_dir / 'hub.log'}, or stop it with `kill {runtime.owner_pid}`"
     )
+
+
+def _same_hub(runtime: Runtime, health: dict[str, Any]) -> bool:
+    if health.get("pid") == runtime.pid:
+        return True
+    return runtime.supervisor_pid is not None and health.get("supervisor_pid") == runtime.supervisor_pid
 
 
 def connect(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClient]:
     found = find_running(log_dir, key)
     if found is None:
+        runtime = read_runtime(log_dir)
+        if runtime is not None and runtime.state == "gave_up":
+            raise NotRunning(
+                f"no hub is running for this config: {runtime.gave_up}; "
+                "start it again with `mlx-openai-server-hub start`"
+            )
         raise NotRunning("no hub is running for this config; start it with `mlx-openai-server-hub start`")
     return found

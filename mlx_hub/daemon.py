@@ -11,18 +11,19 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, faults, logs
 from .config import ConfigError, HubConfig, find_config, load_config
 from .hub import Hub
 from .ports import PortError, connect_host
 from .runtime import Runtime, clear_runtime, write_runtime
 from .server import AppServer
+from .supervised import Supervised
+from .supervision import EXIT_CONFIG
 from .web.controller import build_controller_app
 from .web.model_app import build_model_app
 
@@ -42,20 +43,28 @@ async def serve(
     config_path: Path | None = None,
     names: Sequence[str] | None = None,
     on_ready: Callable[[Hub], None] | None = None,
+    supervised: Supervised | None = None,
 ) -> None:
     """Run the controller and the hub until SIGINT, SIGTERM or ``POST /hub/shutdown``.
 
     Shutdown order: the controller stops taking commands, each model stops
     taking requests and lets running ones finish (bounded), weights are
-    freed, ports close, and the runtime file goes.
+    freed, ports close, and the runtime file goes. ``supervised``: the
+    supervisor that started this process (sockets, reports, a restart's restore).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     hub = Hub(config, app_factory=build_model_app, config_path=config_path, model_logs=True, freeze_gc=True)
+    if faults.enabled():
+        faults.install(hub)
+    if supervised is not None:
+        supervised.attach(hub)
     # The answer to POST /hub/shutdown is sent before the hub stops.
     app = build_controller_app(hub, request_shutdown=lambda: loop.call_later(0.1, stop.set))
+    if supervised is not None:
+        app = supervised.wrap_controller(app)
     controller = AppServer(app, config.host, config.port, name="controller")
     try:
         await controller.start()
@@ -72,13 +81,14 @@ async def serve(
             port=config.port,
             config_path=str(config_path or ""),
             started_at=time.time(),
+            **(supervised.runtime_fields() if supervised is not None else {}),
         ),
     )
     log.info(
         "hub %s (pid %d) controller on http://%s:%d", __version__, pid, connect_host(config.host), config.port
     )
     try:
-        starting = asyncio.create_task(hub.start(names))
+        starting = asyncio.create_task(_start(hub, names, supervised))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and not starting.cancelled() and starting.exception() is None and on_ready:
@@ -96,38 +106,36 @@ async def serve(
         log.info("hub stopped")
 
 
-def spawn(config_path: Path, config: HubConfig, names: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Start ``python -m mlx_hub.daemon`` detached: its own session, output to hub.log."""
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.log_dir / logs.HUB_LOG, "ab") as hub_log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mlx_hub.daemon", "--config", str(config_path), *names],
-            stdin=subprocess.DEVNULL,
-            stdout=hub_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+async def _start(hub: Hub, names: Sequence[str] | None, supervised: Supervised | None) -> None:
+    """Start the models; under a supervisor, then restore what a crash took and say we are ready."""
+    try:
+        await hub.start(names)
+    finally:
+        if supervised is not None:
+            await supervised.after_start(hub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the detached daemon process (``spawn`` runs it)."""
     parser = argparse.ArgumentParser(prog="python -m mlx_hub.daemon")
     parser.add_argument("--config")
+    parser.add_argument("--console", action="store_true", help="log to the terminal (a foreground run)")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args(argv)
+    supervised = Supervised.from_env()
     try:
         path = find_config(args.config)
         config = load_config(path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return 2
-    logs.setup(config, console=False, detached=True)
+        return EXIT_CONFIG if supervised is not None else 2  # a supervisor does not retry it
+    logs.setup(config, console=args.console, detached=not args.console)
+    names = supervised.names(config) if supervised is not None else (args.names or None)
     try:
-        asyncio.run(serve(config, config_path=path, names=args.names or None))
+        asyncio.run(serve(config, config_path=path, names=names, supervised=supervised))
     except DaemonError as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_CONFIG if supervised is not None else 1
     return 0
 
 

@@ -32,7 +32,7 @@ from .errors import (
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
 from .slot import NO_RESERVATION, OCCUPYING, MemoryState, ModelSlot, PortState, Reservation
-from .status import HubStatus, build_status
+from .status import HubStatus, Supervision, build_status
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class Hub:
         self.budget: int | None = None
         self.budget_source: str | None = None  # "auto", "none", or "max_memory" (a size or fraction)
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
+        self.observers: list[Callable[[], None]] = []  # called on every state change (a supervisor's report)
+        self.supervision: Supervision | None = (
+            None  # the supervisor's restarts and last crash, if one runs us
+        )
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
 
@@ -224,7 +228,7 @@ class Hub:
             except PortError as exc:
                 raise PortStartError(f"model '{name}': {exc}", model=name) from None
             log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
-        if not slot.entry.jit_enabled:
+        if not slot.entry.jit_enabled and not slot.held_back:
             await self.load(name)
         return "started"
 
@@ -260,6 +264,7 @@ class Hub:
         slot = self._slot(name)
         if slot.port_state is PortState.STOPPING:
             raise NotRunningError(f"model '{name}' is stopping; load it once it has stopped", model=name)
+        slot.held_back = None  # an explicit load is the one way a model held back after a crash loads again
         if slot.port_state is not PortState.RUNNING and slot.port_state is not PortState.STARTING:
             await self.start_model(name)  # loads a non-JIT model as well
             if slot.memory_state is MemoryState.LOADED:
@@ -441,6 +446,8 @@ class Hub:
         """Wake everyone waiting for any state change (a new event for the next wait)."""
         self._change.set()
         self._change = asyncio.Event()
+        for observer in self.observers:
+            observer()
 
     async def wait_change(self, timeout: float | None = None) -> bool:
         """Sleep until the next state change; False if ``timeout`` passed first."""

@@ -111,6 +111,30 @@ class GroupStatus(_Document):
     models: list[str]
 
 
+class CrashReport(_Document):
+    """The hub's last death, as its supervisor saw it."""
+
+    at: float
+    pid: int
+    exit_code: int | None  # set when it exited
+    signal: str | None  # set when a signal ended it: SIGKILL, SIGSEGV, SIGABRT ...
+    cause: str  # "killed by SIGSEGV while coder loading"
+    loading: list[str]
+    generating: list[str]
+    blamed: dict[str, str]  # model: "loading" | "generating"
+    held_back: dict[str, str]  # models not loaded again after it, and why
+    log_tail: list[str]  # the last lines of hub.log
+    uptime_seconds: float
+
+
+class Supervision(_Document):
+    """What the supervisor tells the hub it restarted."""
+
+    supervisor_pid: int
+    restarts: int = 0
+    last_crash: CrashReport | None = None
+
+
 class HubStatus(_Document):
     status: str  # ok, or degraded while a model failed
     timestamp: float
@@ -126,6 +150,9 @@ class HubStatus(_Document):
     warnings: list[str]
     groups: list[GroupStatus]
     models: list[ModelStatus]
+    supervisor_pid: int | None = None  # the parent that restarts the hub after a crash
+    restarts: int = 0  # times it did
+    last_crash: CrashReport | None = None
 
     def model(self, name: str) -> ModelMetadata:
         """One model's metadata by entry name; ``KeyError`` if the hub has no such model."""
@@ -160,6 +187,12 @@ def build_status(hub: Hub) -> HubStatus:
             warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
         elif slot.memory_state is MemoryState.FAILED:
             warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
+    crash = hub.supervision.last_crash if hub.supervision is not None else None
+    if crash is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(crash.at))
+        warnings.append(
+            f"The hub restarted after a crash ({hub.supervision.restarts} restart(s)); last: {crash.cause} at {when}"
+        )
     failed = any(s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in slots)
     return HubStatus(
         status="degraded" if failed else "ok",
@@ -189,4 +222,5 @@ def build_status(hub: Hub) -> HubStatus:
         warnings=warnings,
         groups=groups,
         models=[s.status(now, hub.log_file(s)) for s in slots],
+        **(hub.supervision.model_dump() if hub.supervision is not None else {}),
     )

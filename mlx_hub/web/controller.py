@@ -75,6 +75,8 @@ class Health(BaseModel):
     version: str
     ready: bool
     uptime_seconds: float
+    supervisor_pid: int | None = None  # the parent that restarts the hub after a crash
+    restarts: int = 0
 
 
 class ErrorBody(BaseModel):
@@ -157,6 +159,8 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             version=__version__,
             ready=hub.ready,
             uptime_seconds=round(time.monotonic() - started, 1),
+            supervisor_pid=hub.supervision.supervisor_pid if hub.supervision is not None else None,
+            restarts=hub.supervision.restarts if hub.supervision is not None else 0,
         )
 
     @app.get("/hub", include_in_schema=False)
