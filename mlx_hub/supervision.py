@@ -47,14 +47,21 @@ LOG_TAIL = 20
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    """One JSON line, with ``fds`` attached to its first byte."""
+    """One JSON line, with ``fds`` attached; the line says how many it carries (``"fds": n``)."""
+    if fds:
+        message = {**message, "fds": len(fds)}
     data = json.dumps(message).encode() + b"\n"
     sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
     sock.sendall(data[sent:])
 
 
 class Reader:
-    """JSON lines from a stream socket, with the descriptors that came with them."""
+    """JSON lines from a stream socket, each with the descriptors sent along with it.
+
+    A receive may return several lines and the descriptors of any of them, so
+    descriptors queue in arrival order and each line takes as many as it says
+    it carries (they arrive no later than the line's last byte).
+    """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -73,8 +80,10 @@ class Reader:
                 return None
             self._buffer += data
         line, _, self._buffer = self._buffer.partition(b"\n")
-        fds, self._fds = self._fds, []
-        return json.loads(line), fds
+        message = json.loads(line)
+        count = int(message.pop("fds", 0)) if isinstance(message, dict) else 0
+        mine, self._fds = self._fds[:count], self._fds[count:]
+        return message, mine
 
 
 # ----------------------------------------------------------------------------- what the hub reports
