@@ -12,11 +12,11 @@ import httpx
 import pytest
 import yaml
 
-from mlx_hub.hub import Hub
+from mlx_hub.core.hub import Hub
+from mlx_hub.testing.fake_engine import fake
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.web.local_control import is_local_client
 
-from .fakes import fake
 from .helpers import free_port, free_range, hello, meta
 from .test_cli import ENV, kill_leftover_daemon, rows
 
@@ -93,7 +93,7 @@ async def test_a_real_connection_from_this_machines_lan_address_may_control(fast
     address = _own_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    from mlx_hub.server import AppServer
+    from mlx_hub.core.server import AppServer
 
     hub = await fast([fake("m")])
     port = free_port()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mlx_hub.supervision import (
+from mlx_hub.service.supervision import (
     Crash,
     Launch,
     Reader,
@@ -121,10 +121,19 @@ def test_sockets_travel_over_the_channel() -> None:
         theirs.close()
 
 
-@pytest.mark.parametrize("module", ["mlx_hub.supervisor", "mlx_hub.cli"])
+@pytest.mark.parametrize("module", ["mlx_hub.service.supervisor", "mlx_hub.cli.main"])
 def test_the_supervisor_imports_no_mlx_torch_or_upstream(module: str) -> None:
     """It must not crash the way the hub can: nothing of MLX, torch, upstream or the hub core in it."""
-    heavy = ("mlx", "mlx_lm", "mlx_vlm", "torch", "transformers", "app", "mlx_hub.hub", "mlx_hub.engine")
+    heavy = (
+        "mlx",
+        "mlx_lm",
+        "mlx_vlm",
+        "torch",
+        "transformers",
+        "app",
+        "mlx_hub.core.hub",
+        "mlx_hub.engine.mlx",
+    )
     probe = f"import sys, {module}; print(sorted(m for m in sys.modules if m in {heavy!r}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
