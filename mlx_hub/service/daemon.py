@@ -75,17 +75,7 @@ async def serve(
             f"the controller cannot listen: {exc}; change `port` in {config_path or 'hub.yaml'}"
         ) from None
     pid = os.getpid()
-    write_runtime(
-        config.log_dir,
-        Runtime(
-            pid=pid,
-            host=config.host,
-            port=config.port,
-            config_path=str(config_path or ""),
-            started_at=time.time(),
-            **(supervised.runtime_fields() if supervised is not None else {}),
-        ),
-    )
+    _write_runtime(config, config_path, supervised)
     log.info(
         "hub %s (pid %d) controller on http://%s:%d", __version__, pid, connect_host(config.host), config.port
     )
@@ -105,6 +95,19 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         log.info("hub stopped")
+
+
+def _write_runtime(config: HubConfig, config_path: Path | None, supervised: Supervised | None) -> None:
+    """hub_runtime.json and hub.pid: how the CLI finds this hub (and its supervisor)."""
+    runtime = Runtime(
+        pid=os.getpid(),
+        host=config.host,
+        port=config.port,
+        config_path=str(config_path or ""),
+        started_at=time.time(),
+        **(supervised.runtime_fields() if supervised is not None else {}),
+    )
+    write_runtime(config.log_dir, runtime)
 
 
 async def _start(hub: Hub, names: Sequence[str] | None, supervised: Supervised | None) -> None:
