@@ -55,6 +55,8 @@ def print_status(status: HubStatus, url: str, names: Iterable[str] = ()) -> None
         console.print(line)
     for warning in status.warnings:
         warn(warning)
+    for line in views.crash_lines(status):
+        console.print(line)
 
 
 # ----------------------------------------------------------------------------- config

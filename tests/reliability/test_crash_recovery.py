@@ -184,6 +184,9 @@ def test_the_hub_comes_back_with_its_models_after_sigkill_sigsegv_and_sigabrt(
         "restarted after a crash (3 restart(s)); last: killed by SIGABRT while alpha generating"
         in status.stdout
     )
+    assert (
+        "signal SIGABRT, after" in status.stdout and "generating alpha; hub.log before it:" in status.stdout
+    )
     document = httpx.get(f"http://127.0.0.1:{doc['port']}/hub/status").json()
     assert document["restarts"] == 3 and document["last_crash"]["signal"] == "SIGABRT"
     assert any("mlx_hub" in line for line in document["last_crash"]["log_tail"])
