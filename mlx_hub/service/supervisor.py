@@ -292,11 +292,17 @@ class Supervisor:
             log.info("closed ports the restarted hub no longer serves: %s", ", ".join(map(str, closed)))
         if restarts:
             log.warning("hub restarted (restart %d) and ready", restarts)
-        if self.on_ready is not None:
-            try:
-                self.on_ready(restarts)
-            except Exception:
-                log.exception("reporting the hub as ready failed")
+        if self.on_ready is not None:  # on its own thread: it may call the hub, which may be asking us
+            threading.Thread(
+                target=self._announce, args=(restarts,), name="supervisor:ready", daemon=True
+            ).start()
+
+    def _announce(self, restarts: int) -> None:
+        assert self.on_ready is not None
+        try:
+            self.on_ready(restarts)
+        except Exception:
+            log.exception("reporting the hub as ready failed")
 
     # ------------------------------------------------------------------ signals, files
 
