@@ -139,3 +139,14 @@ def test_the_supervisor_imports_no_mlx_torch_or_upstream(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_max_restarts_is_checked_in_hub_yaml() -> None:
+    from mlx_hub.config import ConfigError, parse_config
+
+    models = [{"name": "a", "model_path": "/x"}]
+    assert parse_config({"models": models}).max_restarts == 5
+    assert parse_config({"models": models, "max_restarts": 0}).max_restarts == 0
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": models, "max_restarts": -1})
+    assert "field 'max_restarts'" in info.value.problems[0]
