@@ -144,7 +144,9 @@ class Supervised:
             return None
         channel = SupervisorChannel(int(fd), launch.held_ports)
         ports.set_socket_source(channel)
-        faulthandler.enable()  # a SIGSEGV or SIGABRT leaves every thread's stack in hub.log
+        # A SIGSEGV or SIGABRT leaves the crashing thread's stack in hub.log. Only that thread's: walking
+        # the others' frames while they run can itself segfault, and the crash would read as SIGSEGV.
+        faulthandler.enable(all_threads=False)
         return cls(channel, launch)
 
     @property
