@@ -369,17 +369,16 @@ def test_foreground_runs_until_interrupted(hub_files: dict[str, Any]) -> None:
     )
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.2)
+        shown = ""
+        while "hub running in the foreground" not in shown:  # printed once the hub is ready
+            assert time.monotonic() < deadline and process.poll() is None, shown
+            if select.select([process.stdout], [], [], 0.2)[0]:
+                shown += process.stdout.readline()
+        assert httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]
         assert runtime(logs)["supervisor_pid"] == process.pid  # the CLI supervises the hub
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
+        out = shown + out
     finally:
         if process.poll() is None:
             process.kill()

@@ -138,6 +138,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
         self.started_at = time.time()
+        self._announcer: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -172,6 +173,8 @@ class Supervisor:
                 if self.stopping.wait(delay):
                     return 0
         finally:
+            if self._announcer is not None:
+                self._announcer.join(timeout=10)  # its lines belong before the exit
             self.sockets.close_all()
             current = read_runtime(self.config.log_dir)
             if current is not None and current.supervisor_pid == os.getpid() and current.state != "gave_up":
@@ -293,9 +296,10 @@ class Supervisor:
         if restarts:
             log.warning("hub restarted (restart %d) and ready", restarts)
         if self.on_ready is not None:  # on its own thread: it may call the hub, which may be asking us
-            threading.Thread(
+            self._announcer = threading.Thread(
                 target=self._announce, args=(restarts,), name="supervisor:ready", daemon=True
-            ).start()
+            )
+            self._announcer.start()
 
     def _announce(self, restarts: int) -> None:
         assert self.on_ready is not None
