@@ -372,8 +372,8 @@ def test_foreground_runs_until_interrupted(hub_files: dict[str, Any]) -> None:
         shown = ""
         while "hub running in the foreground" not in shown:  # printed once the hub is ready
             assert time.monotonic() < deadline and process.poll() is None, shown
-            if select.select([process.stdout], [], [], 0.2)[0]:
-                shown += process.stdout.readline()
+            if select.select([process.stdout], [], [], 0.2)[0]:  # raw reads: nothing waits in a buffer
+                shown += os.read(process.stdout.fileno(), 65536).decode(errors="replace")
         assert httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]
         assert runtime(logs)["supervisor_pid"] == process.pid  # the CLI supervises the hub
         process.send_signal(signal.SIGINT)
