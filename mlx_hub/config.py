@@ -24,6 +24,8 @@ CONFIG_ENV = "MLX_HUB_CONFIG"
 KEY_ENV = "MLX_HUB_API_KEY"
 ORCH_CONFIG_ENV = "MLXSERVER_MODELS_PATH"  # mlx-server-orch's variable, read after the hub's own names
 ORCH_CONFIG_NAME = "models.yaml"
+PROMPT_CACHE_ENV = "MLX_HUB_PROMPT_CACHE_PATH"  # prompt_cache_path where hub.yaml sets none
+DEFAULT_PROMPT_CACHE_SIZE = "10GB"
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,21 @@ def memory_bytes(value: int | float | str, total: int | None) -> int:
         return int(value * total)
     if value <= 0:
         raise ValueError(f"max_memory must be positive, not {value}")
+    return int(value)
+
+
+def disk_bytes(value: int | str) -> int:
+    """``prompt_cache_disk_size`` in bytes: bytes, or a size like ``"20GB"`` (binary units); 0 is off."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("prompt_cache_disk_size must be a size like '20GB', bytes, or 0 to turn it off")
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not match:
+        raise ValueError(f"{value!r} is not a size like '20GB' (or 0 to keep no prompt caches on disk)")
+    if match:
+        unit = (match.group(2) or "").lower().rstrip("b").rstrip("i")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 0:
+        raise ValueError(f"prompt_cache_disk_size must be 0 or more, not {value}")
     return int(value)
 
 
@@ -282,6 +299,10 @@ class HubConfig(_Strict):
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
+    prompt_cache_path: str | None = (
+        None  # unset: $MLX_HUB_PROMPT_CACHE_PATH, else ~/mlx-openai-server-hub/prompt-cache
+    )
+    prompt_cache_disk_size: int | str = DEFAULT_PROMPT_CACHE_SIZE  # all models' prompt caches on disk; 0: off
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)
 
@@ -318,6 +339,25 @@ class HubConfig(_Strict):
         if value is not None and not is_budget_word(value):
             memory_bytes(value, total=1)  # the form is checked now; a fraction resolves at start
         return value
+
+    @field_validator("prompt_cache_disk_size", mode="before")
+    @classmethod
+    def _disk_size(cls, value: Any) -> Any:
+        disk_bytes(value)
+        return value
+
+    @property
+    def prompt_cache_folder(self) -> Path:
+        """Where prompt caches persist: ``prompt_cache_path``, ``$MLX_HUB_PROMPT_CACHE_PATH``, or the default."""
+        value = (
+            self.prompt_cache_path or os.environ.get(PROMPT_CACHE_ENV) or str(DEFAULT_HOME / "prompt-cache")
+        )
+        return Path(value).expanduser()
+
+    @property
+    def prompt_cache_cap(self) -> int:
+        """``prompt_cache_disk_size`` in bytes; 0: caches are not kept on disk (upstream's behaviour)."""
+        return disk_bytes(self.prompt_cache_disk_size)
 
     @field_validator("port_ranges", mode="before")
     @classmethod
@@ -623,8 +663,9 @@ def _resolve_paths(cfg: HubConfig, base: Path) -> HubConfig:
         # tell options a user wrote from defaults.
         models.append(entry.model_copy(update=updates))
     updates: dict[str, Any] = {"models": models, "log_path": _resolve(cfg.log_path, base)}
-    if cfg.offload_path:
-        updates["offload_path"] = _resolve(cfg.offload_path, base)
+    for key in ("offload_path", "prompt_cache_path"):
+        if getattr(cfg, key):
+            updates[key] = _resolve(getattr(cfg, key), base)
     return cfg.model_copy(update=updates)
 
 

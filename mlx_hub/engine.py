@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import weights
+from . import prompt_store, weights
 from .config import ModelConfig
 from .reservation import RequestNeed, estimate_request
 
@@ -361,6 +361,38 @@ def prompt_cache_bytes(handler: Any) -> int:
     cache = getattr(handler, "prompt_cache", None)
     value = getattr(cache, "nbytes", 0)
     return int(value) if isinstance(value, int) else 0
+
+
+def prompt_identity(entry: ModelConfig) -> prompt_store.Identity:
+    """What this entry's prompt caches depend on (prompt_store.model_identity): weights, KV options, draft."""
+    draft = entry.draft_model_path
+    return prompt_store.model_identity(
+        entry.model_path,
+        model_folder(entry.model_path),
+        kv_bits=entry.kv_bits,
+        kv_group_size=entry.kv_group_size,
+        quantized_kv_start=entry.quantized_kv_start,
+        context_length=None if draft else entry.context_length,  # upstream drops it beside a draft model
+        draft_path=draft,
+        draft_folder=model_folder(draft) if draft else None,
+        library=f"mlx-lm {_version('mlx-lm')}",
+    )
+
+
+def persist_prompt_cache(
+    handler: Any, entry: ModelConfig, store: prompt_store.PromptStore, identity: prompt_store.Identity
+) -> bool:
+    """Keep the handler's prompt caches in ``store`` (patch_prompt_cache); False if it keeps none.
+
+    Call right after the load, before any request. Upstream (and the patch) are
+    imported only for handlers that have a prompt cache.
+    """
+    if getattr(handler, "prompt_cache", None) is None:
+        return False
+    from . import patch_prompt_cache  # imports upstream's prompt cache and MLX: only where one exists
+
+    store.adopt(identity, entry.name)
+    return patch_prompt_cache.persist(handler, store, identity.key, entry.name) is not None
 
 
 def handler_class(model_type: str) -> type:
@@ -870,6 +902,14 @@ class Engine(Protocol):
     def prompt_cache_bytes(self, handler: Any) -> int: ...
     def batches(self, entry: ModelConfig) -> bool: ...
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None: ...
+    def prompt_identity(self, entry: ModelConfig) -> prompt_store.Identity: ...
+    def persist_prompt_cache(
+        self,
+        handler: Any,
+        entry: ModelConfig,
+        store: prompt_store.PromptStore,
+        identity: prompt_store.Identity,
+    ) -> bool: ...
     def peak_memory(self) -> int: ...
     def reset_peak_memory(self) -> None: ...
     def working_set(self) -> int | None: ...
@@ -893,6 +933,8 @@ class MLXEngine:
     prompt_cache_bytes = staticmethod(prompt_cache_bytes)
     batches = staticmethod(batches)
     bound_prompt_cache = staticmethod(bound_prompt_cache)
+    prompt_identity = staticmethod(prompt_identity)
+    persist_prompt_cache = staticmethod(persist_prompt_cache)
     peak_memory = staticmethod(peak_memory)
     reset_peak_memory = staticmethod(reset_peak_memory)
     working_set = staticmethod(working_set)

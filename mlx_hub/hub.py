@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import admission, engine, logs, reload
+from . import admission, engine, logs, prompt_caches, reload
 from .config import HubConfig, is_budget_word, load_config, memory_bytes, parse_config
 from .engine import Engine, MLXEngine
 from .errors import (
@@ -31,6 +31,7 @@ from .errors import (
 )
 from .metrics import HubMetrics
 from .ports import PortBook, PortError
+from .prompt_store import PromptStore
 from .slot import NO_RESERVATION, OCCUPYING, MemoryState, ModelSlot, PortState, Reservation
 from .status import HubStatus, build_status
 
@@ -100,6 +101,7 @@ class Hub:
         self.budget: int | None = None
         self.budget_source: str | None = None  # "auto", "none", or "max_memory" (a size or fraction)
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
+        self.prompt_store: PromptStore | None = None  # prompt caches kept on disk (prompt_caches.py)
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
 
@@ -330,6 +332,7 @@ class Hub:
         try:
             loaded = await slot.load(self.engine, self._memory_lock)
             self.engine.bound_prompt_cache(loaded.handler, self.budget)
+            prompt_caches.attach(self, slot, loaded.handler)  # no await since the load: no request yet
         except engine.EngineError as exc:
             log.error("model '%s' failed to load: %s", slot.name, exc)
             raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
@@ -379,6 +382,8 @@ class Hub:
                 )
             source = self.config_path
         new, path = as_config(source)
+        # An unusable prompt_cache_path fails the reload here, before anything changes.
+        self.prompt_store = prompt_caches.store_for(new, self.engine, self.prompt_store)
         async with self._reload_lock:
             result = await reload.apply(self, new)
             if path is not None:
@@ -387,6 +392,7 @@ class Hub:
 
     def adopt(self, config: HubConfig) -> None:
         """Take ``config`` as the running one: the memory budget, API keys and group timers follow it."""
+        self.prompt_store = prompt_caches.store_for(config, self.engine, self.prompt_store)
         self.config = config
         self._link_groups()
         self.budget, self.budget_source = resolve_budget(config.max_memory, self.engine)

@@ -79,6 +79,11 @@ class ModelMetadata(_Document):
     keep_alive_seconds: float | None  # -1: kept forever
     started_at: float | None
     log_file: str | None
+    # Its prompt caches kept on disk (prompt_cache_path): lookups since the hub started, and bytes now.
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+    prompt_cache_tokens_reused: int = 0
+    prompt_cache_disk_bytes: int = 0
 
 
 class ModelStatus(_Document):
@@ -101,6 +106,14 @@ class MemoryStatus(_Document):
     reserved_bytes: int = 0  # what every request in flight reserves, summed over models
     peak_bytes: int = 0  # MLX's peak memory since the hub started (mx.get_peak_memory)
     budget_source: str | None = None  # how max_memory was set: a size, a fraction, auto, or none
+
+
+class PromptCacheStatus(_Document):
+    enabled: bool  # false: prompt_cache_disk_size is 0, upstream's temporary caches only
+    path: str | None
+    disk_bytes: int  # every model's prompt caches on disk
+    cap_bytes: int  # prompt_cache_disk_size
+    bytes_written: int = 0  # by this hub since it started
 
 
 class GroupStatus(_Document):
@@ -126,6 +139,7 @@ class HubStatus(_Document):
     warnings: list[str]
     groups: list[GroupStatus]
     models: list[ModelStatus]
+    prompt_cache: PromptCacheStatus | None = None
 
     def model(self, name: str) -> ModelMetadata:
         """One model's metadata by entry name; ``KeyError`` if the hub has no such model."""
@@ -188,5 +202,30 @@ def build_status(hub: Hub) -> HubStatus:
         ),
         warnings=warnings,
         groups=groups,
-        models=[s.status(now, hub.log_file(s)) for s in slots],
+        models=[_with_prompt_cache(s.status(now, hub.log_file(s)), hub) for s in slots],
+        prompt_cache=_prompt_cache(hub),
+    )
+
+
+def _with_prompt_cache(row: ModelStatus, hub: Hub) -> ModelStatus:
+    """A model's row with its prompt-cache lookups and disk bytes, where caches persist."""
+    store = hub.prompt_store
+    if store is not None:
+        counters, meta = store.counters(row.id), row.metadata
+        meta.prompt_cache_hits, meta.prompt_cache_misses = counters.hits, counters.misses
+        meta.prompt_cache_tokens_reused = counters.tokens_reused
+        meta.prompt_cache_disk_bytes = store.model_bytes(row.id)
+    return row
+
+
+def _prompt_cache(hub: Hub) -> PromptCacheStatus:
+    store = hub.prompt_store
+    if store is None:
+        return PromptCacheStatus(enabled=False, path=None, disk_bytes=0, cap_bytes=0)
+    return PromptCacheStatus(
+        enabled=True,
+        path=str(store.root),
+        disk_bytes=store.total_bytes(),
+        cap_bytes=store.cap,
+        bytes_written=store.bytes_written,
     )

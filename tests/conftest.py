@@ -191,3 +191,9 @@ async def fast(hub_config) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for built in hubs:
         await built.shutdown(drain_timeout=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _private_prompt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its prompt caches in its own folder, never in ~/mlx-openai-server-hub."""
+    monkeypatch.setenv("MLX_HUB_PROMPT_CACHE_PATH", str(tmp_path / "prompt-cache"))

@@ -15,6 +15,7 @@ from typing import Any
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import EngineError, Loaded
+from mlx_hub.prompt_store import Identity, PromptStore, model_identity
 from mlx_hub.reservation import RequestNeed
 
 
@@ -124,6 +125,14 @@ class FakeEngine:
 
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:
         pass
+
+    def prompt_identity(self, entry: ModelConfig) -> Identity:
+        return model_identity(entry.model_path, None)
+
+    def persist_prompt_cache(
+        self, handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity
+    ) -> bool:
+        return False  # fake handlers keep no prompt cache
 
     def peak_memory(self) -> int:
         return self.active
