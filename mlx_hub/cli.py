@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, registry_commands, views
+from . import __version__, cache_commands, registry_commands, views
 from .client import ClientError, HubClient, find_running
 from .config import ConfigError, HubConfig, load_config
 from .terminal import (
@@ -504,6 +504,7 @@ for command in (
     registry_commands.list_command,
     registry_commands.reconcile,
     registry_commands.assign_team,
+    cache_commands.cache,
 ):
     main.add_command(command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -74,6 +75,12 @@ class HubClient:
 
     def shutdown(self) -> dict[str, Any]:
         return self._call("POST", "/hub/shutdown")
+
+    def prompt_caches(self) -> dict[str, Any]:
+        return self._call("GET", "/hub/prompt-cache")
+
+    def clear_prompt_caches(self, name: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/hub/prompt-cache/clear" + (f"?model={quote(name)}" if name else ""))
 
 
 def find_running(log_dir: Path) -> tuple[Runtime, HubClient] | None:

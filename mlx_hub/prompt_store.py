@@ -596,6 +596,20 @@ class PromptStore:
             log.warning(message)
 
 
+def describe(store: PromptStore | None) -> dict[str, Any]:
+    """What ``GET /hub/prompt-cache`` answers and ``mlx-openai-server-hub cache`` prints."""
+    if store is None:
+        return {"enabled": False, "path": None, "disk_bytes": 0, "cap_bytes": 0, "identities": []}
+    rows = [asdict(row) for row in store.listing()]
+    return {
+        "enabled": True,
+        "path": str(store.root),
+        "disk_bytes": sum(row["bytes"] for row in rows),
+        "cap_bytes": store.cap,
+        "identities": rows,
+    }
+
+
 def open_store(root: str | os.PathLike[str], cap: int) -> PromptStore:
     """The store at ``root`` (created 0700, or refused), with a crashed write's leftovers swept away."""
     store = PromptStore(root, cap)

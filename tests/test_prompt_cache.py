@@ -9,13 +9,18 @@ must show the restored cache was used.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from mlx_hub.config import ConfigError
 
@@ -170,3 +175,53 @@ def test_prompt_cache_disk_size_is_validated(hub_config: Make) -> None:
     good = parse_config(hub_config([{"name": "m", "model_path": "x/y"}], prompt_cache_disk_size="20GB"))
     assert good.prompt_cache_cap == 20 << 30
     assert parse_config(hub_config([{"name": "m", "model_path": "x/y"}])).prompt_cache_cap == 10 << 30
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "mlx_hub.cli", "cache", *args, "--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+async def test_cache_command_lists_and_clears_with_and_without_a_hub(
+    tiny_llama: Path, hub_config: Make, start: Make, tmp_path: Path
+) -> None:
+    from mlx_hub.runtime import Runtime, clear_runtime, write_runtime
+
+    config = tmp_path / "hub.yaml"
+    doc = hub_config([entry(tiny_llama, disable_batching=True)], prompt_cache_path=str(tmp_path / "pc"))
+    config.write_text(yaml.safe_dump(doc))
+    live = await start(str(config))
+    await ask(live.hub, tiny_llama, 1)
+    logs = Path(doc["log_path"])
+    write_runtime(logs, Runtime(os.getpid(), "127.0.0.1", live.port, str(config), time.time()))
+    try:
+        listed = await asyncio.to_thread(cli, config)  # the CLI asks the running hub
+        assert listed.returncode == 0, listed.stderr
+        assert (
+            "tiny-llama-" in listed.stdout
+            and " m " in listed.stdout
+            and "prompt_cache_disk_size" in listed.stdout
+        )
+        cleared = await asyncio.to_thread(cli, config, "clear", "m")
+        assert cleared.returncode == 0 and "cleared 1" in cleared.stdout, cleared.stderr
+        assert meta(live.hub, "m")["prompt_cache_disk_bytes"] == 0
+        assert live.hub.slots["m"].prompt_cache_bytes == 0  # the live cache forgot the deleted entries
+        _, cached = await ask(live.hub, tiny_llama, 1)
+        assert cached == 0
+        unknown = await asyncio.to_thread(cli, config, "clear", "nosuch")
+        assert unknown.returncode == 1 and "nosuch" in unknown.stderr
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{live.url}/metrics")).text
+        assert 'mlx_hub_prompt_cache_misses_total{model="m"} 2.0' in metrics
+        cap = next(
+            line for line in metrics.splitlines() if line.startswith("mlx_hub_prompt_cache_disk_cap_bytes ")
+        )
+        assert float(cap.split()[1]) == 10 << 30
+    finally:
+        clear_runtime(logs)
+    offline = await asyncio.to_thread(cli, config)  # no runtime file: the CLI reads the folder itself
+    assert offline.returncode == 0 and "tiny-llama-" in offline.stdout, offline.stderr
+    all_cleared = await asyncio.to_thread(cli, config, "clear")
+    assert all_cleared.returncode == 0, all_cleared.stderr
+    assert not list((tmp_path / "pc").rglob("*.safetensors"))

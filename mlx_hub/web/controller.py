@@ -27,6 +27,7 @@ from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..status import HubStatus
 from .dashboard import ASSETS, asset
 from .openai_routes import OpenAIRoutes
+from .prompt_cache_routes import prompt_cache_router
 from .responses import error_json, error_response
 from .security import ApiKeyGuard, SameOriginGuard
 
@@ -201,6 +202,8 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             ModelAction.unload: hub.unload,
         }[action]
         return ActionResult(status=await method(name), name=name)
+
+    app.include_router(prompt_cache_router(hub, ERRORS))
 
     @app.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
     async def service_action(action: ServiceAction) -> ServiceResult:
