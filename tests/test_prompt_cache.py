@@ -225,3 +225,46 @@ async def test_cache_command_lists_and_clears_with_and_without_a_hub(
     all_cleared = await asyncio.to_thread(cli, config, "clear")
     assert all_cleared.returncode == 0, all_cleared.stderr
     assert not list((tmp_path / "pc").rglob("*.safetensors"))
+
+
+async def ask_as(hub: Any, name: str, model: Path) -> int:
+    async with httpx.AsyncClient(timeout=120) as client:
+        reply = await client.post(
+            f"http://127.0.0.1:{hub.slots[name].port}/v1/chat/completions",
+            json={**body(model, 1), "model": name},
+        )
+    assert reply.status_code == 200, reply.text
+    return int((reply.json()["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+async def test_a_group_swap_keeps_the_cache_and_profiles_share_one(
+    tiny_llama: Path, tiny_qwen: Path, hub_config: Make, make_hub: Make
+) -> None:
+    doc = hub_config(
+        [
+            {
+                "name": "a",
+                "model_path": str(tiny_llama),
+                "jit_enabled": True,
+                "default": True,
+                "group": "g",
+                "disable_batching": True,
+            },
+            {"name": "b", "model_path": str(tiny_qwen), "jit_enabled": True, "default": True, "group": "g"},
+            {"name": "a2", "model_path": str(tiny_llama), "default": True, "disable_batching": True},
+        ],
+        groups=[{"name": "g", "max_loaded": 1}],
+    )
+    hub = await make_hub(doc)
+    assert hub.prompt_store.known["a"] == hub.prompt_store.known["a2"] != hub.prompt_store.known["b"]
+    assert await ask_as(hub, "a", tiny_llama) == 0
+    assert (
+        await ask_as(hub, "a2", tiny_llama) > 100
+    )  # a profile of the same weights reads a's entry while loaded
+    assert await ask_as(hub, "b", tiny_qwen) == 0  # swaps a out of the group
+    assert hub.slots["a"].memory_state.value == "unloaded"
+    assert await ask_as(hub, "a", tiny_llama) > 100  # swaps b out, and a finds its cache on disk
+    rows = {row["id"]: row["metadata"] for row in hub.status()["models"]}
+    assert (rows["a"]["prompt_cache_hits"], rows["a"]["prompt_cache_misses"]) == (1, 1)
+    assert rows["a2"]["prompt_cache_hits"] == 1 and rows["b"]["prompt_cache_misses"] == 1
+    assert rows["a"]["prompt_cache_disk_bytes"] == rows["a2"]["prompt_cache_disk_bytes"] > 0
