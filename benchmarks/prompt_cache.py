@@ -32,7 +32,7 @@ def long_prompt(model: Path) -> list[dict[str, str]]:
     """The longest chat prompt the model allows with MAX_TOKENS to answer (counted with its tokenizer)."""
     from transformers import AutoTokenizer
 
-    from mlx_hub.tinymodel import _CORPUS
+    from mlx_hub.testing.tinymodel import _CORPUS
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     corpus = _CORPUS.split()
@@ -134,7 +134,7 @@ def launch_run(model: Path, workdir: Path, ask: Any) -> dict[str, Any]:
 
 
 def run(cache: Path, workdir: Path) -> dict[str, Any]:
-    from mlx_hub.tinymodel import make_model, text_only_logit_bias
+    from mlx_hub.testing.tinymodel import make_model, text_only_logit_bias
 
     model = make_model(cache / "prompt-cache-llama", arch="llama", shape=SHAPE, seed=21)
     messages = long_prompt(model)

@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_hub.tinymodel import phrase_token, text_only_logit_bias
+from mlx_hub.testing.tinymodel import phrase_token, text_only_logit_bias
 
 from .equivalence.conftest import TOOLS_TEMPLATE
 from .helpers import LiveController, meta
@@ -42,7 +42,7 @@ Start = Callable[..., Any]
 
 @pytest.fixture(scope="session")
 def phrase_model(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     return make_model(models_dir / "tiny-phrases", arch="qwen2", seed=14, phrases=(CALL, THINK))  # says words
 

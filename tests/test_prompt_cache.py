@@ -186,7 +186,7 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_cache_command_lists_and_clears_with_and_without_a_hub(
     tiny_llama: Path, hub_config: Make, start: Make, tmp_path: Path
 ) -> None:
-    from mlx_hub.runtime import Runtime, clear_runtime, write_runtime
+    from mlx_hub.service.runtime import Runtime, clear_runtime, write_runtime
 
     config = tmp_path / "hub.yaml"
     doc = hub_config([entry(tiny_llama, disable_batching=True)], prompt_cache_path=str(tmp_path / "pc"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_hub.prompt_store import (
+from mlx_hub.engine.prompt_store import (
     IDENTITY,
     INDEX,
     Entry,
@@ -140,7 +140,7 @@ def test_corrupt_index_and_token_files_are_skipped_once_and_deleted(
     bad = put(store, KEY, 50, [3, 4])
     _, tokens = store.paths(KEY, bad.id)
     tokens.write_bytes(b"\x00\x01")  # truncated
-    caplog.set_level(logging.WARNING, logger="mlx_hub.prompt_store")
+    caplog.set_level(logging.WARNING, logger="mlx_hub.engine.prompt_store")
     assert store.read_tokens(KEY, bad) is None
     assert store.read_tokens(KEY, bad) is None
     assert [e.id for e in store.entries(KEY)] == [good.id]
@@ -218,7 +218,7 @@ WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
 from tests.test_prompt_store import put
-from mlx_hub.prompt_store import PromptStore
+from mlx_hub.engine.prompt_store import PromptStore
 store = PromptStore({folder!r}, {cap})
 for i in range(40):
     put(store, "m{who}-0", 700 + i * 13, list(range(i + {who} * 1000, i + {who} * 1000 + 50)))

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from .. import prompt_caches
-from ..prompt_store import describe
+from mlx_hub.core import prompt_caches
+from mlx_hub.engine.prompt_store import describe
 
 if TYPE_CHECKING:
-    from ..hub import Hub
+    from mlx_hub.core.hub import Hub
 
 
 class CachedIdentity(BaseModel):
@@ -51,6 +51,8 @@ def prompt_cache_router(hub: Hub, errors: dict[int | str, dict[str, Any]]) -> AP
     @router.post("/hub/prompt-cache/clear", response_model=PromptCacheCleared, responses=errors)
     async def clear(model: str | None = None) -> PromptCacheCleared:
         """Delete the prompt caches of ``model`` (every model's without it)."""
-        return PromptCacheCleared(cleared=prompt_caches.clear(hub, model))
+        cleared = prompt_caches.clear(hub.prompt_store, hub.slots, model)
+        hub.notify()
+        return PromptCacheCleared(cleared=cleared)
 
     return router
