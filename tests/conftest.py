@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import pytest
 from .helpers import free_port, free_range
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach for the network
+# Prompt caches never go to ~/mlx-openai-server-hub: a session folder here (for environments copied at
+# import, such as tests/test_cli.py's), and a folder of each test's own below (_private_prompt_cache).
+os.environ.setdefault("MLX_HUB_PROMPT_CACHE_PATH", tempfile.mkdtemp(prefix="mlx-hub-prompt-cache-"))
 os.environ.setdefault(
     "LITELLM_LOCAL_MODEL_COST_MAP", "True"
 )  # LiteLLM fetches one from GitHub at import otherwise
