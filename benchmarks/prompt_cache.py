@@ -38,12 +38,12 @@ def long_prompt(model: Path) -> list[dict[str, str]]:
     corpus = _CORPUS.split()
     words = CONTEXT
     while True:
-        text = " ".join(corpus[i % len(corpus)] for i in range(words))
-        messages = [{"role": "user", "content": text}]
-        count = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        messages = [{"role": "user", "content": " ".join(corpus[i % len(corpus)] for i in range(words))}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if count + MAX_TOKENS <= CONTEXT:
             return messages
-        words -= max(8, (count + MAX_TOKENS - CONTEXT) // 2)
+        words -= max(4, (count + MAX_TOKENS - CONTEXT) // 2)
 
 
 def first_token(

@@ -217,7 +217,8 @@ def digest_of(raw: bytes) -> str:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Make a finished temporary file ``final``: fsync it, rename it, fsync the folder."""
+    """Make a finished temporary file ``final`` (0600): fsync it, rename it, fsync the folder."""
+    os.chmod(tmp, 0o600)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
