@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_hub.engine.prompt_store import (
-    IDENTITY,
-    INDEX,
-    Entry,
-    PromptStore,
-    PromptStoreError,
-    model_identity,
-    open_store,
-)
+from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine.prompt_identity import model_identity
+from mlx_hub.engine.prompt_store import IDENTITY, INDEX, Entry, PromptStore, open_store
 
 KEY = "m-0123"
 

@@ -16,7 +16,8 @@ from mlx_hub.config import ConfigError, HubConfig, ModelConfig
 from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_store import PromptStore, PromptStoreError, open_store
+from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine.prompt_store import PromptStore, open_store
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine.prompt_store import Identity, PromptStore
+from mlx_hub.engine.prompt_identity import Identity
+from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import RequestNeed
 from mlx_hub.engine.weights import SharedWeights
 

@@ -60,7 +60,8 @@ from mlx_hub.engine.handlers import (
 )
 from mlx_hub.engine.model_files import model_folder, weight_files_bytes
 from mlx_hub.engine.patches.mlx_openai_server import bound_prompt_cache
-from mlx_hub.engine.prompt_store import Identity, PromptStore, entry_identity
+from mlx_hub.engine.prompt_identity import Identity, entry_identity
+from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import PromptCounter, RequestNeed, estimate_request
 from mlx_hub.engine.versions import upstream_version
 from mlx_hub.engine.weights import SharedWeights, WeightRegistry

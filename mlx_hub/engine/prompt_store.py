@@ -1,4 +1,4 @@
-"""The prompt-cache store on disk: one folder per model identity, one hub-wide cap.
+"""The prompt-cache store on disk: one folder per model identity (prompt_identity.py), one hub-wide cap.
 
 Upstream keeps each handler's prompt caches in a temporary folder that its
 ``close()`` deletes, with the index only in memory; every unload, swap and
@@ -28,31 +28,29 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
-import stat
-import sys
 import threading
 import time
 import uuid
-from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlx_hub.config import ModelConfig
-from mlx_hub.engine.model_files import model_folder
-from mlx_hub.engine.versions import package_version
+from mlx_hub.engine.prompt_files import (
+    check_folder,
+    digest_of,
+    parse_tokens,
+    publish,
+    token_bytes,
+)
+from mlx_hub.engine.prompt_identity import FORMAT, Identity
 from mlx_hub.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-#: Bumped when what a folder holds changes shape; part of every identity, so old folders are never read.
-FORMAT = 1
 INDEX = "index.json"
 IDENTITY = "identity.json"
 LOCK = ".lock"
@@ -60,86 +58,6 @@ PAYLOAD = ".safetensors"
 TOKENS = ".tokens"
 #: A temporary file older than this is a crashed write's leftover, not another hub's write in progress.
 STALE_TMP_SECONDS = 3600.0
-WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
-
-
-class PromptStoreError(RuntimeError):
-    """The cache folder cannot be used safely; the message names the path and the fix."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a model's KV caches depend on, and the folder name it hashes to."""
-
-    key: str
-    description: dict[str, Any]
-
-
-def _weight_files(folder: Path | None) -> list[list[Any]]:
-    if folder is None or not folder.is_dir():
-        return []
-    files = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix in WEIGHT_SUFFIXES:
-            with contextlib.suppress(OSError):
-                info = path.stat()  # follows the Hugging Face cache's symlinks to the blobs
-                files.append([str(path.relative_to(folder)), info.st_size, info.st_mtime_ns])
-    return files
-
-
-def model_identity(
-    model_path: str,
-    folder: Path | None,
-    *,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    context_length: int | None = None,
-    draft_path: str | None = None,
-    draft_folder: Path | None = None,
-    library: str = "",
-) -> Identity:
-    """The identity of a model's prompt caches; ``folder`` is where ``model_path`` resolved (None: unknown).
-
-    ``library`` names the versions that wrote the tensors (mlx-lm's cache
-    classes), so an upgrade that changed them starts new folders.
-    """
-    weights = str(folder.resolve()) if folder is not None else model_path
-    description: dict[str, Any] = {
-        "format": FORMAT,
-        "model": weights,
-        "weights": _weight_files(folder),
-        "kv_bits": kv_bits,
-        "kv_group_size": kv_group_size if kv_bits else None,
-        "quantized_kv_start": quantized_kv_start if kv_bits else None,
-        "context_length": context_length,
-        "draft": None,
-        "library": library,
-    }
-    if draft_path:
-        description["draft"] = {
-            "model": str(draft_folder.resolve()) if draft_folder else draft_path,
-            "weights": _weight_files(draft_folder),
-        }
-    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(weights).name or "model").strip("-.")[:40] or "model"
-    return Identity(f"{slug}-{digest}", description)
-
-
-def entry_identity(entry: ModelConfig) -> Identity:
-    """A hub.yaml entry's identity: where its weights resolve, its KV options, its draft model, mlx-lm's version."""
-    draft = entry.draft_model_path
-    return model_identity(
-        entry.model_path,
-        model_folder(entry.model_path),
-        kv_bits=entry.kv_bits,
-        kv_group_size=entry.kv_group_size,
-        quantized_kv_start=entry.quantized_kv_start,
-        context_length=None if draft else entry.context_length,  # upstream drops it beside a draft model
-        draft_path=draft,
-        draft_folder=model_folder(draft) if draft else None,
-        library=f"mlx-lm {package_version('mlx-lm')}",
-    )
 
 
 @dataclass
@@ -193,68 +111,6 @@ class IdentityInfo:
     bytes: int
     last_use: float | None
     known: bool
-
-
-def token_bytes(tokens: list[int]) -> bytes:
-    data = array("I", tokens)
-    if data.itemsize != 4:  # pragma: no cover - every platform MLX runs on has 4-byte unsigned ints
-        data = array("L", tokens)
-    if sys.byteorder == "big":  # pragma: no cover
-        data.byteswap()
-    return data.tobytes()
-
-
-def _parse_tokens(raw: bytes) -> list[int]:
-    data = array("I")
-    data.frombytes(raw)
-    if sys.byteorder == "big":  # pragma: no cover
-        data.byteswap()
-    return data.tolist()
-
-
-def digest_of(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Make a finished temporary file ``final`` (0600): fsync it, rename it, fsync the folder."""
-    os.chmod(tmp, 0o600)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_folder(path: Path) -> None:
-    """Create ``path`` (0700) or make sure it is this user's and nobody else can write to it.
-
-    Another user who can write there could plant a cache this hub would read
-    back as a model's state, so such a folder is refused, not used.
-    """
-    if path.exists() and not path.is_dir():
-        raise PromptStoreError(f"prompt_cache_path {path} is not a folder; set prompt_cache_path to a folder")
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
-    except OSError as exc:
-        raise PromptStoreError(
-            f"prompt_cache_path {path}: cannot create or read it ({exc.strerror or exc}); "
-            "fix its permissions or set prompt_cache_path in hub.yaml to a folder of your own"
-        ) from None
-    if info.st_uid != os.getuid():
-        raise PromptStoreError(
-            f"prompt_cache_path {path} belongs to another user (uid {info.st_uid}); "
-            "set prompt_cache_path in hub.yaml to a folder of your own"
-        )
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PromptStoreError(
-            f"prompt_cache_path {path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"run `chmod 700 {path}` or set prompt_cache_path in hub.yaml to a private folder"
-        )
 
 
 class PromptStore:
@@ -374,7 +230,7 @@ class PromptStore:
         if len(raw) != 4 * entry.tokens or digest_of(raw) != entry.digest:
             self.discard(key, entry.id, f"prompt cache {path} is missing or does not match its index")
             return None
-        return _parse_tokens(raw)
+        return parse_tokens(raw)
 
     # ------------------------------------------------------------------ writes
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.base import EngineError, Loaded
-from mlx_hub.engine.prompt_store import Identity, PromptStore, model_identity
+from mlx_hub.engine.prompt_identity import Identity, model_identity
+from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import RequestNeed
 
 

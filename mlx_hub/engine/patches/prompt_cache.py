@@ -46,7 +46,9 @@ from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.patches.switch import enabled
-from mlx_hub.engine.prompt_store import FORMAT, Entry, Identity, PromptStore, publish
+from mlx_hub.engine.prompt_files import publish
+from mlx_hub.engine.prompt_identity import FORMAT, Identity
+from mlx_hub.engine.prompt_store import Entry, PromptStore
 
 log = logging.getLogger(__name__)
 
