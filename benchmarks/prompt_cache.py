@@ -170,6 +170,7 @@ def markdown(p: dict[str, Any]) -> list[str]:
 
     ratio = ratios(p)
     written = hub["bytes_written_first_request"]
+    kept = (hub["prompt_cache"] or {}).get("disk_bytes", 0)
     return [
         "",
         "## Prompt cache after a swap",
@@ -201,9 +202,10 @@ def markdown(p: dict[str, Any]) -> list[str]:
             )
         ),  # fmt: skip
         "",
-        f"Bytes written to disk by the first request: {written / 1e6:.1f} MB (its prompt's KV cache, written once;"
-        f" upstream writes the same entry to its temporary folder). On disk after the run:"
-        f" {(hub['prompt_cache'] or {}).get('disk_bytes', 0) / 1e6:.1f} MB.",
+        f"Bytes written to disk by the first request: {written / 1e6:.1f} MB, {written / max(kept, 1):.1f} times"
+        f" the {kept / 1e6:.1f} MB entry kept on disk afterwards: upstream inserts a batched request's cache"
+        " twice (a checkpoint when the prompt is prefilled, then the whole sequence, which replaces it), and"
+        " writes both to its own temporary folder too.",
     ]
 
 
@@ -211,7 +213,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--report", type=Path, help="print the table of an earlier run's JSON instead of running"
+    )
     args = parser.parse_args()
+    if args.report:
+        print("\n".join(markdown(json.loads(args.report.read_text()))))
+        return
     result = run(args.cache, args.cache / "run-prompt-cache")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
