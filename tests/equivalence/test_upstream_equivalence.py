@@ -17,7 +17,7 @@ import pytest
 
 from ..helpers import text_only
 from .conftest import FLAG_CASE
-from .servers import Pair
+from .servers import Pair, answer
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -183,11 +183,16 @@ def test_sampling_defaults_fill_what_a_request_leaves_out(pair: Pair, cases: dic
 def test_prompt_cache_size_one_keeps_only_the_last_prompt(pair: Pair, cases: dict[str, Any]) -> None:
     first = chat(FLAG_CASE, cases, messages=[{"role": "user", "content": "Paris is the capital of France."}])
     second = chat(FLAG_CASE, cases, messages=[{"role": "user", "content": "0123456789 + - * / ="}])
-    cached = []
+    cached: dict[str, list[int]] = {"upstream": [], "hub": []}
     for body in (first, second, first):
-        reply = same(pair, FLAG_CASE, "/v1/chat/completions", body)
-        cached.append(reply["body"]["usage"]["prompt_tokens_details"]["cached_tokens"])
-    assert cached[2] < 10, cached  # the first prompt was evicted by the second
+        replies = {}
+        for side, base in (("upstream", pair.upstream[FLAG_CASE]), ("hub", pair.hub[FLAG_CASE])):
+            replies[side] = pair.client.post(base + "/v1/chat/completions", json=body)
+            cached[side].append(replies[side].json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert answer(replies["hub"]) == answer(replies["upstream"])  # cached_tokens aside (REUSE)
+    # The third request repeats the first, which the second evicted on both sides:
+    # prompt_cache_size 1 bounds the hub's cache as it bounds upstream's.
+    assert cached["hub"][2] < 10 and cached["upstream"][2] < 10, cached
 
 
 def test_seeded_requests_without_batching_repeat(pair: Pair, cases: dict[str, Any]) -> None:
