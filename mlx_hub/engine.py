@@ -59,6 +59,7 @@ from typing import Any, Protocol
 
 from . import weights
 from .config import ModelConfig
+from .generation_watch import watch_generation_steps
 from .reservation import RequestNeed, estimate_request
 
 log = logging.getLogger(__name__)
@@ -396,6 +397,7 @@ def adapt_libraries() -> None:
     _whisper_weights_per_folder()
     _share_weights()
     _batch_failure_frees_its_sequences()
+    watch_generation_steps()
 
 
 def _batch_failure_frees_its_sequences() -> None:

@@ -14,12 +14,11 @@ here does I/O, so every mapping is tested without a server:
 * :class:`MessageStream` is the state machine from pieces to Anthropic's
   event sequence, and :func:`collect` folds those events into the
   non-streamed message, so both forms come from one code path;
-* :class:`StopScanner` applies ``stop_sequences`` (and completions' ``stop``)
-  here, on the text, because upstream's two generation paths treat ``stop``
-  differently (the batched one drops the last token of a match, the other
-  ignores it), and a stop_reason needs to know which sequence matched. The
-  handler's stream is still read to its end after a match (nothing more is
-  sent) because its usage, which the answer reports, comes last.
+* :class:`StopScanner` finds ``stop_sequences`` (and completions' ``stop``)
+  in the text. They are also handed to upstream as chat's ``stop`` (its
+  batched path ends generation on them, dropping the match's last token; its
+  other paths ignore them), so the route (``stopping``) ends the generation on
+  whichever sees a match first, and a stop_reason still names the sequence.
 
 No library does this without a large runtime dependency (LiteLLM's adapter
 pulls all of LiteLLM), so it is written small.
@@ -234,9 +233,9 @@ def stop_sequences(body: dict[str, Any], name: str) -> list[str]:
 def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     """A Messages body as the chat body upstream's handler takes.
 
-    ``stream`` is always on: the handler's stream feeds both answer forms, and
-    stop sequences are applied by :class:`StopScanner`, so they are not passed on.
-    ``count_only`` (count_tokens) does not ask for ``max_tokens``.
+    ``stream`` is always on: the handler's stream feeds both answer forms.
+    ``stop_sequences`` become chat's ``stop``, so generation ends on them as a
+    chat request's does. ``count_only`` (count_tokens) does not ask for ``max_tokens``.
     """
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -287,7 +286,9 @@ def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
         kwargs = dict(request.get("chat_template_kwargs") or {})
         kwargs["enable_thinking"] = thinking["type"] == "enabled"
         request["chat_template_kwargs"] = kwargs
-    stop_sequences(body, "stop_sequences")  # validated here, applied by the route
+    stops = stop_sequences(body, "stop_sequences")
+    if stops and not count_only:
+        request["stop"] = stops
     return request
 
 
@@ -408,6 +409,15 @@ class StopScanner:
         held, self._held = self._held, ""
         return "" if self.matched is not None else held
 
+    @property
+    def held(self) -> str:
+        """The text kept back because it could begin a stop sequence."""
+        return self._held
+
+    def settle(self, stop: str) -> None:
+        """The generation ended on ``stop`` where the text does not show it whole: drop what was held."""
+        self.matched, self._held = stop, ""
+
 
 # --- events: pieces -> Anthropic's stream -----------------------------------------------------
 
@@ -447,8 +457,17 @@ class MessageStream:
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched: nothing more is sent, but usage is still read to the end."""
+        """A stop sequence matched: nothing more is sent, and the route ends the generation."""
         return self._scanner.matched is not None
+
+    @property
+    def scanner(self) -> StopScanner:
+        return self._scanner
+
+    @property
+    def usage(self) -> Usage:
+        """The usage the handler reported so far (none before its last chunk)."""
+        return self._usage
 
     def start(self) -> list[Event]:
         message = {
@@ -617,7 +636,9 @@ def to_completion_requests(body: Any) -> list[dict[str, Any]]:
             base[name] = body[name]
     if body.get("user") is not None:
         base["user"] = body["user"]
-    stop_sequences(body, "stop")
+    stops = stop_sequences(body, "stop")
+    if stops:
+        base["stop"] = stops
     return [{**base, "messages": [{"role": "user", "content": p}]} for p in prompts]
 
 
