@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .aliases import alias_clashes, check_alias
+
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
 DEFAULT_CONFIG_NAME = "hub.yaml"
 CONFIG_ENV = "MLX_HUB_CONFIG"
@@ -127,6 +129,8 @@ class ModelConfig(_Strict):
     # (see engine.upstream_entry). Names and defaults are upstream's.
     model_type: Literal["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"] = "lm"
     served_model_name: str | None = None  # unset: model_path, as upstream
+    aliases: list[str] = Field(default_factory=list)  # more names requests may use (aliases.py)
+    loading_progress: bool | None = None  # unset: the hub's; stream "loading ..." lines as reasoning
     context_length: Annotated[int, Field(ge=1)] | None = None  # unset: the model's own, no rotating cache
     max_concurrency: Annotated[int, Field(ge=1)] = 1
     queue_timeout: Annotated[float, Field(gt=0)] = 300
@@ -216,6 +220,13 @@ class ModelConfig(_Strict):
             )
         return value
 
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _alias_form(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError(f"aliases must be a list of names, not {value!r}")
+        return [check_alias(v) for v in value]
+
     @field_validator("port", mode="before")
     @classmethod
     def _port_form(cls, value: Any) -> Any:
@@ -255,7 +266,7 @@ class ModelConfig(_Strict):
     @property
     def names(self) -> tuple[str, ...]:
         """Every ``model`` value a request may use for this entry: served name, entry name, path."""
-        return tuple(dict.fromkeys((self.served_name, self.name, self.model_path)))
+        return tuple(dict.fromkeys((self.served_name, self.name, self.model_path, *self.aliases)))
 
 
 class GroupConfig(_Strict):
@@ -281,6 +292,7 @@ class HubConfig(_Strict):
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
+    loading_progress: bool = False  # streams say what they wait for in the reasoning field (waiting.py)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)
@@ -513,6 +525,7 @@ def _cross_checks(cfg: HubConfig, where: _Where) -> list[str]:
             )
         else:
             owners[served] = entry.name
+    problems.extend(alias_clashes(cfg.models, where.line))
     problems.extend(_choice_problems(cfg, where))
 
     group_names = {g.name for g in cfg.groups}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -28,9 +27,9 @@ from ..errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, Stop
 from ..logs import current_model
 from ..metrics import ResponseWatch
 from ..policy import parse_keep_alive
-from ..registry import token_limits
 from ..slot import PortState
 from .asgi import is_json, json_object, read_body, replay, with_length
+from .model_cards import model_card, unknown_model
 from .peer_apis import add_peer_routes
 from .responses import error_response
 from .security import ApiKeyGuard
@@ -69,24 +68,6 @@ class SlotRegistry:
     def list_models(self) -> list[dict[str, Any]]:
         """Upstream's model card (served name, load time, ``local``), plus the hub's view beside it."""
         return [model_card(self.slot, self.slot.entry.served_name, "local")]
-
-
-def model_card(slot: ModelSlot, model_id: str, owned_by: str) -> dict[str, Any]:
-    """One ``/v1/models`` entry: OpenAI's fields, then what the hub knows about the model."""
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
-        "owned_by": owned_by,
-        "metadata": None,
-        "hub_name": slot.name,
-        "model_path": slot.entry.model_path,
-        "model_type": slot.entry.model_type,
-        "process_state": slot.port_state.value,
-        "memory_state": slot.memory_state.value,
-        **token_limits(slot.entry),  # what a gateway (export litellm --hub) should be told
-        "request_params": slot.entry.request_params,
-    }
 
 
 def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
@@ -286,6 +267,12 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": registry.list_models()}
+
+    @app.get("/v1/models/{model_id:path}", response_model=None)
+    async def model(model_id: str) -> Any:
+        if not registry.has_model(model_id):
+            return unknown_model(model_id, slot.entry.served_name)
+        return model_card(slot, slot.entry.served_name, "local")
 
     add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
     app.include_router(router)
