@@ -36,7 +36,7 @@ $(COMPAT)/.installed: $(STAMP)
 	touch $@
 
 run: setup
-	$(BIN)/python -m mlx_hub.demo --cache $(DEMO)
+	$(BIN)/python -m mlx_hub.cli.demo --cache $(DEMO)
 
 # Debian's chromium for the dashboard tests (never a browser download). Where it
 # cannot be installed those tests skip and say why; the rest of the suite runs.

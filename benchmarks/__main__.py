@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from mlx_hub.tinymodel import QWEN25_05B_SHAPE, make_model
+from mlx_hub.testing.tinymodel import QWEN25_05B_SHAPE, make_model
 
 from .harness import BareWorker, HubProcess, LaunchedServer, machine_name, stream_chat, summary
 from .report import write_results

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import yaml
 
-from mlx_hub.status import HubStatus, ModelMetadata
+from mlx_hub.core.status import HubStatus, ModelMetadata
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
@@ -119,7 +119,7 @@ def stream_chat(
 
 
 class HubProcess:
-    """The hub daemon (``python -m mlx_hub.daemon``) on loopback ports of its own."""
+    """The hub daemon (``python -m mlx_hub.service.daemon``) on loopback ports of its own."""
 
     def __init__(
         self, workdir: Path, models: list[dict[str, Any]], groups: list[dict[str, Any]] | None = None
@@ -140,7 +140,7 @@ class HubProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(workdir / "hub.out", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_hub.daemon", "--config", str(self.config_path)],
+            [sys.executable, "-m", "mlx_hub.service.daemon", "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

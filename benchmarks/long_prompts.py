@@ -18,6 +18,10 @@ from typing import Any
 
 import httpx
 
+from mlx_hub.engine.mlx import MLXEngine
+
+engine = MLXEngine()  # one real engine for this module's direct loads
+
 #: Two architectures at a size where a long prompt's memory is a large share of the weights
 #: (the qwen2 is the shape the issue measured: 8 layers, hidden 512, 48.5 MB of fp16 weights).
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -42,7 +46,7 @@ def _port() -> int:
 
 
 def chat(model: str, words: int, max_tokens: int, offset: int, stream: bool = False) -> dict[str, Any]:
-    from mlx_hub.tinymodel import _CORPUS
+    from mlx_hub.testing.tinymodel import _CORPUS
 
     corpus = _CORPUS.split()
     text = " ".join(corpus[(offset + i) % len(corpus)] for i in range(words))
@@ -53,17 +57,18 @@ def chat(model: str, words: int, max_tokens: int, offset: int, stream: bool = Fa
 async def run(cache: Path, workdir: Path) -> dict[str, Any]:
     import mlx.core as mx
 
-    from mlx_hub import Hub, engine
+    from mlx_hub import Hub
     from mlx_hub.config import ModelConfig
-    from mlx_hub.server import AppServer
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.core.server import AppServer
+    from mlx_hub.engine import memory
+    from mlx_hub.testing.tinymodel import make_model
     from mlx_hub.web.controller import build_controller_app
     from mlx_hub.web.model_app import build_model_app
 
     paths = {name: make_model(cache / f"long-{name}", arch=arch, shape=shape, seed=5)
              for name, (arch, shape) in SHAPES.items()}  # fmt: skip
     entries = {n: ModelConfig(name=n, model_path=str(p)) for n, p in paths.items()}
-    weights = {n: engine.estimate_bytes(e) for n, e in entries.items()}
+    weights = {n: engine.estimate(e) for n, e in entries.items()}
     longest = max(
         engine.estimate_request(e, chat(n, PROMPT_WORDS[-1], 64, 0)).bytes for n, e in entries.items()
     )
@@ -91,7 +96,7 @@ async def run(cache: Path, workdir: Path) -> dict[str, Any]:
                 for words in PROMPT_WORDS:
                     body = chat(name, words, 16, 10 * offset + words)
                     need = engine.estimate_request(hub.slots[name].entry, body)
-                    engine.free_memory()
+                    memory.free_memory()
                     before = mx.get_active_memory()
                     mx.reset_peak_memory()
                     reply = await http.post(url, json=body)
@@ -109,8 +114,8 @@ async def run(cache: Path, workdir: Path) -> dict[str, Any]:
                         }  # fmt: skip
                     )
             # Under load: long and short prompts at once on both models, via their ports and /v1.
-            engine.free_memory()
-            hub.engine.reset_peak_memory()
+            memory.free_memory()
+            hub.memory.reset_peak_memory()
             outcomes: list[int] = []
             started = time.perf_counter()
 

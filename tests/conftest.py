@@ -24,14 +24,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     return make_model(models_dir / "tiny-llama", arch="llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     return make_model(models_dir / "tiny-qwen", arch="qwen2", seed=1)
 
@@ -39,7 +39,7 @@ def tiny_qwen(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_llama(models_dir: Path) -> Path:
     """Big enough (a few MB) that a memory measurement means something."""
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     shape = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768}
     return make_model(models_dir / "small-llama", arch="llama", shape=shape, seed=2)
@@ -52,7 +52,7 @@ def harmony_model(models_dir: Path) -> Path:
     Sets ``TIKTOKEN_ENCODINGS_BASE`` for this process and the servers it starts,
     so the Harmony parser finds o200k offline.
     """
-    from mlx_hub.tinymodel import make_harmony_model
+    from mlx_hub.testing.tinymodel import make_harmony_model
 
     from .helpers import harmony_vocab
 
@@ -81,14 +81,12 @@ def hub_config(tmp_path: Path) -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 async def make_hub() -> AsyncIterator[Callable[..., Any]]:
     """Start hubs for a test and always shut them down, even when the test fails."""
-    from mlx_hub.hub import Hub
-    from mlx_hub.web.model_app import build_model_app
+    from mlx_hub import Hub
 
     hubs: list[Hub] = []
 
     async def start(config: Any, **kwargs: Any) -> Hub:
         kwargs.setdefault("reap_interval", 0.05)
-        kwargs.setdefault("app_factory", build_model_app)
         hub = Hub.from_config(config, **kwargs)
         hubs.append(hub)
         await hub.start()
@@ -101,28 +99,28 @@ async def make_hub() -> AsyncIterator[Callable[..., Any]]:
 
 @pytest.fixture(scope="session")
 def tiny_embedder(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_embedding_model
+    from mlx_hub.testing.tinymodel import make_embedding_model
 
     return make_embedding_model(models_dir / "tiny-embed", seed=3)
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_vlm_model
+    from mlx_hub.testing.tinymodel import make_vlm_model
 
     return make_vlm_model(models_dir / "tiny-llava", seed=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_whisper(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_whisper_model
+    from mlx_hub.testing.tinymodel import make_whisper_model
 
     return make_whisper_model(models_dir / "tiny-whisper", seed=7)
 
 
 @pytest.fixture(scope="session")
 def speech(models_dir: Path) -> Path:
-    from mlx_hub.tinymodel import make_speech
+    from mlx_hub.testing.tinymodel import make_speech
 
     return make_speech(models_dir / "tone.wav")
 
@@ -159,7 +157,7 @@ MEMORY_SHAPES: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="session")
 def memory_models(models_dir: Path) -> dict[str, Path]:
     """A llama and a qwen2 for memory measurements, by architecture."""
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     return {
         arch: make_model(models_dir / f"mem-{arch}", arch=arch, shape=shape, seed=11)
@@ -171,9 +169,8 @@ def memory_models(models_dir: Path) -> dict[str, Path]:
 async def fast(hub_config) -> AsyncIterator[Callable[..., Any]]:
     """The fast tier: hubs on a FakeEngine, their apps reached in-process (``fakes.port``)."""
     from mlx_hub import Hub
+    from mlx_hub.testing.fake_engine import FakeEngine
     from mlx_hub.web.model_app import build_model_app
-
-    from .fakes import FakeEngine
 
     hubs: list[Hub] = []
 

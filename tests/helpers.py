@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from mlx_hub.tinymodel import text_only_logit_bias
+from mlx_hub.testing.tinymodel import text_only_logit_bias
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ class LiveController:
     """A hub plus its controller app on a real loopback port, in this event loop."""
 
     def __init__(self, hub: Any, port: int):
-        from mlx_hub.server import AppServer
+        from mlx_hub.core.server import AppServer
         from mlx_hub.web.controller import build_controller_app
 
         self.hub = hub
@@ -143,7 +143,7 @@ def long_chat(model: str, words: int, max_tokens: int, *, offset: int = 0, **ext
     ``offset`` starts the text elsewhere in the corpus, so two requests share no
     prefix that upstream's prompt cache would reuse.
     """
-    from mlx_hub.tinymodel import _CORPUS
+    from mlx_hub.testing.tinymodel import _CORPUS
 
     corpus = _CORPUS.split()
     text = " ".join(corpus[(offset + i) % len(corpus)] for i in range(words))
@@ -153,9 +153,9 @@ def long_chat(model: str, words: int, max_tokens: int, *, offset: int = 0, **ext
 
 def request_room(path: str | Path, max_tokens: int = 5, **entry: Any) -> int:
     """What one ``hello`` request to the model at ``path`` reserves under a budget (KV cache, prefill)."""
-    from mlx_hub import reservation
     from mlx_hub.config import ModelConfig
+    from mlx_hub.engine import reservation
 
     options = {"context_length": 2048, **entry}
     model = ModelConfig(name="m", model_path=str(path), **options)
-    return reservation.estimate_request(model, hello("m", max_tokens)).bytes
+    return reservation.estimate_request(model, hello("m", max_tokens), reservation.PromptCounter()).bytes

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_hub.config import ConfigError, ModelConfig, find_config, load_config, parse_config
+from mlx_hub.engine.handlers import option_choices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def write(tmp_path: Path, text: str, name: str = "hub.yaml") -> Path:
 def problems(tmp_path: Path, text: str) -> list[str]:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_config(path, choices=option_choices())  # the parser names as the hub hands them in
     for line in info.value.problems:
         assert line.startswith(str(path)), line  # every message names the file
     return info.value.problems
@@ -45,12 +46,12 @@ def test_server_option_defaults_are_upstreams() -> None:
 
     from app.config import ModelEntryConfig
 
-    from mlx_hub import engine
+    from mlx_hub.engine import handlers
 
     fields = dataclasses.fields(ModelEntryConfig)
     upstream = {f.name: f.default for f in fields if f.init and f.default is not dataclasses.MISSING}
     ours = ModelConfig.model_fields
-    shared = [o for o in engine.upstream_options() if o in upstream]
+    shared = [o for o in handlers.upstream_options() if o in upstream]
     assert len(shared) >= 15, shared
     for option in shared:
         assert ours[option].default == upstream[option], option
@@ -81,11 +82,12 @@ def test_paths_resolve_relative_to_the_config_file(tmp_path: Path) -> None:
 
 
 def test_parser_names_list_every_valid_name(tmp_path: Path) -> None:
-    from mlx_hub.engine import option_choices
-
     (line,) = problems(tmp_path, "models:\n  - {name: a, model_path: x, tool_call_parser: hermez}\n")
     assert all(name in line for name in option_choices()["tool_call_parser"])
-    ok = load_config(write(tmp_path, "models:\n  - {name: a, model_path: x, tool_call_parser: Hermes}\n"))
+    ok = load_config(
+        write(tmp_path, "models:\n  - {name: a, model_path: x, tool_call_parser: Hermes}\n"),
+        choices=option_choices(),
+    )
     assert ok.models[0].tool_call_parser == "Hermes"  # upstream matches parser names case-insensitively
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mlx_hub import Hub
+from mlx_hub.core import admission
 
 from .helpers import LiveController, free_port
 
@@ -114,11 +115,11 @@ async def test_errors_use_the_openai_envelope(controller: dict[str, Any]) -> Non
     hub = controller["hub"]
     await http.post("/hub/models/a/load")
     await http.post("/hub/models/b/start")
-    await hub.acquire(hub.slots["a"])
+    await admission.acquire(hub, hub.slots["a"])
     try:
         response = await http.post("/hub/models/b/load")
     finally:
-        hub.release(hub.slots["a"])
+        admission.release(hub, hub.slots["a"])
     assert response.status_code == 429 and response.json()["error"]["code"] == "group_at_capacity"
     assert response.headers["retry-after"]
 

@@ -242,7 +242,7 @@ import asyncio, httpx, mlx_hub
 assert mlx_hub.__file__.startswith({str(target)!r}), mlx_hub.__file__
 from mlx_hub import Hub
 from mlx_hub.web.controller import build_controller_app
-from mlx_hub.server import AppServer
+from mlx_hub.core.server import AppServer
 async def main():
     hub = Hub.from_config({{"log_path": {str(tmp_path / "logs")!r}, "models": [{{"name": "a", "model_path": "x/y"}}]}})
     server = AppServer(build_controller_app(hub, request_shutdown=lambda: None), "127.0.0.1", {port}, name="c")

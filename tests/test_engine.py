@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mlx_hub import engine
 from mlx_hub.config import ModelConfig
-from mlx_hub.tinymodel import text_only_logit_bias
+from mlx_hub.engine import handlers, memory, versions
+from mlx_hub.engine.base import EngineError
+from mlx_hub.engine.mlx import MLXEngine
+from mlx_hub.testing.tinymodel import text_only_logit_bias
+
+engine = MLXEngine()  # one real engine for this module's direct loads
 
 
 def entry(path: Path | str, **kw) -> ModelConfig:
@@ -20,20 +24,20 @@ def entry(path: Path | str, **kw) -> ModelConfig:
 
 @pytest.mark.compat
 def test_entry_becomes_the_installed_releases_own_config() -> None:
-    cfg = engine.upstream_entry(entry("/x", context_length=4096, served_model_name="nick"))
+    cfg = handlers.upstream_entry(entry("/x", context_length=4096, served_model_name="nick"))
     assert type(cfg).__module__ == "app.config" and type(cfg).__name__ == "ModelEntryConfig"
     assert cfg.model_path == "/x" and cfg.context_length == 4096
     expected = os.environ.get("MLX_HUB_EXPECT_UPSTREAM")
     if expected:
-        assert engine.upstream_version() == expected
-    if engine.upstream_version().startswith("1.6."):
+        assert versions.upstream_version() == expected
+    if versions.upstream_version().startswith("1.6."):
         # 1.6.x calls the served name model_id and still takes max_concurrency.
         assert cfg.model_id == "nick" and cfg.max_concurrency == 1
     else:
         assert cfg.served_model_name == "nick" and not hasattr(cfg, "max_concurrency")
         assert cfg.kv_group_size == 64 and cfg.batch_prefill_step_size == 2048
     # Upstream's own __post_init__ ran: a parser name picks its message converter.
-    assert engine.upstream_entry(entry("/x", tool_call_parser="glm4_moe")).message_converter == "glm4_moe"
+    assert handlers.upstream_entry(entry("/x", tool_call_parser="glm4_moe")).message_converter == "glm4_moe"
 
 
 @pytest.mark.compat
@@ -45,10 +49,10 @@ def test_option_the_release_lacks_warns_once(caplog: pytest.LogCaptureFixture) -
     known = {f.name for f in dataclasses.fields(ModelEntryConfig)}
     lacking = "max_concurrency" if "max_concurrency" not in known else "kv_bits"
     value = {"max_concurrency": 2, "kv_bits": 8}[lacking]
-    engine._warned.discard(lacking)
+    handlers._warned.discard(lacking)
     caplog.set_level(logging.WARNING, "mlx_hub.engine")
     for _ in range(3):
-        cfg = engine.upstream_entry(entry("/x", **{lacking: value}))
+        cfg = handlers.upstream_entry(entry("/x", **{lacking: value}))
     assert not hasattr(cfg, lacking)
     warnings = [r.getMessage() for r in caplog.records if lacking in r.getMessage()]
     assert len(warnings) == 1 and "ignored" in warnings[0]
@@ -97,20 +101,20 @@ async def test_every_option_reaches_the_handler(tiny_llama: Path, tmp_path: Path
     assert bounded.handler.model.context_length == 1024
     await engine.unload(bounded.handler, "m")
     del bounded
-    engine.free_memory()
+    memory.free_memory()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mflux") is not None, reason="mflux is installed here")
 def test_image_model_without_mflux_is_a_clear_error() -> None:
-    with pytest.raises(engine.EngineError, match="needs the mflux package"):
-        engine.handler_class("image-generation")
+    with pytest.raises(EngineError, match="needs the mflux package"):
+        handlers.handler_class("image-generation")
 
 
 @pytest.mark.compat
 async def test_load_measures_weights_and_unload_returns_memory(small_llama: Path) -> None:
     weights = (small_llama / "model.safetensors").stat().st_size
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     loaded = await engine.load(entry(small_llama, context_length=2048))
     # What the load added is the weights (fp16 on disk and in memory), give or
     # take small buffers: within 20 %.
@@ -119,15 +123,15 @@ async def test_load_measures_weights_and_unload_returns_memory(small_llama: Path
     del loaded
     await engine.unload(handler, "m")
     del handler
-    engine.free_memory()
-    leftover = engine.active_memory() - before
+    memory.free_memory()
+    leftover = memory.active_memory() - before
     # Tolerance: 1 % of the weights. Measured leftovers are a few bytes (MLX's
     # own scalars); a leaked weight tensor of this model is >= 256 KB (2.5 %).
     assert abs(leftover) <= 0.01 * weights, leftover
 
 
 async def test_missing_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(engine.EngineError, match=r"model_path .*nowhere does not exist"):
+    with pytest.raises(EngineError, match=r"model_path .*nowhere does not exist"):
         await engine.load(entry(tmp_path / "nowhere"))
 
 
@@ -137,12 +141,12 @@ async def test_corrupt_weights_fail_and_free(tiny_llama: Path, tmp_path: Path) -
     for f in tiny_llama.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x00garbage" * 100)
-    engine.free_memory()
-    before = engine.active_memory()
-    with pytest.raises(engine.EngineError):
+    memory.free_memory()
+    before = memory.active_memory()
+    with pytest.raises(EngineError):
         await engine.load(entry(broken))
-    engine.free_memory()
-    assert engine.active_memory() - before < 64 * 1024
+    memory.free_memory()
+    assert memory.active_memory() - before < 64 * 1024
 
 
 def test_text_only_bias_covers_exactly_the_special_tokens(tiny_llama: Path) -> None:

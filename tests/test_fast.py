@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_hub.hub import Hub
+from mlx_hub.core.hub import Hub
+from mlx_hub.testing.fake_engine import FakeEngine, fake, port
 from mlx_hub.web.controller import build_controller_app
 
-from .fakes import FakeEngine, fake, port
 from .helpers import hello, meta
 
 Make = Callable[..., Any]

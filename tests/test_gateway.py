@@ -12,6 +12,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlx_hub.core import admission
+
 from .helpers import LiveController, hello, meta, request_room, text_only
 from .test_hub import eventually, lm
 
@@ -141,12 +143,12 @@ async def test_budget_full_and_busy_answers_503(
     budget = size + request_room(other, prompt_cache_size=0) + size // 4
     assert 2 * size > budget
     live = await start(hub_config(models, max_memory=budget))
-    await live.hub.acquire(live.hub.slots["a"])
+    await admission.acquire(live.hub, live.hub.slots["a"])
     try:
         with pytest.raises(openai.InternalServerError) as info:
             await ask(gateway(live), "b")
     finally:
-        live.hub.release(live.hub.slots["a"])
+        admission.release(live.hub, live.hub.slots["a"])
     assert info.value.status_code == 503
     error = info.value.response.json()["error"]
     assert error["code"] == "memory_budget_exceeded" and "busy or pinned" in error["message"]
@@ -185,7 +187,7 @@ async def test_keep_alive_zero_never_and_durations(start: Start, hub_config, tin
     await ask(client, "never", extra_body={"keep_alive": -1})
     assert meta(live.hub, "never")["keep_alive_seconds"] == -1
     await asyncio.sleep(0.5)  # four times its own 0.12 s timer
-    assert await live.hub.reap_idle() == [] and meta(live.hub, "never")["memory_state"] == "loaded"
+    assert await admission.reap_idle(live.hub) == [] and meta(live.hub, "never")["memory_state"] == "loaded"
     await ask(client, "never", extra_body={"keep_alive": "10m"})
     assert meta(live.hub, "never")["keep_alive_seconds"] == 600
     assert meta(live.hub, "never")["idle_seconds_left"] > 590

@@ -11,8 +11,9 @@ import httpx
 import openai
 import pytest
 
-from mlx_hub import engine
-from mlx_hub.errors import CapacityError, PortStartError, UnknownModelError
+from mlx_hub.core import admission
+from mlx_hub.core.errors import CapacityError, PortStartError, UnknownModelError
+from mlx_hub.engine import memory
 
 from .helpers import base_url, hello, meta, text_only
 
@@ -105,25 +106,25 @@ async def test_idle_unload_never_while_in_flight(make_hub, hub_config, tiny_llam
         hub_config([lm("a", tiny_llama, default=True, jit_enabled=True, auto_unload_minutes=0.002)])
     )
     slot = hub.slots["a"]
-    await hub.acquire(slot)  # exactly what a request's gate does on arrival
+    await admission.acquire(hub, slot)  # exactly what a request's gate does on arrival
     try:
         await asyncio.sleep(0.5)  # well past the 0.12 s timer, several reaper rounds
-        assert await hub.reap_idle() == []
+        assert await admission.reap_idle(hub) == []
         assert meta(hub, "a")["memory_state"] == "loaded" and meta(hub, "a")["in_flight"] == 1
     finally:
-        hub.release(slot)
+        admission.release(hub, slot)
     await eventually(lambda: meta(hub, "a")["memory_state"] == "unloaded")
 
 
 async def test_unload_waits_for_the_request_in_flight(make_hub, hub_config, tiny_llama: Path) -> None:
     hub = await make_hub(hub_config([lm("a", tiny_llama, default=True)]))
     slot = hub.slots["a"]
-    await hub.acquire(slot)
+    await admission.acquire(hub, slot)
     unloading = asyncio.create_task(hub.unload("a"))
     await eventually(lambda: meta(hub, "a")["memory_state"] == "unloading")
     await asyncio.sleep(0.2)
     assert not unloading.done() and slot.handler is not None
-    hub.release(slot)
+    admission.release(hub, slot)
     assert await unloading == "unloaded"
     assert meta(hub, "a")["memory_state"] == "unloaded"
 
@@ -160,7 +161,7 @@ async def test_group_at_capacity_waits_then_answers_429(
     hub = await make_hub(hub_config(models, groups=[{"name": "g", "max_loaded": 1}]))
     await chat(hub, "a")
     slot_a = hub.slots["a"]
-    await hub.acquire(slot_a)  # a is busy: nothing can be evicted
+    await admission.acquire(hub, slot_a)  # a is busy: nothing can be evicted
     try:
         with pytest.raises(openai.RateLimitError) as info:
             await chat(hub, "b")
@@ -174,7 +175,7 @@ async def test_group_at_capacity_waits_then_answers_429(
         await asyncio.sleep(0.1)
         assert not waiting.done()
     finally:
-        hub.release(slot_a)
+        admission.release(hub, slot_a)
     assert await waiting
     assert (meta(hub, "a")["memory_state"], meta(hub, "b")["memory_state"]) == ("unloaded", "loaded")
 
@@ -243,18 +244,18 @@ async def test_taken_port_fails_that_model_only(make_hub, hub_config, tiny_llama
 
 
 async def test_memory_returns_to_baseline_after_unload(make_hub, hub_config, small_llama: Path) -> None:
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     hub = await make_hub(hub_config([lm("s", small_llama, default=True)]))
     await chat(hub, "s")
     loaded = meta(hub, "s")["memory_bytes"]
     assert loaded > 1_000_000
     assert await hub.unload("s") == "unloaded"
     assert await hub.unload("s") == "not_loaded"
-    engine.free_memory()
+    memory.free_memory()
     # 1 % of the weights: a leaked tensor of this model is bigger than that,
     # while MLX's own leftovers are bytes (see test_engine).
-    assert abs(engine.active_memory() - before) <= 0.01 * loaded
+    assert abs(memory.active_memory() - before) <= 0.01 * loaded
     assert meta(hub, "s")["freed_bytes"] >= 0.99 * loaded
 
 

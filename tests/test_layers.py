@@ -1,8 +1,10 @@
-"""Layers point one way: config -> policy/ports -> engine -> slot -> hub -> web -> daemon -> cli.
+"""The package's layers, enforced on its real import graph.
 
-Checked on the source (an import inside a function counts too) and on what a
-fresh interpreter loads, so the CLI's client stays light and the core never
-reaches up into the web layer.
+Every ``import`` of an mlx_hub module counts, wherever it sits: at top level,
+inside a function, or under ``TYPE_CHECKING``. An arrow may point down the
+layer table or stay inside a layer, and the graph has no cycle. A failure lists
+the offending arrows. The last test checks what a fresh interpreter loads, so
+the CLI's client stays light.
 """
 
 from __future__ import annotations
@@ -15,46 +17,147 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_hub"
-CORE = [
-    "config",
-    "policy",
-    "ports",
-    "engine",
-    "slot",
-    "hub",
-    "status",
-    "server",
-    "runtime",
-    "metrics",
-    "logs",
+
+#: Bottom to top. A module may import its own layer and those before it.
+LAYERS: list[tuple[str, ...]] = [
+    ("mlx_hub.version", "mlx_hub.fsutil"),
+    ("mlx_hub.config",),
+    ("mlx_hub.engine", "mlx_hub.testing"),
+    ("mlx_hub.core",),
+    ("mlx_hub.web",),
+    ("mlx_hub.service",),
+    ("mlx_hub.registry",),
+    ("mlx_hub.cli",),
+    ("mlx_hub",),  # the package facade: lazy names for library users
 ]
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every mlx_hub module a file imports, at top level or inside functions, relative or absolute."""
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix that names ``module``."""
+    best = -1, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[1]:
+                best = index, len(prefix)
+    assert best[0] >= 0, f"{module} is in no layer; add it to LAYERS"
+    return best[0]
+
+
+def resolve(name: str) -> str | None:
+    """The module an imported name lives in: itself if a module, else its parent (``from m import f``)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def imports_of(module: str) -> set[str]:
+    """The mlx_hub modules ``module`` imports (from ``m import x`` counts ``m.x`` when that is a module)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:  # from .x import y / from ..x import y
-                base = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level])
-                module = f"{base}.{node.module}" if node.module else base
-                found.add(module)
-                found.update(f"{module}.{alias.name}" for alias in node.names)
-            elif node.module and node.module.startswith("mlx_hub"):
-                found.add(node.module)
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if not base.startswith("mlx_hub"):
+                continue
+            for alias in node.names:
+                target = resolve(f"{base}.{alias.name}")
+                if target is not None:
+                    found.add(target)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("mlx_hub"))
+            for alias in node.names:
+                if alias.name.startswith("mlx_hub"):
+                    target = resolve(alias.name)
+                    if target is not None:
+                        found.add(target)
+    found.discard(module)
     return found
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_modules_import_nothing_from_web(module: str) -> None:
-    web = {m for m in imported_modules(PACKAGE / f"{module}.py") if m.startswith("mlx_hub.web")}
-    assert not web, f"mlx_hub.{module} imports {sorted(web)}"
+GRAPH = {m: imports_of(m) for m in MODULES}
 
 
-def test_the_cli_client_loads_neither_fastapi_nor_the_hub() -> None:
-    probe = "import sys, mlx_hub.client, mlx_hub.runtime; print(sorted(m for m in ('fastapi', 'uvicorn', 'mlx_hub.hub', 'mlx_hub.daemon', 'mlx.core') if m in sys.modules))"
+def test_every_module_sits_in_a_layer() -> None:
+    for module in MODULES:
+        layer_of(module)
+
+
+def test_no_arrow_points_up() -> None:
+    upward = [
+        f"{m} (layer {layer_of(m)}) -> {t} (layer {layer_of(t)})"
+        for m, targets in GRAPH.items()
+        for t in sorted(targets)
+        if layer_of(t) > layer_of(m)
+    ]
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of modules (first repeated at the end), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    cycle = find_cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_checks_can_fail() -> None:
+    """The detectors themselves: a planted cycle and a planted upward arrow are both caught."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert layer_of("mlx_hub.core.hub") > layer_of("mlx_hub.engine.base")
+    assert layer_of("mlx_hub.web.controller") > layer_of("mlx_hub.core.hub")
+    assert "mlx_hub.core.hub" in GRAPH["mlx_hub.service.api"]  # the graph sees real arrows
+
+
+@pytest.mark.parametrize(
+    ("module", "heavy"),
+    [
+        (
+            "mlx_hub.cli.client",
+            ("fastapi", "uvicorn", "mlx_hub.core.hub", "mlx_hub.service.daemon", "mlx.core"),
+        ),
+        ("mlx_hub.engine.base", ("mlx.core", "app", "transformers")),
+        ("mlx_hub.engine.model_files", ("mlx.core", "app", "transformers")),
+        ("mlx_hub.core.hub", ("mlx.core", "app", "fastapi", "mlx_hub.web.model_app")),
+    ],
+)
+def test_light_modules_stay_light(module: str, heavy: tuple[str, ...]) -> None:
+    probe = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )

@@ -17,13 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_hub import engine, reservation
 from mlx_hub.config import ModelConfig, parse_config
-from mlx_hub.hub import Hub, resolve_budget
-from mlx_hub.policy import Candidate, request_admission
+from mlx_hub.core.admission import resolve_budget
+from mlx_hub.core.hub import Hub
+from mlx_hub.core.policy import Candidate, request_admission
+from mlx_hub.engine import memory, reservation
+from mlx_hub.engine.mlx import MLXEngine
+from mlx_hub.testing.fake_engine import FakeEngine, fake, port
 
-from .fakes import FakeEngine, fake, port
 from .helpers import hello, long_chat, meta
+
+engine = MLXEngine()  # one real engine for this module's direct loads
 
 Make = Callable[..., Any]
 
@@ -58,7 +62,7 @@ def test_a_request_that_cannot_fit_even_alone_is_impossible() -> None:
 
 
 def test_a_batch_pads_every_sequence_to_its_longest() -> None:
-    from mlx_hub.policy import batch_padding
+    from mlx_hub.core.policy import batch_padding
 
     assert batch_padding(100, [], 0) == 0  # alone: its own KV
     assert batch_padding(100, [1000], 1000) == 900  # a short joining a long: held at the long's length
@@ -68,7 +72,7 @@ def test_a_batch_pads_every_sequence_to_its_longest() -> None:
 
 
 def test_a_batched_request_reserves_the_padding_of_its_batch() -> None:
-    from mlx_hub.slot import ModelSlot
+    from mlx_hub.core.slot import ModelSlot
 
     slot = ModelSlot(ModelConfig(name="m", model_path="/x"), 47850, "127.0.0.1")
     long = slot.reservation(kv=1000, prefill=50_000, batched=True)
@@ -94,7 +98,7 @@ def test_a_prompt_cache_does_not_make_a_request_impossible() -> None:
 
 
 def test_loads_count_the_reservations_of_requests_in_flight() -> None:
-    from mlx_hub.policy import budget_admission
+    from mlx_hub.core.policy import budget_admission
 
     running = [model("a", 400, reserved=500, busy=True)]
     assert budget_admission("b", 200, running, budget=1000).wait
@@ -182,9 +186,9 @@ def test_budget_words(word: Any) -> None:
 def test_auto_is_the_default_and_a_fraction_of_memory_without_metal() -> None:
     cfg = parse_config({"models": [{"name": "a", "model_path": "x"}]})
     assert cfg.max_memory == "auto"
-    total = engine.system_memory()
-    if engine.recommended_working_set() is None and total is not None:
-        assert engine.working_set() == int(total * engine.AUTO_SYSTEM_FRACTION)
+    total = memory.system_memory()
+    if memory.recommended_working_set() is None and total is not None:
+        assert memory.working_set() == int(total * memory.AUTO_SYSTEM_FRACTION)
 
 
 def test_bad_budget_words_name_the_field() -> None:
@@ -304,7 +308,7 @@ async def test_estimate_matches_measured_memory(
 
     hub = await make_hub(hub_config([lm("m", memory_models[arch], disable_batching=not batching)]))
     body = long_chat("m", 1300, 8, offset=7)
-    need = reservation.estimate_request(hub.slots["m"].entry, body)
+    need = hub.engine.estimate_request(hub.slots["m"].entry, body)
     async with httpx.AsyncClient(timeout=300) as http:
         assert (await http.post(chat_url(hub, "m"), json=long_chat("m", 20, 2, offset=3))).status_code == 200
         mx.clear_cache()
@@ -328,7 +332,7 @@ async def test_a_request_too_big_for_the_budget_gets_400_naming_it(
     make_hub, hub_config, memory_models: dict[str, Path]
 ) -> None:
     path = memory_models["llama"]
-    hub = await make_hub(hub_config([lm("m", path)], max_memory=int(engine.estimate_bytes(ModelConfig(name="m", model_path=str(path))) * 1.5)))  # fmt: skip
+    hub = await make_hub(hub_config([lm("m", path)], max_memory=int(engine.estimate(ModelConfig(name="m", model_path=str(path))) * 1.5)))  # fmt: skip
     async with httpx.AsyncClient(timeout=300) as http:
         small = await http.post(chat_url(hub, "m"), json=long_chat("m", 30, 4))
         big = await http.post(chat_url(hub, "m"), json=long_chat("m", 3000, 500, offset=1))
@@ -387,7 +391,7 @@ async def test_an_allocation_error_fails_that_request_alone(
     handler.model.model = failing = FailingModel(handler.model.model, fail_at=-1)
     async with httpx.AsyncClient(timeout=300) as http:
         assert (await http.post(chat_url(hub, "a"), json=long_chat("a", 10, 2, offset=2))).status_code == 200
-        engine.free_memory()
+        memory.free_memory()
         before = mx.get_active_memory() - cached(hub)
         failing.calls, failing.fail_at = 0, 3  # the prefill, one decode step, then the error
         other = asyncio.create_task(http.post(chat_url(hub, "b"), json=long_chat("b", 400, 16, offset=5)))
@@ -402,10 +406,10 @@ async def test_an_allocation_error_fails_that_request_alone(
         assert plain.status_code == 503 and plain.json()["error"]["code"] == "memory_exhausted", plain.text
         assert plain.headers["retry-after"] == "5"
         assert (await other).status_code == 200  # the other model served meanwhile
-        engine.free_memory()
+        memory.free_memory()
         # Its KV state is freed: what is left over the loaded model is only upstream's prompt cache.
         left = mx.get_active_memory() - cached(hub) - before
-        need = reservation.estimate_request(hub.slots["a"].entry, long_chat("a", 600, 32))
+        need = hub.engine.estimate_request(hub.slots["a"].entry, long_chat("a", 600, 32))
         # Two requests failed; had either kept its KV cache, at least one whole cache would be left. What
         # remains (a quarter of one, batched) is the batch generator's own state, which outlives any request.
         assert left < 0.5 * need.kv_bytes, (left, need)

@@ -19,9 +19,12 @@ import httpx
 import openai
 import pytest
 
-from mlx_hub import engine
+from mlx_hub.engine import memory
+from mlx_hub.engine.mlx import MLXEngine
 
 from .helpers import base_url, meta, text_only
+
+engine = MLXEngine()  # one real engine for this module's direct loads
 
 
 def _png(color: tuple[int, int, int]) -> str:
@@ -60,7 +63,9 @@ def test_generation_on_another_thread_needs_the_thread_local_stream(tiny_vlm: Pa
         import sys, threading
         from mlx_vlm import load, generate
         from mlx_vlm.prompt_utils import apply_chat_template
-        from mlx_hub import engine
+        from mlx_hub.engine import memory
+        from mlx_hub.engine import patches
+        from mlx_hub.engine.mlx import MLXEngine
         model, processor = load({str(tiny_vlm)!r})
         prompt = apply_chat_template(processor, model.config, "Hi", num_images=0)
         def attempt():
@@ -72,20 +77,20 @@ def test_generation_on_another_thread_needs_the_thread_local_stream(tiny_vlm: Pa
         for _ in range(2):
             worker = threading.Thread(target=attempt)
             worker.start(); worker.join()
-            engine.adapt_libraries()
+            patches.apply()
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     lines = [line for line in out.stdout.splitlines() if line.startswith(("ok", "error:"))]
     assert len(lines) == 2, out.stdout + out.stderr
     assert lines[0].startswith("error:") and "Stream" in lines[0], lines  # as installed
-    assert lines[1] == "ok", lines  # after engine.adapt_libraries()
+    assert lines[1] == "ok", lines  # after patches.apply()
 
 
 @pytest.mark.parametrize("batching", ["on", "off"])
 async def test_multimodal_chat_with_an_image(make_hub, hub_config, tiny_vlm: Path, batching: str) -> None:
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     hub = await make_hub(hub_config([vlm_entry("see", tiny_vlm, disable_batching=batching == "off")]))
     client = openai.AsyncOpenAI(base_url=base_url(hub, "see"), api_key="unused", max_retries=0)
     reply = await client.chat.completions.create(**image_chat("see", tiny_vlm))
@@ -99,15 +104,15 @@ async def test_multimodal_chat_with_an_image(make_hub, hub_config, tiny_vlm: Pat
     held = meta(hub, "see")["memory_bytes"]
     assert held > 100_000
     assert await hub.unload("see") == "unloaded"
-    engine.free_memory()
-    assert abs(engine.active_memory() - before) <= 0.02 * held
+    memory.free_memory()
+    assert abs(memory.active_memory() - before) <= 0.02 * held
 
 
 async def test_whisper_transcribes_streams_and_frees(
     make_hub, hub_config, tiny_whisper: Path, speech: Path
 ) -> None:
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     entry = {"name": "ears", "model_path": str(tiny_whisper), "model_type": "whisper", "default": True}
     hub = await make_hub(hub_config([entry]))
     held = meta(hub, "ears")["memory_bytes"]
@@ -131,14 +136,14 @@ async def test_whisper_transcribes_streams_and_frees(
     assert streamed.status_code == 200, streamed.text
     assert streamed.text.rstrip().endswith("data: [DONE]")
     assert await hub.unload("ears") == "unloaded"
-    engine.free_memory()
-    assert abs(engine.active_memory() - before) <= 0.01 * held
+    memory.free_memory()
+    assert abs(memory.active_memory() - before) <= 0.01 * held
 
 
 async def test_two_whisper_entries_hold_their_own_weights(
     make_hub, hub_config, tiny_whisper: Path, models_dir: Path, speech: Path
 ) -> None:
-    from mlx_hub.tinymodel import make_whisper_model
+    from mlx_hub.testing.tinymodel import make_whisper_model
 
     other = make_whisper_model(models_dir / "tiny-whisper-2", seed=8)
     entries = [
@@ -153,7 +158,7 @@ async def test_two_whisper_entries_hold_their_own_weights(
         assert isinstance(
             (await client.audio.transcriptions.create(model="two", file=audio, temperature=0.0)).text, str
         )
-    assert engine._whispers.keys() == {str(other)}
+    assert hub.engine.whispers.folders() == {str(other)}
 
 
 #: What upstream's routes call on a handler of each type (after checking its handler_type).
@@ -191,8 +196,8 @@ async def test_hub_handlers_offer_what_upstreams_routes_call(
     path = {"lm": tiny_llama, "multimodal": tiny_vlm, "embeddings": tiny_embedder, "whisper": tiny_whisper}[
         kind
     ]
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     loaded = await engine.load(ModelConfig(name="m", model_path=str(path), model_type=kind))
     handler = loaded.handler
     try:
@@ -206,8 +211,8 @@ async def test_hub_handlers_offer_what_upstreams_routes_call(
         await engine.unload(handler, "m")
         held = loaded.memory_bytes
         del handler, loaded
-    engine.free_memory()
-    assert abs(engine.active_memory() - before) <= 0.01 * held, kind  # and all of it comes back
+    memory.free_memory()
+    assert abs(memory.active_memory() - before) <= 0.01 * held, kind  # and all of it comes back
 
 
 async def test_queue_stats_route_on_a_hub_port(make_hub, hub_config, tiny_llama: Path) -> None:

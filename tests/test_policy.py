@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mlx_hub.policy import (
+from mlx_hub.core.policy import (
     Candidate,
     Placement,
     group_admission,
@@ -66,7 +66,7 @@ def test_idle_trigger_protects_recently_used_members() -> None:
 
 
 def test_budget_admits_what_fits_and_evicts_lru_idle_unpinned() -> None:
-    from mlx_hub.policy import budget_admission
+    from mlx_hub.core.policy import budget_admission
 
     held = [
         c("old", size=40, last_used=1),
@@ -96,14 +96,14 @@ def test_budget_admits_what_fits_and_evicts_lru_idle_unpinned() -> None:
     ],
 )
 def test_keep_alive_accepts_ollamas_forms(value: object, seconds: float) -> None:
-    from mlx_hub.policy import parse_keep_alive
+    from mlx_hub.core.policy import parse_keep_alive
 
     assert parse_keep_alive(value) == seconds
 
 
 @pytest.mark.parametrize("value", [True, "soon", "10x", "m10", [5], None, float("nan")])
 def test_keep_alive_rejects_the_rest(value: object) -> None:
-    from mlx_hub.policy import parse_keep_alive
+    from mlx_hub.core.policy import parse_keep_alive
 
     with pytest.raises(ValueError, match="keep_alive"):
         parse_keep_alive(value)
@@ -132,7 +132,7 @@ def test_reload_plan_keeps_replaces_removes_and_restarts() -> None:
 
 
 def test_budget_prefers_victims_that_free_something_over_sharers() -> None:
-    from mlx_hub.policy import budget_admission
+    from mlx_hub.core.policy import budget_admission
 
     # "a" and "b" share one copy that "a" carries; unloading either alone frees ~nothing.
     held = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlx_hub.config import ModelConfig, parse_config
-from mlx_hub.ports import PortBook, PortError, assign_ports, bind_socket
+from mlx_hub.core.ports import PortBook, PortError, assign_ports, bind_socket
 
 from .helpers import free_port
 

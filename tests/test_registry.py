@@ -16,8 +16,9 @@ import yaml
 
 from mlx_hub import Hub
 from mlx_hub.config import load_config
-from mlx_hub.registry import litellm_from_hubs, litellm_model_list, scan
-from mlx_hub.tinymodel import make_model
+from mlx_hub.registry.export import litellm_from_hubs, litellm_model_list
+from mlx_hub.registry.scan import scan
+from mlx_hub.testing.tinymodel import make_model
 
 from .helpers import LiveController, cache_repo, free_port, free_range, hf_checkpoint
 
@@ -191,7 +192,7 @@ def test_ensure_converts_offline_and_offload_guards_what_is_served(tmp_path: Pat
 
 
 def test_add_keeps_a_flush_list_style(tmp_path: Path) -> None:
-    from mlx_hub.registry import add_to_config
+    from mlx_hub.registry.edit import add_to_config
 
     path = tmp_path / "hub.yaml"
     path.write_text("models:\n- name: a  # first\n  model_path: org/a\n")

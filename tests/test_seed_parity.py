@@ -23,7 +23,7 @@ import openai
 import pytest
 import yaml
 
-from mlx_hub.registry import team_ports
+from mlx_hub.registry.disk import team_ports
 
 from .helpers import cache_repo, free_port, free_range, hf_checkpoint, text_only
 
@@ -482,7 +482,7 @@ async def test_request_params_fill_requests_and_reach_the_litellm_export(
     hub_config, tiny_llama: Path
 ) -> None:
     from mlx_hub import Hub
-    from mlx_hub.registry import litellm_from_hubs, litellm_model_list
+    from mlx_hub.registry.export import litellm_from_hubs, litellm_model_list
 
     from .helpers import LiveController
 
@@ -521,7 +521,7 @@ async def test_a_gpt_oss_entry_gets_its_reasoning_effort_from_request_params(
 ) -> None:
     """mlxctl's advice for gpt-oss: ``reasoning_effort: low`` as a default request field."""
     from mlx_hub import Hub
-    from mlx_hub.tinymodel import HARMONY_CHAT_TEMPLATE
+    from mlx_hub.testing.tinymodel import HARMONY_CHAT_TEMPLATE
 
     template = tmp_path / "harmony.jinja"
     template.write_text(HARMONY_CHAT_TEMPLATE)
@@ -567,7 +567,7 @@ def test_export_litellm_writes_token_limits_and_request_params(tmp_path: Path, t
 
 
 def test_the_hub_yaml_writer_keeps_the_files_permissions(tmp_path: Path) -> None:
-    from mlx_hub.registry import add_entries
+    from mlx_hub.registry.edit import add_entries
 
     path = tmp_path / "hub.yaml"
     path.write_text("models:\n  - name: a\n    model_path: org/a\n")

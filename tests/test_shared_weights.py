@@ -7,7 +7,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from mlx_hub import engine
+from mlx_hub.engine import memory
 
 from .helpers import base_url, meta, text_only
 from .test_hub import lm
@@ -32,12 +32,12 @@ async def answer_tokens(hub, name: str, path: Path) -> int:
 
 
 async def test_two_profiles_share_one_copy(make_hub, hub_config, small_llama: Path) -> None:
-    engine.free_memory()
-    baseline = engine.active_memory()
+    memory.free_memory()
+    baseline = memory.active_memory()
     hub = await make_hub(hub_config(profiles(small_llama)))
     fast, long = meta(hub, "fast"), meta(hub, "long")
     weights = (small_llama / "model.safetensors").stat().st_size
-    grown = engine.active_memory() - baseline
+    grown = memory.active_memory() - baseline
     assert abs(grown - weights) < 0.2 * weights, (grown, weights)  # one copy, not two
     # Each answers with its own settings, on its own port.
     assert await answer_tokens(hub, "fast", small_llama) == 3
@@ -54,14 +54,14 @@ async def test_two_profiles_share_one_copy(make_hub, hub_config, small_llama: Pa
     assert meta(hub, "long")["memory_bytes"] > 0.8 * weights  # and now carries it
     assert await answer_tokens(hub, "long", small_llama) == 7  # still serving
     assert await hub.unload("long") == "unloaded"
-    engine.free_memory()
-    assert abs(engine.active_memory() - baseline) <= 0.01 * weights  # the last holder freed it
+    memory.free_memory()
+    assert abs(memory.active_memory() - baseline) <= 0.01 * weights  # the last holder freed it
 
 
 async def test_the_budget_admits_a_second_profile_but_not_a_second_copy(
     make_hub, hub_config, small_llama: Path, models_dir: Path
 ) -> None:
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     weights = (small_llama / "model.safetensors").stat().st_size
     shape = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768}
@@ -85,15 +85,15 @@ async def test_the_budget_admits_a_second_profile_but_not_a_second_copy(
 async def test_a_draft_model_another_entry_serves_is_shared(
     make_hub, hub_config, small_llama: Path, tiny_llama: Path
 ) -> None:
-    engine.free_memory()
-    baseline = engine.active_memory()
+    memory.free_memory()
+    baseline = memory.active_memory()
     small, tiny = ((p / "model.safetensors").stat().st_size for p in (small_llama, tiny_llama))
     models = [
         lm("tiny", tiny_llama, default=True),
         lm("spec", small_llama, default=True, draft_model_path=str(tiny_llama)),
     ]
     hub = await make_hub(hub_config(models))
-    grown = engine.active_memory() - baseline
+    grown = memory.active_memory() - baseline
     assert abs(grown - (small + tiny)) < 0.2 * small, (grown, small, tiny)  # the draft was not read again
     assert meta(hub, "spec")["shared_with"] == ["tiny"] and meta(hub, "tiny")["shared_with"] == ["spec"]
     client = openai.AsyncOpenAI(base_url=base_url(hub, "spec"), api_key="x", max_retries=0)
@@ -109,8 +109,8 @@ async def test_other_model_types_share_too(
 ) -> None:
     path = tiny_vlm if kind == "multimodal" else tiny_embedder
     weights = (path / "model.safetensors").stat().st_size
-    engine.free_memory()
-    baseline = engine.active_memory()
+    memory.free_memory()
+    baseline = memory.active_memory()
     entries = [
         {
             "name": n,
@@ -122,7 +122,7 @@ async def test_other_model_types_share_too(
         for n in ("one", "two")
     ]
     hub = await make_hub(hub_config(entries))
-    grown = engine.active_memory() - baseline
+    grown = memory.active_memory() - baseline
     assert grown < 1.5 * weights, (grown, weights)  # one copy, not two
     assert meta(hub, "two")["shared_with"] == ["one"]
     if kind == "multimodal":  # the second entry's own processor still reads images
@@ -133,5 +133,5 @@ async def test_other_model_types_share_too(
         assert reply.usage.completion_tokens == 6 and reply.usage.prompt_tokens > 10
     for name in ("one", "two"):
         assert await hub.unload(name) == "unloaded"
-    engine.free_memory()
-    assert abs(engine.active_memory() - baseline) <= 0.02 * weights
+    memory.free_memory()
+    assert abs(memory.active_memory() - baseline) <= 0.02 * weights

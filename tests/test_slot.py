@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine import Loaded
-from mlx_hub.slot import MEMORY_MOVES, PORT_MOVES, MemoryState, ModelSlot, PortState, StateError
+from mlx_hub.core.slot import MEMORY_MOVES, PORT_MOVES, MemoryState, ModelSlot, PortState, StateError
+from mlx_hub.engine.base import Loaded
 
 
 def slot() -> ModelSlot:

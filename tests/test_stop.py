@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from mlx_hub import engine
+from mlx_hub.engine import memory
 
 from .helpers import base_url, free_port, free_range, hello, meta, text_only
 from .test_hub import eventually, lm
@@ -45,8 +45,8 @@ async def endless_stream(url: str, model: str, path: Path, seen: asyncio.Event) 
 
 
 async def test_stop_model_cancels_a_stream_that_never_ends(make_hub, hub_config, small_llama: Path) -> None:
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     hub = await make_hub(hub_config([lm("m", small_llama, default=True)]))
     held = meta(hub, "m")["memory_bytes"]
     seen = asyncio.Event()
@@ -59,8 +59,8 @@ async def test_stop_model_cancels_a_stream_that_never_ends(make_hub, hub_config,
     # the connection then closes mid-body, which the client sees as an error.
     assert lines[-1] == "error: RemoteProtocolError", lines[-4:]
     assert meta(hub, "m")["memory_state"] == "unloaded" and meta(hub, "m")["process_state"] == "inactive"
-    engine.free_memory()
-    assert abs(engine.active_memory() - before) <= 0.01 * held
+    memory.free_memory()
+    assert abs(memory.active_memory() - before) <= 0.01 * held
 
 
 async def test_an_unanswered_request_gets_503_model_stopped(make_hub, hub_config, small_llama: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mlx_hub.tinymodel import text_only_logit_bias
+from mlx_hub.testing.tinymodel import text_only_logit_bias
 
 from .helpers import LiveController
 from .test_hub import lm

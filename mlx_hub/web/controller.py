@@ -20,18 +20,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from .. import __version__
-from ..config import ConfigError
-from ..errors import HubError
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ..status import HubStatus
-from .dashboard import ASSETS, asset
-from .openai_routes import OpenAIRoutes
-from .responses import error_json, error_response
-from .security import ApiKeyGuard, SameOriginGuard
+from mlx_hub.config import ConfigError
+from mlx_hub.core.errors import HubError
+from mlx_hub.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mlx_hub.core.status import HubStatus
+from mlx_hub.version import __version__
+from mlx_hub.web.dashboard import ASSETS, asset
+from mlx_hub.web.openai_routes import OpenAIRoutes
+from mlx_hub.web.responses import error_json, error_response
+from mlx_hub.web.security import ApiKeyGuard, SameOriginGuard
 
 if TYPE_CHECKING:
-    from ..hub import Hub
+    from mlx_hub.core.hub import Hub
 
 log = logging.getLogger(__name__)
 

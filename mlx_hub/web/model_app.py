@@ -22,21 +22,22 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import ALLOCATION_ERRORS, is_allocation_error
-from ..errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
-from ..logs import current_model
-from ..metrics import ResponseWatch
-from ..policy import parse_keep_alive
-from ..slot import PortState
-from .asgi import is_json, json_object, read_body, replay, with_length
-from .model_cards import model_card, unknown_model
-from .peer_apis import add_peer_routes
-from .responses import error_response
-from .security import ApiKeyGuard
+from mlx_hub.core import admission
+from mlx_hub.core.errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
+from mlx_hub.core.logs import current_model
+from mlx_hub.core.metrics import ResponseWatch
+from mlx_hub.core.policy import parse_keep_alive
+from mlx_hub.core.slot import PortState
+from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
+from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
+from mlx_hub.web.model_cards import model_card, unknown_model
+from mlx_hub.web.peer_apis import add_peer_routes
+from mlx_hub.web.responses import error_response
+from mlx_hub.web.security import ApiKeyGuard
 
 if TYPE_CHECKING:
-    from ..hub import Hub
-    from ..slot import ModelSlot
+    from mlx_hub.core.hub import Hub
+    from mlx_hub.core.slot import ModelSlot
 
 
 class SlotRegistry:
@@ -97,7 +98,7 @@ def reserving(path: str, data: dict[str, Any] | None, entry: Any) -> dict[str, A
     if path.rstrip("/") == "/v1/completions" and not any(
         data.get(k) for k in ("max_tokens", "max_completion_tokens")
     ):
-        from .translate import OPENAI_MAX_TOKENS
+        from mlx_hub.web.translate import OPENAI_MAX_TOKENS
 
         return {**data, "max_tokens": entry.default_max_tokens or OPENAI_MAX_TOKENS}
     return data
@@ -153,7 +154,9 @@ class LoadGate:
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
             try:
-                reserved = await self.hub.acquire(self.slot, reserving(scope["path"], data, self.slot.entry))
+                reserved = await admission.acquire(
+                    self.hub, self.slot, reserving(scope["path"], data, self.slot.entry)
+                )
             except HubError as exc:
                 await error_response(exc)(scope, receive, watch.send)
                 return
@@ -173,9 +176,9 @@ class LoadGate:
                 raise
             finally:
                 self.slot.requests.discard(task)
-                self.hub.release(self.slot, keep_alive=keep_alive, reserved=reserved)
+                admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
                 if guard.failed:
-                    self.hub.allocation_failed(self.slot)
+                    admission.allocation_failed(self.hub, self.slot)
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)

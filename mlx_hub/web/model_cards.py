@@ -13,15 +13,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..registry import token_limits
-from ..slot import MemoryState
-from .responses import error_json
+from mlx_hub.core.states import MemoryState
+from mlx_hub.engine.model_files import token_limits
+from mlx_hub.web.responses import error_json
 
 if TYPE_CHECKING:
     from starlette.responses import Response
 
-    from ..config import ModelConfig
-    from ..slot import ModelSlot
+    from mlx_hub.config import ModelConfig
+    from mlx_hub.core.slot import ModelSlot
 
 #: The capability names a card always carries, true or false.
 CAPABILITIES = ("chat", "completions", "messages", "tools", "vision", "embeddings", "audio", "images")

@@ -15,14 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import HubError, NotRunningError, UnknownModelError
-from .asgi import header, is_json, json_object, read_body, replay
-from .model_cards import model_card, unknown_model
-from .responses import error_json, error_response
+from mlx_hub.core.errors import HubError, NotRunningError, UnknownModelError
+from mlx_hub.web.asgi import header, is_json, json_object, read_body, replay
+from mlx_hub.web.model_cards import model_card, unknown_model
+from mlx_hub.web.responses import error_json, error_response
 
 if TYPE_CHECKING:
-    from ..hub import Hub
-    from ..slot import ModelSlot
+    from mlx_hub.core.hub import Hub
+    from mlx_hub.core.slot import ModelSlot
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def _upstream_post_paths() -> frozenset[str]:
     """The POST routes a model port serves: upstream's router decides, not a copy of its list, plus the hub's."""
     from app.api.endpoints import router
 
-    from .peer_apis import HUB_POST_PATHS
+    from mlx_hub.web.peer_apis import HUB_POST_PATHS
 
     return frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ())) | HUB_POST_PATHS
 

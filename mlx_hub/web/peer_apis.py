@@ -15,8 +15,8 @@ so JIT loads, groups, the memory budget, keep_alive, in-flight counts and
 ``/v1/completions`` sends the prompt as written: the model's
 ``create_input_prompt`` (the one place both handlers render a template) is
 wrapped once per handler to return the prompt a completions request carries
-instead of rendering messages. Everything after it, tokenizing included, is
-the chat path's.
+instead of rendering messages (engine/patches/mlx_openai_server.py). Everything
+after it, tokenizing included, is the chat path's.
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..generation_watch import watching
-from . import translate as tr
-from .responses import error_json
-from .stopping import StopEnding
+from mlx_hub.engine.generation_watch import watching
+from mlx_hub.engine.patches.mlx_openai_server import accept_raw_prompts, count_prompt_tokens
+from mlx_hub.engine.patches.mlx_openai_server import raw_prompt as raw_prompt_for
+from mlx_hub.web import translate as tr
+from mlx_hub.web.responses import error_json
+from mlx_hub.web.stopping import StopEnding
 
 if TYPE_CHECKING:
-    from ..slot import ModelSlot
+    from mlx_hub.core.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ log = logging.getLogger(__name__)
 HUB_POST_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/completions"})
 #: Model types whose handlers stream chat.
 TEXT_TYPES = ("lm", "multimodal")
-
-#: The prompt a completions request sends as written, for the request's own task only.
-_RAW_PROMPT: ContextVar[str | None] = ContextVar("hub_raw_prompt", default=None)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 
@@ -82,21 +80,6 @@ async def _body(raw: Request) -> Any:
         return json.loads(await raw.body() or b"null")
     except ValueError as exc:
         raise RouteError(400, f"the request body is not valid JSON: {exc}") from exc
-
-
-def _wrap_prompt_renderer(handler: Any) -> None:
-    """Let a completions prompt skip the chat template (once per handler; chat is unaffected)."""
-    model = getattr(handler, "model", None)
-    render = getattr(model, "create_input_prompt", None)
-    if render is None or getattr(render, "_hub_raw", False):
-        return
-
-    def create_input_prompt(messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]) -> str:
-        raw = _RAW_PROMPT.get()
-        return raw if raw is not None else render(messages, chat_template_kwargs)
-
-    create_input_prompt._hub_raw = True  # type: ignore[attr-defined]
-    model.create_input_prompt = create_input_prompt
 
 
 class Driver:
@@ -161,16 +144,13 @@ class Driver:
         generation it starts there reports its steps to ``ending``.
         """
         source = self.stream(handler, request)
-        token = _RAW_PROMPT.set(raw_prompt)
         try:
-            with watching(ending.watch):
+            with raw_prompt_for(raw_prompt), watching(ending.watch):
                 first = await source.__anext__()
         except StopAsyncIteration:
             first = None
         except HTTPException as exc:
             raise RouteError(exc.status_code, _detail_message(exc)) from exc
-        finally:
-            _RAW_PROMPT.reset(token)
 
         async def chunks() -> AsyncIterator[Any]:
             try:
@@ -183,18 +163,6 @@ class Driver:
                     await source.aclose()  # a client gone mid-stream ends generation
 
         return chunks()
-
-    async def count_tokens(self, handler: Any, request: Any) -> int:
-        """The prompt's length as the handler would tokenize it: its template, its tokenizer."""
-        model = handler.model
-        if getattr(handler, "handler_type", "") == "multimodal":
-            prepared = await handler._prepare_multimodal_request(request)
-            prompt = model.create_input_prompt(prepared["messages"], prepared["chat_template_kwargs"])
-            inputs = model.create_model_inputs(prompt, prepared["messages"], prepared.get("audios") or None)
-            return int(model.count_prompt_tokens(inputs))
-        messages, params = await handler._prepare_text_request(request)
-        prompt = model.create_input_prompt(handler.refine_messages(messages), params["chat_template_kwargs"])
-        return len(model.encode_prompt(prompt))
 
 
 async def _anthropic_events(
@@ -263,7 +231,7 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             driver.model_name(body)
             handler = driver.handler()
             request = driver.request(handler, chat)
-            return JSONResponse({"input_tokens": await driver.count_tokens(handler, request)})
+            return JSONResponse({"input_tokens": await count_prompt_tokens(handler, request)})
         except Exception as exc:
             return _refused("count_tokens", exc)
 
@@ -274,7 +242,7 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             chats = tr.to_completion_requests(body)
             model = driver.model_name(body)
             handler = driver.handler()
-            _wrap_prompt_renderer(handler)
+            accept_raw_prompts(handler)
             requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
             stops = tr.stop_sequences(body, "stop")
             ending = StopEnding(handler, stops)

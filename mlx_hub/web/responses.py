@@ -13,8 +13,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from ..errors import HubError
-from .translate import error_body, is_anthropic_path
+from mlx_hub.core.errors import HubError
+from mlx_hub.web.translate import error_body, is_anthropic_path
 
 
 class ErrorResponse(JSONResponse):

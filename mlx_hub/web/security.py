@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .asgi import header
-from .responses import error_json
+from mlx_hub.web.asgi import header
+from mlx_hub.web.responses import error_json
 
 
 class ApiKeyGuard:

@@ -11,7 +11,7 @@ and keep two safeguards of their own:
   in the text the route stops reading, which closes upstream's generator and so
   cancels the generation there and then;
 * when upstream ended the generation itself, it dropped the matched last token
-  from the text, so the last generation step (``generation_watch``) tells which
+  from the text, so the last generation step (``engine.generation_watch``) tells which
   sequence stopped it, rather than the reply ending as if the turn were over.
 
 Either way usage counts the tokens generated up to the stop.
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..generation_watch import GenerationWatch
-from . import translate as tr
+from mlx_hub.engine.generation_watch import GenerationWatch
+from mlx_hub.web import translate as tr
 
 
 def _tokenizer(handler: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mlx_hub.tinymodel import HARMONY_CHAT_TEMPLATE
+from mlx_hub.testing.tinymodel import HARMONY_CHAT_TEMPLATE
 
 from ..helpers import free_port, free_range
 from .servers import Pair, serve_pair
@@ -36,7 +36,7 @@ FLAG_FIELDS = {
 @pytest.fixture(scope="session")
 def draft_llama(models_dir: Path) -> Path:
     """A second random llama with the same tokenizer: a draft model for speculative decoding."""
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     return make_model(models_dir / "tiny-draft", arch="llama", seed=5)
 
@@ -44,7 +44,7 @@ def draft_llama(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def kv_llama(models_dir: Path) -> Path:
     """Heads of 32 dims, so 8-bit KV quantization in groups of 32 applies."""
-    from mlx_hub.tinymodel import make_model
+    from mlx_hub.testing.tinymodel import make_model
 
     shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
     return make_model(models_dir / "tiny-kv", arch="llama", shape=shape, seed=6)

@@ -133,7 +133,7 @@ def serve_pair(
     work: Path, cases: dict[str, dict[str, Any]], flag_case: str, flags: list[str], ports: list[int]
 ) -> Iterator[Pair]:
     """Start both sides on ``cases`` (served name -> upstream fields); ``flag_case`` gets its own flag launch."""
-    from mlx_hub.engine import _ensure_ffmpeg
+    from mlx_hub.engine.whisper import ensure_ffmpeg as _ensure_ffmpeg
 
     _ensure_ffmpeg()  # upstream's whisper needs the program on PATH as much as the hub's does
     up_port, flag_port, hub_port, *model_ports = ports

@@ -19,8 +19,9 @@ import mlx.core as mx
 import openai
 import pytest
 
-from mlx_hub import Hub, engine, fsutil
-from mlx_hub.errors import HubError
+from mlx_hub import Hub, fsutil
+from mlx_hub.core.errors import HubError
+from mlx_hub.engine import memory
 
 from ..helpers import base_url, hello, meta, text_only
 from ..test_hub import chat, eventually, lm
@@ -52,8 +53,8 @@ async def test_load_that_fails_halfway_frees_what_it_took(
     keep = dict(list(weights.items())[: len(weights) // 2])  # the file reads fine; the model is incomplete
     mx.save_safetensors(str(half / "model.safetensors"), keep)
     del weights, keep
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     hub = await make_hub(
         hub_config([lm("half", half, jit_enabled=True, default=True), lm("good", tiny_llama, default=True)])
     )
@@ -61,8 +62,8 @@ async def test_load_that_fails_halfway_frees_what_it_took(
     with pytest.raises(openai.InternalServerError):  # 503 with the reason
         await chat(hub, "half")
     assert meta(hub, "half")["memory_state"] == "failed"
-    engine.free_memory()
-    assert engine.active_memory() - before - good_bytes < 64 * 1024
+    memory.free_memory()
+    assert memory.active_memory() - before - good_bytes < 64 * 1024
     assert await chat(hub, "good")
 
 
@@ -102,8 +103,8 @@ async def test_unload_during_a_stream_waits_for_it(make_hub, hub_config, small_l
 
 
 async def test_shutdown_during_a_load(hub_config, small_llama: Path) -> None:
-    engine.free_memory()
-    before = engine.active_memory()
+    memory.free_memory()
+    before = memory.active_memory()
     threads = {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
     hub = Hub.from_config(hub_config([lm("s", small_llama, jit_enabled=True, default=True)]))
     await hub.start()
@@ -114,8 +115,8 @@ async def test_shutdown_during_a_load(hub_config, small_llama: Path) -> None:
     # Either the load finished before the stop reached it, or it was cut off; nothing else.
     assert outcome == "loaded" or isinstance(outcome, HubError | asyncio.CancelledError), outcome
     assert hub.slots == {}
-    engine.free_memory()
-    assert abs(engine.active_memory() - before) < 64 * 1024
+    memory.free_memory()
+    assert abs(memory.active_memory() - before) < 64 * 1024
     await asyncio.sleep(0.5)
     assert {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")} <= threads
 

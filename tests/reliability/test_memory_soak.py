@@ -14,10 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from mlx_hub import Hub, engine, reservation
+from mlx_hub import Hub
+from mlx_hub.engine import memory
+from mlx_hub.engine.mlx import MLXEngine
 from mlx_hub.web.model_app import build_model_app
 
 from ..helpers import LiveController, free_port, long_chat
+
+engine = MLXEngine()  # one real engine for this module's direct loads
 
 pytestmark = pytest.mark.reliability
 
@@ -59,9 +63,9 @@ def refusal(status: int, headers: Any, text: str) -> str:
 
 async def test_memory_soak_long_and_short_prompts(hub_config, memory_models: dict[str, Path]) -> None:
     paths = {"a": memory_models["llama"], "b": memory_models["qwen2"]}
-    weights = {name: engine.estimate_bytes(_entry(name, path)) for name, path in paths.items()}
+    weights = {name: engine.estimate(_entry(name, path)) for name, path in paths.items()}
     longest = max(
-        reservation.estimate_request(_entry(name, path), long_chat(name, LONG_WORDS, 32)).bytes
+        engine.estimate_request(_entry(name, path), long_chat(name, LONG_WORDS, 32)).bytes
         for name, path in paths.items()
     )
     # Both models' weights, their prompt caches, and room for one and a half long requests: never all four.
@@ -76,8 +80,8 @@ async def test_memory_soak_long_and_short_prompts(hub_config, memory_models: dic
     outcomes: list[str] = []
     async with LiveController(hub, controller_port) as live:
         assert hub.budget == budget
-        engine.free_memory()
-        hub.engine.reset_peak_memory()  # the soak's own peak, from here
+        memory.free_memory()
+        hub.memory.reset_peak_memory()  # the soak's own peak, from here
         rng = random.Random(18)
 
         async def client(index: int) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_hub import Hub, engine
+from mlx_hub import Hub
+from mlx_hub.engine import memory
 
 from ..helpers import LiveController, free_port, hello
 from ..test_hub import lm
@@ -96,8 +97,8 @@ async def test_soak_mixed_traffic(hub_config, tiny_llama: Path, tiny_qwen: Path)
     async with LiveController(Hub.from_config(doc, reap_interval=0.1), free_port()) as warm:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as http:
             assert await one_request(http, f"{warm.url}/v1/chat/completions", "g1", True) == "ok"
-    engine.free_memory()
-    active_before, fds_before, threads_before = engine.active_memory(), open_fds(), hub_threads()
+    memory.free_memory()
+    active_before, fds_before, threads_before = memory.active_memory(), open_fds(), hub_threads()
     tasks_before = len(asyncio.all_tasks())
 
     outcomes: Counter[str] = Counter()
@@ -138,8 +139,8 @@ async def test_soak_mixed_traffic(hub_config, tiny_llama: Path, tiny_qwen: Path)
     # machine's speed against eight random clients, so no count is asked for.)
     assert outcomes["ok"] > 0 and all(n >= 1 for n in per_model.values()), (outcomes, per_model)
     assert set(outcomes) <= {"ok", "429", "503"}, outcomes  # nothing hung, broke or went unexplained
-    engine.free_memory()
-    leftover = engine.active_memory() - active_before
+    memory.free_memory()
+    leftover = memory.active_memory() - active_before
     # 64 KiB: a quarter of one tiny model's weights. A leaked handler, model or
     # KV cache is larger; measured leftovers after unloads are a few bytes.
     assert abs(leftover) <= 64 * 1024, leftover

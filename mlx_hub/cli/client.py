@@ -1,0 +1,108 @@
+"""A small HTTP client for a running hub's controller, used by the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mlx_hub.core.status import HubStatus
+from mlx_hub.service.runtime import Runtime, clear_runtime, pid_alive, read_runtime
+
+#: Loads of big models take minutes; the controller answers when they finish.
+ACTION_TIMEOUT = 900.0
+
+
+class ClientError(RuntimeError):
+    """The hub answered with an error; ``message`` is its text, ``status`` the HTTP code."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class NotRunning(ClientError):
+    """No hub answers for this config."""
+
+
+class HubClient:
+    def __init__(self, base_url: str, *, timeout: float = ACTION_TIMEOUT):
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str) -> Any:
+        try:
+            response = self._http.request(method, path)
+        except httpx.TransportError as exc:
+            raise NotRunning(f"no hub answers at {self.base_url} ({exc.__class__.__name__})") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_error:
+            message = response.text
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                message = body["error"].get("message", message)
+            raise ClientError(message, response.status_code)
+        return body
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health")
+
+    def status(self) -> HubStatus:
+        return HubStatus.model_validate(self._call("GET", "/hub/status"))
+
+    def model(self, name: str, action: str) -> dict[str, Any]:
+        return self._call("POST", f"/hub/models/{name}/{action}")
+
+    def service(self, action: str) -> dict[str, Any]:
+        return self._call("POST", f"/hub/service/{action}")
+
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/hub/reload")
+
+    def shutdown(self) -> dict[str, Any]:
+        return self._call("POST", "/hub/shutdown")
+
+
+def find_running(log_dir: Path) -> tuple[Runtime, HubClient] | None:
+    """The hub this config's runtime file names, if it is alive and answers as itself.
+
+    A runtime file whose process is gone is stale and removed, so the next
+    ``start`` is not misled by a hub that was killed.
+    """
+    runtime = read_runtime(log_dir)
+    if runtime is None:
+        return None
+    try:
+        with HubClient(runtime.url, timeout=5.0) as probe:
+            health = probe.health()
+    except ClientError:
+        health = None
+    if health is not None and health.get("pid") == runtime.pid:
+        return runtime, HubClient(runtime.url)
+    if not pid_alive(runtime.pid):
+        clear_runtime(log_dir, runtime.pid)
+        return None
+    raise ClientError(
+        f"a hub process (pid {runtime.pid}) is alive but does not answer at {runtime.url}; "
+        f"see {log_dir / 'hub.log'}, or stop it with `kill {runtime.pid}`"
+    )
+
+
+def connect(log_dir: Path) -> tuple[Runtime, HubClient]:
+    found = find_running(log_dir)
+    if found is None:
+        raise NotRunning("no hub is running for this config; start it with `mlx-openai-server-hub start`")
+    return found

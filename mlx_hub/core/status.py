@@ -1,0 +1,107 @@
+"""The ``/hub/status`` document: its types (report.py fills it in from a running hub).
+
+The reference hub's keys (``process_state``, ``memory_state``, ``pid``, ...) come
+first in each model's ``metadata``; the hub's own figures follow. The controller
+declares ``HubStatus`` as its response model, and metrics, the CLI views and the
+benchmarks read its fields rather than string keys. The JSON shape is the one
+the dashboard and the reference clients already read. It imports only
+pydantic, so the CLI reads the document without loading the hub.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Document(BaseModel):
+    # extra="allow": a newer hub's additions reach an older CLI intact.
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelMetadata(_Document):
+    process_state: str  # the model's port: inactive, starting, running, stopping, failed
+    memory_state: str  # unloaded, loading, loaded, unloading, failed
+    pid: int | None
+    port: int
+    host: str
+    group: str | None
+    default: bool
+    jit_enabled: bool
+    model_type: str
+    model_path: str
+    served_model_name: str
+    auto_unload_minutes: float | None
+    memory_last_transition_at: float | None
+    memory_last_error: str | None
+    process_last_error: str | None
+    exit_code: int | None
+    memory_bytes: int  # its own bytes, plus the weights copies it carries (each copy counted once)
+    kv_reserved_bytes: int = 0  # what its requests in flight reserve: KV cache and prefill working memory
+    memory_peak_bytes: int = 0  # the most it accounted for at once (memory_bytes + kv_reserved_bytes)
+    prompt_cache_bytes: int = 0  # of memory_bytes, upstream's prompt cache kept between requests
+    shared_bytes: int = 0  # weights it holds together with other entries
+    shared_with: list[str] = []  # those entries
+    in_flight: int
+    waiting: int
+    idle_seconds_left: float | None
+    load_seconds: float | None
+    load_count: int
+    freed_bytes: int | None
+    pinned: bool
+    keep_alive_seconds: float | None  # -1: kept forever
+    started_at: float | None
+    log_file: str | None
+
+
+class ModelStatus(_Document):
+    id: str
+    metadata: ModelMetadata
+
+
+class Counts(_Document):
+    registered: int
+    started: int
+    loaded: int
+
+
+class MemoryStatus(_Document):
+    active_bytes: int
+    cache_bytes: int
+    models_bytes: int
+    system_total_bytes: int | None
+    budget_bytes: int | None
+    reserved_bytes: int = 0  # what every request in flight reserves, summed over models
+    peak_bytes: int = 0  # MLX's peak memory since the hub started (mx.get_peak_memory)
+    budget_source: str | None = None  # how max_memory was set: a size, a fraction, auto, or none
+
+
+class GroupStatus(_Document):
+    name: str
+    max_loaded: int | None
+    idle_unload_trigger_min: float | None
+    loaded: int
+    models: list[str]
+
+
+class HubStatus(_Document):
+    status: str  # ok, or degraded while a model failed
+    timestamp: float
+    host: str
+    port: int
+    controller_available: bool
+    ready: bool
+    pid: int
+    started_at: float | None
+    upstream_version: str | None
+    counts: Counts
+    memory: MemoryStatus
+    warnings: list[str]
+    groups: list[GroupStatus]
+    models: list[ModelStatus]
+
+    def model(self, name: str) -> ModelMetadata:
+        """One model's metadata by entry name; ``KeyError`` if the hub has no such model."""
+        for row in self.models:
+            if row.id == name:
+                return row.metadata
+        raise KeyError(name)

@@ -1,0 +1,242 @@
+"""mlx-openai-server 1.8.1 (and 1.6.3): what the hub changes on upstream's own objects.
+
+- ``share_weights``: upstream's model classes read weights with their library's
+  ``load``; the hub installs loaders that keep one copy per folder (engine.weights).
+  Proof: tests/test_shared_weights.py::test_two_profiles_share_one_copy.
+- ``batch_failure_frees_its_sequences``: 1.8.1's ``BatchScheduler._fail_all_active``
+  fails a batch's requests but leaves their sequences (and KV) in mlx-lm's
+  ``BatchGenerator``. Proof: tests/test_memory.py::test_an_allocation_error_fails_that_request_alone.
+- ``vlm_batching_capability``: 1.8.1's VLM scheduler needs an mlx-vlm newer than
+  the 0.4 it pins (the request hangs). Proof: tests/test_model_types.py::
+  test_multimodal_chat_with_an_image[on].
+- ``serve_like_launch``: a bare whisper handler lacks the methods upstream's
+  transcription route calls on ``launch``'s process proxy. Proof:
+  tests/test_model_types.py::test_whisper_transcribes_streams_and_frees.
+- ``bound_prompt_cache``: upstream's ``LRUPromptCache`` is unbounded by default.
+  Proof: tests/test_memory.py (prompt cache under the budget).
+- ``raw_prompt`` / ``count_prompt_tokens``: /v1/completions sends a prompt as written
+  through the chat path, and count_tokens renders a prompt as the handler would,
+  with upstream's private ``_prepare_*`` methods. Proof: tests/test_peer_apis.py::
+  test_completions_plain_stream_and_several_prompts and ::test_chat_messages_and_completions_answer_the_same.
+- ``watch_generation_steps``: ``BatchScheduler.submit_stream`` and ``InferenceWorker.submit_stream``
+  hand their generation steps to ``engine.generation_watch``, so a route learns why its
+  generation ended (a stop sequence upstream matched on tokens) and what it cost when the
+  route ended it. Proof: tests/test_stops.py (usage 0 and ``end_turn`` without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from mlx_hub.engine.generation_watch import watched
+from mlx_hub.engine.versions import package_version
+from mlx_hub.engine.weights import same_companion, sharing_load, sharing_pair_load, vlm_processor
+
+log = logging.getLogger(__name__)
+
+
+def apply() -> None:
+    """Patch what is imported by now; each step is idempotent."""
+    vlm_batching_capability()
+    share_weights()
+    batch_failure_frees_its_sequences()
+    watch_generation_steps()
+
+
+def watch_generation_steps() -> None:
+    """Route each generation stream upstream starts through ``generation_watch.watched`` (idempotent).
+
+    The wrapper yields every step unchanged and closes upstream's generator when
+    it is closed, so cancelling a generation works as before.
+    """
+    for module_name, class_name in (
+        ("app.core.batch_scheduler", "BatchScheduler"),
+        ("app.core.inference_worker", "InferenceWorker"),
+    ):
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        original = getattr(cls, "submit_stream", None)
+        if original is None or getattr(original, "_mlx_hub_watched", False):
+            continue
+
+        def submit_stream(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            return watched(_original(self, *args, **kwargs))
+
+        submit_stream._mlx_hub_watched = True  # type: ignore[attr-defined]
+        cls.submit_stream = submit_stream  # type: ignore[union-attr]
+
+
+def vlm_batching_capability() -> None:
+    """Turn upstream's VLM batching off where the installed mlx-vlm cannot do what it asks.
+
+    Upstream 1.8.1's VLM scheduler calls ``BatchGenerator(kv_bits=..., stream=...)``
+    and ``insert(prompt_kwargs=...)``, which arrived after mlx-vlm 0.4, the
+    newest release 1.8.1 allows; on 0.4 the scheduler thread dies and the
+    request hangs. Upstream's own switch for "no VLM batching",
+    ``VLM_BATCHING_AVAILABLE``, then sends every multimodal request down its
+    one-at-a-time path instead.
+    """
+    handler_module = sys.modules.get("app.handler.mlx_vlm")
+    if handler_module is None or not getattr(handler_module, "VLM_BATCHING_AVAILABLE", False):
+        return
+    generator = getattr(sys.modules.get("app.core.vlm_batch_scheduler"), "BatchGenerator", None)
+    if generator is not None and "prompt_kwargs" in inspect.signature(generator.insert).parameters:
+        return
+    handler_module.VLM_BATCHING_AVAILABLE = False
+    log.warning(
+        "mlx-vlm %s cannot run mlx-openai-server's batched multimodal generation; "
+        "multimodal requests are served one at a time",
+        package_version("mlx-vlm") or "?",
+    )
+
+
+def share_weights() -> None:
+    """Upstream's model classes read weights with their library's ``load``: one copy per folder instead.
+
+    ``MLX_LM`` (and its draft models) through ``mlx_lm.load``, ``MLX_VLM`` through
+    ``mlx_vlm.load``, ``MLX_Embeddings`` through ``mlx_embeddings``' ``load``;
+    weights.py shares each folder's weights between the entries that load it.
+    """
+    for handler_module, model_module, wrap in (
+        ("app.handler.mlx_lm", "app.models.mlx_lm", sharing_load),
+        (
+            "app.handler.mlx_vlm",
+            "app.models.mlx_vlm",
+            lambda f: sharing_pair_load(f, "vlm", vlm_processor),
+        ),
+        (
+            "app.handler.mlx_embeddings",
+            "app.models.mlx_embeddings",
+            lambda f: sharing_pair_load(f, "embed", same_companion),
+        ),
+    ):
+        if handler_module not in sys.modules:
+            continue
+        module = importlib.import_module(model_module)  # handlers may import it only when they build
+        if not getattr(module.load, "_mlx_hub_sharing", False):
+            module.load = wrap(module.load)
+
+
+def batch_failure_frees_its_sequences() -> None:
+    """Upstream's batch scheduler fails a batch's requests on an error but leaves their sequences in mlx-lm's
+    ``BatchGenerator``: their KV caches stay allocated, and the generator goes on decoding them.
+
+    After an allocation error that is the worst thing to keep. The failed uids
+    are removed from the generator first (on the scheduler's own thread, where
+    ``_fail_all_active`` runs), as upstream itself does for cancelled requests.
+    """
+    module = sys.modules.get("app.core.batch_scheduler")
+    scheduler = getattr(module, "BatchScheduler", None)
+    if scheduler is None or getattr(scheduler._fail_all_active, "_mlx_hub_frees", False):
+        return
+    original = scheduler._fail_all_active
+
+    def fail_all_active(self: Any, exc: BaseException) -> None:
+        generator = getattr(self, "_batch_generator", None)
+        uids = list(getattr(self, "_active", {}))
+        if generator is not None and uids:
+            try:
+                generator.remove(uids)
+            except Exception:  # the requests still fail; only the memory stays until the generator ends
+                log.exception("could not drop the failed batch's sequences")
+        original(self, exc)
+
+    fail_all_active._mlx_hub_frees = True  # type: ignore[attr-defined]
+    scheduler._fail_all_active = fail_all_active
+
+
+def serve_like_launch(handler: Any) -> None:
+    """Give a bare whisper handler the methods upstream's endpoints call on ``launch``'s proxy.
+
+    ``mlx-openai-server launch`` serves every model through its subprocess
+    proxy, and the transcription route calls what the proxy offers:
+    ``prepare_transcription_request`` (the bare handler has it only as a private
+    method), a one-argument ``generate_transcription_stream_from_data``, and a
+    ``generate_transcription_response`` that answers JSON whatever the format.
+    Bound here to the handler's own ``*_from_data`` methods, which the proxy calls
+    in its child, so a hub port answers exactly as a launch port does.
+    """
+
+    async def prepare_transcription_request(request: Any) -> dict[str, Any]:
+        return await handler._prepare_transcription_request(request)
+
+    async def generate_transcription_response(request: Any) -> Any:
+        return await handler.transcribe_from_data(await prepare_transcription_request(request))
+
+    async def generate_transcription_stream_from_data(
+        request_data: dict[str, Any], *_: Any, **__: Any
+    ) -> Any:
+        async for chunk in handler.transcribe_stream_from_data(request_data):
+            yield chunk
+
+    handler.prepare_transcription_request = prepare_transcription_request
+    handler.generate_transcription_response = generate_transcription_response
+    handler.generate_transcription_stream_from_data = generate_transcription_stream_from_data
+
+
+PROMPT_CACHE_SHARE = 0.25
+
+
+def bound_prompt_cache(handler: Any, budget: int | None) -> None:
+    """Cap upstream's prompt cache at ``PROMPT_CACHE_SHARE`` of the budget (or its own smaller
+    ``prompt_cache_max_bytes``): its default is unbounded, and what it keeps counts as the model's bytes.
+
+    Upstream's ``LRUPromptCache`` evicts down to ``max_bytes`` on its next insert,
+    on its own thread; the hub only lowers the bound.
+    """
+    cache = getattr(handler, "prompt_cache", None)
+    current = getattr(cache, "max_bytes", None)
+    if budget is not None and isinstance(current, int):
+        cache.max_bytes = min(current, int(budget * PROMPT_CACHE_SHARE))
+
+
+#: The prompt a completions request sends as written, for the request's own task only.
+_RAW_PROMPT: ContextVar[str | None] = ContextVar("hub_raw_prompt", default=None)
+
+
+def accept_raw_prompts(handler: Any) -> None:
+    """Let a completions prompt skip the chat template (once per handler; chat is unaffected).
+
+    The model's ``create_input_prompt`` is the one place both lm and multimodal
+    handlers render a template; wrapped, it returns the prompt set by ``raw_prompt``.
+    """
+    model = getattr(handler, "model", None)
+    render = getattr(model, "create_input_prompt", None)
+    if render is None or getattr(render, "_hub_raw", False):
+        return
+
+    def create_input_prompt(messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]) -> str:
+        raw = _RAW_PROMPT.get()
+        return raw if raw is not None else render(messages, chat_template_kwargs)
+
+    create_input_prompt._hub_raw = True  # type: ignore[attr-defined]
+    model.create_input_prompt = create_input_prompt
+
+
+@contextlib.contextmanager
+def raw_prompt(prompt: str | None) -> Iterator[None]:
+    """Inside the block (this task only), a handler prepared by ``accept_raw_prompts`` uses ``prompt``."""
+    token = _RAW_PROMPT.set(prompt)
+    try:
+        yield
+    finally:
+        _RAW_PROMPT.reset(token)
+
+
+async def count_prompt_tokens(handler: Any, request: Any) -> int:
+    """The prompt's length as the handler would tokenize it: its template, its tokenizer."""
+    model = handler.model
+    if getattr(handler, "handler_type", "") == "multimodal":
+        prepared = await handler._prepare_multimodal_request(request)
+        prompt = model.create_input_prompt(prepared["messages"], prepared["chat_template_kwargs"])
+        inputs = model.create_model_inputs(prompt, prepared["messages"], prepared.get("audios") or None)
+        return int(model.count_prompt_tokens(inputs))
+    messages, params = await handler._prepare_text_request(request)
+    prompt = model.create_input_prompt(handler.refine_messages(messages), params["chat_template_kwargs"])
+    return len(model.encode_prompt(prompt))

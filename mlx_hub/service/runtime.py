@@ -1,0 +1,82 @@
+"""The files by which the CLI finds a running hub: ``hub_runtime.json`` and ``hub.pid`` in ``log_path``.
+
+The daemon writes them atomically once its controller answers and removes them
+on a clean exit. A file left by a killed hub is recognised as stale (its pid is
+gone, or its port answers with another pid) and replaced. This module imports
+neither the hub nor FastAPI, so ``status`` and friends start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlx_hub.core.ports import connect_host
+from mlx_hub.fsutil import atomic_write_json, atomic_write_text, read_json
+from mlx_hub.version import __version__
+
+RUNTIME_FILE = "hub_runtime.json"
+PID_FILE = "hub.pid"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    pid: int
+    host: str
+    port: int
+    config_path: str
+    started_at: float
+    version: str = __version__
+
+    @property
+    def url(self) -> str:
+        return f"http://{connect_host(self.host)}:{self.port}"
+
+
+def read_runtime(log_dir: Path) -> Runtime | None:
+    data = read_json(log_dir / RUNTIME_FILE)
+    if not isinstance(data, dict):
+        return None
+    try:
+        return Runtime(**{k: data[k] for k in ("pid", "host", "port", "config_path", "started_at")})
+    except (KeyError, TypeError):
+        return None
+
+
+def write_runtime(log_dir: Path, runtime: Runtime) -> None:
+    atomic_write_json(log_dir / RUNTIME_FILE, asdict(runtime))
+    atomic_write_text(log_dir / PID_FILE, f"{runtime.pid}\n")
+
+
+def clear_runtime(log_dir: Path, pid: int | None = None) -> None:
+    """Remove the runtime files, only if they still describe ``pid`` (when given)."""
+    current = read_runtime(log_dir)
+    if pid is not None and current is not None and current.pid != pid:
+        return
+    for name in (RUNTIME_FILE, PID_FILE):
+        try:
+            (log_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) and not out.stdout.strip().startswith("Z")
+    except (OSError, subprocess.SubprocessError):
+        return True
