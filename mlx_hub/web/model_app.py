@@ -23,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_hub.core import admission
-from mlx_hub.core.errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
+from mlx_hub.core.errors import InvalidKeepAliveError, MemoryExhaustedError, StoppedError
 from mlx_hub.core.logs import current_model
 from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.policy import parse_keep_alive
@@ -34,6 +34,7 @@ from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
+from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
@@ -130,10 +131,12 @@ class LoadGate:
         try:
             keep_alive = None
             data = None
+            listen: Receive | None = None  # the client's own receive, once its body is read
             if is_json(scope):
                 body, gone = await read_body(receive)
                 if gone:
                     return
+                listen = receive
                 data = json_object(body)
                 if _names_another_model(data, self.slot):
                     await self.app(scope, replay(body, receive), watch.send)
@@ -153,30 +156,30 @@ class LoadGate:
                     body = json.dumps(data).encode()
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
-            try:
-                reserved = await admission.acquire(
-                    self.hub, self.slot, reserving(scope["path"], data, self.slot.entry)
-                )
-            except HubError as exc:
-                await error_response(exc)(scope, receive, watch.send)
-                return
+            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(scope, data))
+            reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
+            if reserved is None:
+                return  # the client left, or its refusal has been sent
             task = asyncio.current_task()
             self.slot.requests.add(task)
-            guard = AllocationGuard(watch.send, self.slot.name, scope)
+            guard = AllocationGuard(room.send, self.slot.name, scope)
+            heard = Listening(receive)
             try:
-                await self.app(scope, receive, guard.send)
+                await self.app(scope, heard.receive, guard.send)
             except asyncio.CancelledError:
                 # The hub cancels what is still running when a stop's drain time is up.
-                if self.slot.port_state is PortState.STOPPING and not watch.started:
+                if self.slot.port_state is PortState.STOPPING and not room.answered(watch.started):
                     stopped = StoppedError(
                         f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
                     )
                     with contextlib.suppress(Exception):
-                        await error_response(stopped)(scope, receive, watch.send)
+                        await room.send_error(error_response(stopped))
                 raise
             finally:
                 self.slot.requests.discard(task)
                 admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
+                if heard.left and not watch.finished:
+                    client_left(self.hub, self.slot, "generating")
                 if guard.failed:
                     admission.allocation_failed(self.hub, self.slot)
         finally:
