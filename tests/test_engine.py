@@ -159,3 +159,17 @@ def test_text_only_bias_covers_exactly_the_special_tokens(tiny_llama: Path) -> N
     assert tokenizer.eos_token_id in ids and set(tokenizer.all_special_ids) <= ids
     assert ids == set(tokenizer.added_tokens_decoder)  # and no ordinary token
     assert set(bias.values()) == {-100}
+
+
+async def test_a_budget_bounds_upstreams_prompt_cache(make_hub, hub_config, tiny_llama: Path) -> None:
+    """patches/mlx_openai_server.bound_prompt_cache: upstream's LRUPromptCache is unbounded by default;
+    under a budget it may keep at most PROMPT_CACHE_SHARE of it (switched off, this fails)."""
+    from mlx_hub.engine.patches.mlx_openai_server import PROMPT_CACHE_SHARE
+
+    entry = {"name": "m", "model_path": str(tiny_llama), "default": True}
+    doc = hub_config([entry], max_memory="1GB")
+    hub = await make_hub(doc)
+    cache = hub.slots["m"].handler.prompt_cache
+    assert cache.max_bytes == int((1 << 30) * PROMPT_CACHE_SHARE)
+    assert (await hub.reload({**doc, "max_memory": "512MB"}))["unchanged"] == ["m"]
+    assert cache.max_bytes == int((1 << 29) * PROMPT_CACHE_SHARE)  # a new budget bounds a cache already held

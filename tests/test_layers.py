@@ -162,3 +162,24 @@ def test_light_modules_stay_light(module: str, heavy: tuple[str, ...]) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_patch_names_a_proof_that_exists() -> None:
+    """Each ``enabled("name")`` switch in engine/patches has a proof test, and that test exists."""
+    from mlx_hub.engine.patches import PROOFS
+
+    root = PACKAGE.parent
+    used = set()
+    for path in (PACKAGE / "engine" / "patches").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "enabled":
+                used.update(a.value for a in node.args if isinstance(a, ast.Constant))
+            if isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Constant):
+                if isinstance(node.elts[1], ast.Name) and node.elts[1].id == node.elts[0].value:
+                    used.add(node.elts[0].value)  # apply()'s (name, function) table
+    assert used == set(PROOFS), (
+        f"patches without a proof: {used - set(PROOFS)}; stale proofs: {set(PROOFS) - used}"
+    )
+    for test in PROOFS.values():
+        file, _, name = test.partition("::")
+        assert f"def {name.split('[')[0]}(" in (root / file).read_text(), test

@@ -461,7 +461,10 @@ def test_assign_team_writes_ports_into_hub_yaml(tmp_path: Path, tiny_llama: Path
     dry = run("assign-team", "team", "--dry-run", config=path)
     assert dry.returncode == 0, dry.stderr
     assert path.read_text() == text and "dry run" in dry.stdout
-    lines = [line.split() for line in dry.stdout.splitlines() if line.strip().startswith(str(team)[:3])]
+    # Rows are "<port> <name> ...": keep those whose first field is a port of the team's range (a prefix
+    # of its digits is not enough: a range from 40399 to 40402 crosses from 403xx to 404xx).
+    span = {str(p) for p in range(team, team + 4)}
+    lines = [row for row in (line.split() for line in dry.stdout.splitlines()) if row and row[0] in span]
     assert [(int(row[0]), row[1]) for row in lines] == [(team, "large"), (team + 1, "little")]
 
     done = run("assign-team", "team", "--priority", "little", config=path)

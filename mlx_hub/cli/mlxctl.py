@@ -12,7 +12,7 @@ from mlx_hub.cli import registry as registry_commands
 from mlx_hub.cli.actions import report_failures, run_actions, start_detached, stop_all
 from mlx_hub.cli.client import ClientError, find_running
 from mlx_hub.cli.terminal import config_option, connect_hub, fail, load, ok, print_status
-from mlx_hub.config import ConfigError, load_config
+from mlx_hub.config import ConfigError, HubConfig, load_config
 
 
 @click.command("load")
@@ -44,39 +44,9 @@ def load_command(
     add it to hub.yaml (comments kept, hub.yaml.bak written), reload the
     running hub (or start one) and load it.
     """
-    from mlx_hub.registry.edit import add_entries
-
     path, cfg = load(config)
-    fields: dict[str, Any] = {}
-    if port is not None and port != "auto":
-        fields["port"] = int(port) if port.isdigit() else port
-    folder = Path(model).expanduser()
-    if any(m.name == model for m in cfg.models) and not folder.is_dir():
-        model_path = model  # an entry's name: serve that entry
-    elif folder.is_dir():
-        model_path = str(folder.resolve())
-    else:
-        model_path = registry_commands.ensure_model(cfg, model, convert, quantize, preconverted, no_offload)
-    existing = next((m for m in cfg.models if model_path in (m.model_path, m.name)), None)
-    if existing is not None:
-        if name and name != existing.name:
-            fail(
-                f"{path} already serves {model_path} as '{existing.name}'; drop --name or edit hub.yaml",
-                code=2,
-            )
-        if "port" in fields and fields["port"] != existing.port:
-            fail(
-                f"'{existing.name}' is configured with port {existing.port or 'auto'}; edit hub.yaml to move it"
-            )
-        entry = existing.name
-    else:
-        try:
-            (entry,) = add_entries(
-                path, [{"name": name, "model_path": model_path, **fields, "default": True}]
-            )
-        except (ValueError, ConfigError) as exc:
-            fail(f"cannot add {model_path} to {path}: {exc}", code=2)
-        ok(f"added '{entry}' to {path}")
+    model_path = _model_path(cfg, model, convert, quantize, preconverted, no_offload)
+    entry = _entry_for(path, cfg, model_path, port, name)
     try:
         found = find_running(cfg.log_dir)
     except ClientError as exc:
@@ -91,6 +61,45 @@ def load_command(
         report_failures({entry: result["failed"][entry]})
     run_actions(client, [entry], "load")
     print_status(client.status(), runtime.url, [entry])
+
+
+def _model_path(
+    cfg: HubConfig, model: str, convert: str, quantize: int | None, preconverted: str, no_offload: bool
+) -> str:
+    """What MODEL names: an entry of hub.yaml, a local folder, else a repo to ensure (download, convert)."""
+    folder = Path(model).expanduser()
+    if any(m.name == model for m in cfg.models) and not folder.is_dir():
+        return model  # an entry's name: serve that entry
+    if folder.is_dir():
+        return str(folder.resolve())
+    return registry_commands.ensure_model(cfg, model, convert, quantize, preconverted, no_offload)
+
+
+def _entry_for(path: Path, cfg: HubConfig, model_path: str, port: str | None, name: str | None) -> str:
+    """The entry that serves ``model_path``: the one hub.yaml has, else a new one added to it."""
+    from mlx_hub.registry.edit import add_entries  # ruamel.yaml: only the commands that edit pay for it
+
+    fields: dict[str, Any] = {}
+    if port is not None and port != "auto":
+        fields["port"] = int(port) if port.isdigit() else port
+    existing = next((m for m in cfg.models if model_path in (m.model_path, m.name)), None)
+    if existing is not None:
+        if name and name != existing.name:
+            fail(
+                f"{path} already serves {model_path} as '{existing.name}'; drop --name or edit hub.yaml",
+                code=2,
+            )
+        if "port" in fields and fields["port"] != existing.port:
+            fail(
+                f"'{existing.name}' is configured with port {existing.port or 'auto'}; edit hub.yaml to move it"
+            )
+        return existing.name
+    try:
+        (entry,) = add_entries(path, [{"name": name, "model_path": model_path, **fields, "default": True}])
+    except (ValueError, ConfigError) as exc:
+        fail(f"cannot add {model_path} to {path}: {exc}", code=2)
+    ok(f"added '{entry}' to {path}")
+    return entry
 
 
 @click.command("unload")

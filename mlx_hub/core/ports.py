@@ -12,6 +12,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_hub.config import HubConfig, ModelConfig
@@ -86,52 +87,78 @@ def assign_ports(
     stranger's. Pure apart from ``is_free``, so the policy is testable
     without sockets.
     """
-    models = list(models)
-    held = held or {}
-    ranges = ranges or {}
-    taken: set[int] = {controller_port}
-    result: dict[str, int] = {}
-    for entry in models:
-        if entry.fixed_port is not None:
-            result[entry.name] = entry.fixed_port
-            taken.add(entry.fixed_port)
-    taken.update(port for name, port in held.items() if result.get(name, port) == port)
+    plan = _Plan(list(models), controller_port, starting_port, previous, is_free, held or {}, ranges or {})
+    plan.keep_previous()
+    plan.place_newcomers()
+    return plan.result
 
-    def usable(name: str, port: int) -> bool:
-        if held.get(name) == port:
-            return True
-        return port not in taken and is_free(port)
 
-    def span(entry: ModelConfig) -> tuple[int, int]:
-        return ranges[entry.port_range] if entry.port_range is not None else (starting_port, MAX_PORT)
+@dataclass
+class _Plan:
+    """One run of ``assign_ports``: what is taken so far, and who has which port."""
 
-    # Pass 1: everyone whose previous port is still usable (and in its range)
-    # keeps it, before any newcomer is placed, so hub.yaml order never moves a model.
-    for entry in models:
-        old = previous.get(entry.name)
-        low, high = span(entry)
-        if entry.name not in result and old is not None and low <= old <= high and usable(entry.name, old):
-            result[entry.name] = old
-            taken.add(old)
-    # Ports remembered for models that left the config stay reserved too: a
-    # model that comes back gets its old URL.
-    taken.update(port for name, port in previous.items() if name not in result)
-    # Pass 2: newcomers (and models whose old port was taken) get the lowest free.
-    for entry in models:
-        if entry.name in result:
-            continue
-        low, high = span(entry)
-        port = next((p for p in range(low, high + 1) if usable(entry.name, p)), None)
-        if port is None:
-            where = f"range '{entry.port_range}' ({low}-{high})" if entry.port_range else f"{low} upwards"
-            raise PortError(f"no free port in {where} for model '{entry.name}'")
-        if entry.name in previous:
-            log.warning(
-                "model '%s': its previous port %d is taken; now on %d", entry.name, previous[entry.name], port
-            )
-        result[entry.name] = port
-        taken.add(port)
-    return result
+    models: list[ModelConfig]
+    controller_port: int
+    starting_port: int
+    previous: dict[str, int]
+    is_free: Callable[[int], bool]
+    held: dict[str, int]
+    ranges: dict[str, tuple[int, int]]
+    result: dict[str, int] = field(default_factory=dict)
+    taken: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.taken.add(self.controller_port)
+        for entry in self.models:  # pinned ports first: nothing moves them
+            if entry.fixed_port is not None:
+                self.result[entry.name] = entry.fixed_port
+                self.taken.add(entry.fixed_port)
+        self.taken.update(port for name, port in self.held.items() if self.result.get(name, port) == port)
+
+    def usable(self, name: str, port: int) -> bool:
+        return self.held.get(name) == port or (port not in self.taken and self.is_free(port))
+
+    def span(self, entry: ModelConfig) -> tuple[int, int]:
+        return (
+            self.ranges[entry.port_range] if entry.port_range is not None else (self.starting_port, MAX_PORT)
+        )
+
+    def keep_previous(self) -> None:
+        """Everyone whose previous port is still usable (and in its range) keeps it, before any newcomer
+        is placed, so hub.yaml order never moves a model. Ports remembered for models that left the
+        config stay reserved too: a model that comes back gets its old URL."""
+        for entry in self.models:
+            old = self.previous.get(entry.name)
+            low, high = self.span(entry)
+            if (
+                entry.name not in self.result
+                and old is not None
+                and low <= old <= high
+                and self.usable(entry.name, old)
+            ):
+                self.result[entry.name] = old
+                self.taken.add(old)
+        self.taken.update(port for name, port in self.previous.items() if name not in self.result)
+
+    def place_newcomers(self) -> None:
+        """Newcomers (and models whose old port was taken) get the lowest free port of their span."""
+        for entry in self.models:
+            if entry.name in self.result:
+                continue
+            low, high = self.span(entry)
+            port = next((p for p in range(low, high + 1) if self.usable(entry.name, p)), None)
+            if port is None:
+                where = f"range '{entry.port_range}' ({low}-{high})" if entry.port_range else f"{low} upwards"
+                raise PortError(f"no free port in {where} for model '{entry.name}'")
+            if entry.name in self.previous:
+                log.warning(
+                    "model '%s': its previous port %d is taken; now on %d",
+                    entry.name,
+                    self.previous[entry.name],
+                    port,
+                )
+            self.result[entry.name] = port
+            self.taken.add(port)
 
 
 class PortBook:

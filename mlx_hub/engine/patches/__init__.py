@@ -10,6 +10,19 @@ from __future__ import annotations
 
 from mlx_hub.engine.patches import mlx_openai_server, mlx_vlm, mlx_whisper
 
+#: Each patch (as ``MLX_HUB_DISABLE_PATCHES`` names it) and the test that fails without it.
+#: ``make proofs`` runs each test with its patch switched off and expects the failure.
+PROOFS: dict[str, str] = {
+    "thread_local_stream": "tests/test_model_types.py::test_generation_on_another_thread_needs_the_thread_local_stream",
+    "whisper_per_folder": "tests/test_model_types.py::test_two_whisper_entries_hold_their_own_weights",
+    "serve_like_launch": "tests/test_model_types.py::test_whisper_transcribes_streams_and_frees",
+    "share_weights": "tests/test_shared_weights.py::test_two_profiles_share_one_copy",
+    "vlm_batching_capability": "tests/test_model_types.py::test_multimodal_chat_with_an_image[on]",
+    "batch_failure_frees_its_sequences": "tests/test_memory.py::test_an_allocation_error_fails_that_request_alone[batched]",
+    "bound_prompt_cache": "tests/test_engine.py::test_a_budget_bounds_upstreams_prompt_cache",
+    "accept_raw_prompts": "tests/test_peer_apis.py::test_completions_plain_stream_and_several_prompts",
+}
+
 
 def apply() -> None:
     """Apply every patch whose library is imported by now; safe to call often."""

@@ -1,5 +1,7 @@
 """mlx-openai-server 1.8.1 (and 1.6.3): what the hub changes on upstream's own objects.
 
+Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
+
 - ``share_weights``: upstream's model classes read weights with their library's
   ``load``; the hub installs loaders that keep one copy per folder (engine.weights).
   Proof: tests/test_shared_weights.py::test_two_profiles_share_one_copy.
@@ -13,8 +15,8 @@
   transcription route calls on ``launch``'s process proxy. Proof:
   tests/test_model_types.py::test_whisper_transcribes_streams_and_frees.
 - ``bound_prompt_cache``: upstream's ``LRUPromptCache`` is unbounded by default.
-  Proof: tests/test_memory.py (prompt cache under the budget).
-- ``raw_prompt`` / ``count_prompt_tokens``: /v1/completions sends a prompt as written
+  Proof: tests/test_engine.py::test_a_budget_bounds_upstreams_prompt_cache.
+- ``accept_raw_prompts`` (with ``raw_prompt``) and ``count_prompt_tokens``: /v1/completions sends a prompt as written
   through the chat path, and count_tokens renders a prompt as the handler would,
   with upstream's private ``_prepare_*`` methods. Proof: tests/test_peer_apis.py::
   test_completions_plain_stream_and_several_prompts and ::test_chat_messages_and_completions_answer_the_same.
@@ -36,6 +38,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from mlx_hub.engine.generation_watch import watched
+from mlx_hub.engine.patches.switch import enabled
 from mlx_hub.engine.versions import package_version
 from mlx_hub.engine.weights import same_companion, sharing_load, sharing_pair_load, vlm_processor
 
@@ -43,11 +46,15 @@ log = logging.getLogger(__name__)
 
 
 def apply() -> None:
-    """Patch what is imported by now; each step is idempotent."""
-    vlm_batching_capability()
-    share_weights()
-    batch_failure_frees_its_sequences()
-    watch_generation_steps()
+    """Patch what is imported by now; each step is idempotent and can be switched off (switch.py)."""
+    for name, patch in (
+        ("vlm_batching_capability", vlm_batching_capability),
+        ("share_weights", share_weights),
+        ("batch_failure_frees_its_sequences", batch_failure_frees_its_sequences),
+        ("watch_generation_steps", watch_generation_steps),
+    ):
+        if enabled(name):
+            patch()
 
 
 def watch_generation_steps() -> None:
@@ -152,6 +159,11 @@ def batch_failure_frees_its_sequences() -> None:
 
 
 def serve_like_launch(handler: Any) -> None:
+    if enabled("serve_like_launch"):
+        _serve_like_launch(handler)
+
+
+def _serve_like_launch(handler: Any) -> None:
     """Give a bare whisper handler the methods upstream's endpoints call on ``launch``'s proxy.
 
     ``mlx-openai-server launch`` serves every model through its subprocess
@@ -192,7 +204,7 @@ def bound_prompt_cache(handler: Any, budget: int | None) -> None:
     """
     cache = getattr(handler, "prompt_cache", None)
     current = getattr(cache, "max_bytes", None)
-    if budget is not None and isinstance(current, int):
+    if enabled("bound_prompt_cache") and budget is not None and isinstance(current, int):
         cache.max_bytes = min(current, int(budget * PROMPT_CACHE_SHARE))
 
 
@@ -208,7 +220,7 @@ def accept_raw_prompts(handler: Any) -> None:
     """
     model = getattr(handler, "model", None)
     render = getattr(model, "create_input_prompt", None)
-    if render is None or getattr(render, "_hub_raw", False):
+    if not enabled("accept_raw_prompts") or render is None or getattr(render, "_hub_raw", False):
         return
 
     def create_input_prompt(messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any]) -> str:

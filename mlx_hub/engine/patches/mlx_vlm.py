@@ -1,4 +1,4 @@
-"""mlx-vlm 0.4.x: a generation stream made for every thread that generates.
+"""mlx-vlm 0.4.x: a generation stream made for every thread that generates (``thread_local_stream``).
 
 mlx-vlm 0.4 makes ``generation_stream`` with ``mx.new_stream`` at import.
 Since MLX 0.31.2 such a stream exists only on the thread that made it: the
@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import sys
 
+from mlx_hub.engine.patches.switch import enabled
+
 
 def apply() -> None:
     module = sys.modules.get("mlx_vlm.generate")
-    if module is None or getattr(module, "_mlx_hub_thread_local", False):
+    if (
+        not enabled("thread_local_stream")
+        or module is None
+        or getattr(module, "_mlx_hub_thread_local", False)
+    ):
         return
     import mlx.core as mx
 

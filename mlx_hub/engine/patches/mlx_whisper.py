@@ -1,4 +1,5 @@
-"""mlx-whisper 0.4.x: ``ModelHolder`` hands out the weights each hub engine loaded, per folder.
+"""mlx-whisper 0.4.x: ``ModelHolder`` hands out the weights each hub engine loaded, per folder
+(``whisper_per_folder``).
 
 mlx_whisper's ``ModelHolder`` keeps one model for the whole process, loaded on
 first use. Two whisper entries would swap it back and forth, an unload would
@@ -15,13 +16,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from mlx_hub.engine.patches.switch import enabled
 from mlx_hub.engine.whisper import held_model
 
 
 def apply() -> None:
     module = sys.modules.get("mlx_whisper.transcribe")
     holder = getattr(module, "ModelHolder", None)
-    if holder is None or getattr(holder, "_mlx_hub_per_folder", False):
+    if not enabled("whisper_per_folder") or holder is None or getattr(holder, "_mlx_hub_per_folder", False):
         return
     original = holder.get_model
 
