@@ -290,6 +290,19 @@ def long_prompts(cache: Path, out: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def swaps(cache: Path, out: Path) -> dict[str, Any]:
+    """benchmarks/swaps.py in a fresh process: alternating requests across a full group, and the longest wait."""
+    import subprocess
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.swaps", "--cache", str(cache), "--out", str(out)],
+        check=True,
+        cwd=ROOT.parent,
+    )
+    return json.loads(out.read_text())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -403,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         hub.close()
     log("memory under long prompts (its own hub process, so MLX's peak is this section's)")
     results["long_prompts"] = long_prompts(args.cache, workdir / "long-prompts.json")
+    log("swaps across a full group (its own hub process)")
+    results["swaps"] = swaps(args.cache, workdir / "swaps.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)
