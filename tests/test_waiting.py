@@ -22,7 +22,7 @@ from mlx_hub.core import admission
 
 from .helpers import meta
 from .test_hub import eventually, lm
-from .test_peer_apis import HELLO, close_clients, oai, port_url  # noqa: F401
+from .test_peer_apis import HELLO, claude, close_clients, oai, port_url  # noqa: F401
 
 
 def pair(tiny_llama: Path, tmp_path: Path, **b: Any) -> list[dict[str, Any]]:
@@ -87,9 +87,9 @@ async def test_a_waiting_stream_answers_at_once_and_says_why(
     start, hub_config, tiny_llama: Path, tmp_path: Path
 ) -> None:
     live = await start(
-        hub_config(pair(tiny_llama, tmp_path, loading_progress=True), groups=[{"name": "g", "max_loaded": 1}])
+        hub_config(pair(tiny_llama, tmp_path), groups=[{"name": "g", "max_loaded": 1}], loading_progress=True)
     )
-    a = live.hub.slots["a"]
+    a, b = live.hub.slots["a"], live.hub.slots["b"]
     await oai(live.url).chat.completions.create(**chat("a"))
     held = await admission.acquire(live.hub, a)
     lines: list[str] = []
@@ -115,6 +115,15 @@ async def test_a_waiting_stream_answers_at_once_and_says_why(
     # The SDK reads the same stream as any other (comments are ignored).
     streamed = await oai(live.url).chat.completions.create(**chat("b"), stream=True)
     assert [c async for c in streamed]
+
+    # Anthropic: the lines are a thinking block before the answer's own blocks, and the SDK folds it all.
+    held = await admission.acquire(live.hub, b)
+    asyncio.get_running_loop().call_later(2.5, lambda: admission.release(live.hub, b, reserved=held))
+    async with claude(live.url).messages.stream(model="a", max_tokens=3, messages=HELLO) as stream:
+        final = await stream.get_final_message()
+    assert [block.type for block in final.content] == ["thinking", "text"]
+    assert "waiting for a place in group 'g' to run a (position 1)" in final.content[0].thinking
+    assert final.usage.output_tokens == 3 and final.stop_reason == "max_tokens"
 
 
 async def test_a_refusal_after_the_stream_opened_is_an_error_event(

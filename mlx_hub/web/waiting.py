@@ -11,16 +11,14 @@
   second until the route starts, so proxies and SDKs do not time out. A failure
   after that ends the stream with the same error object the status code would
   have carried, as an error event in the request's API. ``loading_progress``
-  (per model, else hub-wide) also puts one readable line per stage in a chat
-  stream's ``reasoning_content``. Non-streaming requests are unchanged.
+  (per model, else hub-wide) also puts one readable line per stage in the
+  stream's reasoning field (``progress``). Non-streaming requests are unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from starlette.types import Message, Receive, Scope, Send
 from mlx_hub.core import admission
 from mlx_hub.core.errors import HubError
 from mlx_hub.core.states import MemoryState
+from mlx_hub.web.progress import progress_for
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.translate import is_anthropic_path
 
@@ -96,7 +95,7 @@ class WaitingRoom:
         self._held: Message | None = None  # the route's error start, once the stream is open
         entry, config = slot.entry, hub.config
         progress = entry.loading_progress if entry.loading_progress is not None else config.loading_progress
-        self.progress = progress and scope["path"].rstrip("/") == "/v1/chat/completions"
+        self.progress = progress_for(scope["path"], entry.served_name) if progress else None
 
     async def acquire(self, body: dict[str, Any] | None, receive: Receive | None) -> Reservation | None:
         """Wait for a place; None when the client left or the refusal has been answered."""
@@ -156,15 +155,17 @@ class WaitingRoom:
         return f"queued {place}", f"waiting{group} to run {slot.name} (position {place})..."
 
     async def heartbeat(self, place: int) -> None:
+        text = b""
         if not self.opened:
             self.opened = True
             await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            text = self.progress.opening() if self.progress else b""
         comment, line = self.stage(place)
-        text = f": {comment}\n\n"
+        text += f": {comment}\n\n".encode()
         if self.progress and line != self._said:
             self._said = line
-            text += f"data: {json.dumps(_reasoning_chunk(self.slot.entry.served_name, line))}\n\n"
-        await self._send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            text += self.progress.line(line)
+        await self._send({"type": "http.response.body", "body": text, "more_body": True})
 
     async def refuse(self, exc: HubError) -> None:
         """A refusal: its status and body before the stream opened, the same body as an error event after."""
@@ -207,22 +208,14 @@ class WaitingRoom:
                 await self._error_event(self._held["body"])
             return
         self.forwarded = True
+        if self.progress is not None and message["type"] == "http.response.body":
+            last = not message.get("more_body", False)
+            message = {**message, "body": self.progress.route(message.get("body", b""), last)}
         await self._send(message)
 
     def answered(self, started: bool) -> bool:
         """The route's answer has begun (``started``: something went out, perhaps only the early stream)."""
         return self.forwarded if self.opened else started
-
-
-def _reasoning_chunk(model: str, line: str) -> dict[str, Any]:
-    delta = {"role": "assistant", "content": "", "reasoning_content": line + "\n"}
-    return {
-        "id": "chatcmpl-hub-waiting",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-    }
 
 
 async def _no_receive() -> Message:
