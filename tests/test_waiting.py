@@ -130,7 +130,7 @@ async def test_a_refusal_after_the_stream_opened_is_an_error_event(
     start, hub_config, tiny_llama: Path, tmp_path: Path
 ) -> None:
     live = await start(
-        hub_config(pair(tiny_llama, tmp_path, queue_timeout=1.5), groups=[{"name": "g", "max_loaded": 1}])
+        hub_config(pair(tiny_llama, tmp_path, queue_timeout=2.5), groups=[{"name": "g", "max_loaded": 1}])
     )
     a = live.hub.slots["a"]
     await oai(live.url).chat.completions.create(**chat("a"))
@@ -140,6 +140,8 @@ async def test_a_refusal_after_the_stream_opened_is_an_error_event(
             plain = await http.post(f"{live.url}/v1/chat/completions", json=chat("b"))
             openai_stream = await http.post(f"{live.url}/v1/chat/completions", json=chat("b", stream=True))
             anthropic = await http.post(f"{port_url(live, 'b')}/v1/messages", json=chat("b", stream=True))
+            responses_body = {"model": "b", "input": "Hello", "max_output_tokens": 3, "stream": True}
+            responses = await http.post(f"{live.url}/v1/responses", json=responses_body)
         with pytest.raises(openai.APIError):  # the SDK raises on the error event
             async for _ in await oai(live.url).chat.completions.create(**chat("b"), stream=True):
                 pass
@@ -148,9 +150,13 @@ async def test_a_refusal_after_the_stream_opened_is_an_error_event(
     assert plain.status_code == 429  # not streaming: unchanged
     error = plain.json()
     assert openai_stream.status_code == 200 and openai_stream.text.startswith(": queued 1\n\n")
+    assert openai_stream.text.count(": queued 1") >= 2  # one a second while it waited 2.5 s
     event = [line for line in openai_stream.text.splitlines() if line.startswith("data: {")]
     assert json.loads(event[0][6:])["error"]["code"] == error["error"]["code"]
     assert openai_stream.text.rstrip().endswith("data: [DONE]")
     assert anthropic.status_code == 200 and "event: error" in anthropic.text
     body = json.loads(anthropic.text.split("event: error\ndata: ")[1].split("\n")[0])
     assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert responses.status_code == 200 and "event: error" in responses.text
+    late = json.loads(responses.text.split("event: error\ndata: ")[1].split("\n")[0])
+    assert late["error"]["code"] == error["error"]["code"]

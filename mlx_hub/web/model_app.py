@@ -38,7 +38,7 @@ from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
-    from mlx_hub.core.slot import ModelSlot
+    from mlx_hub.core.slot import ModelSlot, Reservation
 
 
 class SlotRegistry:
@@ -160,31 +160,43 @@ class LoadGate:
             reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
             if reserved is None:
                 return  # the client left, or its refusal has been sent
-            task = asyncio.current_task()
-            self.slot.requests.add(task)
-            guard = AllocationGuard(room.send, self.slot.name, scope)
-            heard = Listening(receive)
-            try:
-                await self.app(scope, heard.receive, guard.send)
-            except asyncio.CancelledError:
-                # The hub cancels what is still running when a stop's drain time is up.
-                if self.slot.port_state is PortState.STOPPING and not room.answered(watch.started):
-                    stopped = StoppedError(
-                        f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
-                    )
-                    with contextlib.suppress(Exception):
-                        await room.send_error(error_response(stopped))
-                raise
-            finally:
-                self.slot.requests.discard(task)
-                admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
-                if heard.left and not watch.finished:
-                    client_left(self.hub, self.slot, "generating")
-                if guard.failed:
-                    admission.allocation_failed(self.hub, self.slot)
+            await self._serve(scope, receive, room, watch, reserved, keep_alive)
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        room: WaitingRoom,
+        watch: ResponseWatch,
+        reserved: Reservation,
+        keep_alive: float | None,
+    ) -> None:
+        """Run the route for an admitted request, counted in flight until its last byte or its client leaves."""
+        task = asyncio.current_task()
+        self.slot.requests.add(task)
+        guard = AllocationGuard(room.send, self.slot.name, scope)
+        heard = Listening(receive)
+        try:
+            await self.app(scope, heard.receive, guard.send)
+        except asyncio.CancelledError:
+            # The hub cancels what is still running when a stop's drain time is up.
+            if self.slot.port_state is PortState.STOPPING and not room.answered(watch.started):
+                stopped = StoppedError(
+                    f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
+                )
+                with contextlib.suppress(Exception):
+                    await room.send_error(error_response(stopped))
+            raise
+        finally:
+            self.slot.requests.discard(task)
+            admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
+            if heard.left and not watch.finished:
+                client_left(self.hub, self.slot, "generating")
+            if guard.failed:
+                admission.allocation_failed(self.hub, self.slot)
 
 
 class AllocationGuard:
