@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import pytest
 from .helpers import free_port, free_range
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach for the network
+# Prompt caches never go to ~/mlx-openai-server-hub: a session folder here (for environments copied at
+# import, such as tests/test_cli.py's), and a folder of each test's own below (_private_prompt_cache).
+os.environ.setdefault("MLX_HUB_PROMPT_CACHE_PATH", tempfile.mkdtemp(prefix="mlx-hub-prompt-cache-"))
 os.environ.setdefault(
     "LITELLM_LOCAL_MODEL_COST_MAP", "True"
 )  # LiteLLM fetches one from GitHub at import otherwise
@@ -210,3 +214,9 @@ async def fast(hub_config) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for built in hubs:
         await built.shutdown(drain_timeout=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _private_prompt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its prompt caches in its own folder, never in ~/mlx-openai-server-hub."""
+    monkeypatch.setenv("MLX_HUB_PROMPT_CACHE_PATH", str(tmp_path / "prompt-cache"))
