@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     results["long_prompts"] = long_prompts(args.cache, workdir / "long-prompts.json")
     log("prompt cache after a swap (hubs and launch of their own)")
     results["prompt_cache"] = section("prompt_cache", args.cache, workdir / "prompt-cache.json")
+    log("swaps across a full group (its own hub process)")
+    results["swaps"] = section("swaps", args.cache, workdir / "swaps.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)

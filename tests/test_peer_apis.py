@@ -192,7 +192,8 @@ async def test_messages_stream_sends_anthropics_event_sequence(
     )
     assert cut.content[0].text == text[: text.index(stop)]
     assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
-    assert cut.usage.output_tokens == 5 and prompt_of(cut.usage) == prompt_of(whole.usage)
+    # Generation ends at the stop (tests/test_stops.py), so at most the 5 tokens are counted.
+    assert 1 <= cut.usage.output_tokens <= 5 and prompt_of(cut.usage) == prompt_of(whole.usage)
     async with client.messages.stream(
         model="m", max_tokens=5, messages=HELLO, stop_sequences=[stop], **greedy(phrase_model)
     ) as stream:

@@ -33,7 +33,7 @@ def test_a_plain_request_maps_field_by_field() -> None:
     ]
     assert (chat["max_tokens"], chat["temperature"], chat["top_p"], chat["top_k"]) == (8, 0.0, 0.9, 20)
     assert chat["user"] == "u-1" and chat["seed"] == 3 and chat["model"] == "m"
-    assert chat["stream"] is True and "stop" not in chat  # stop sequences are the hub's to apply
+    assert chat["stream"] is True and chat["stop"] == ["END"]  # handed to upstream, as chat's stop
     assert "tools" not in chat
 
 
@@ -284,7 +284,7 @@ def test_completions_requests() -> None:
     ]
     assert "max_tokens" not in chats[0]  # the entry's default, else 16, is the route's to pick
     assert chats[0]["temperature"] == 0 and chats[0]["seed"] == 1
-    assert "stop" not in chats[0]
+    assert chats[0]["stop"] == ["x"]  # handed to upstream, as chat's stop
     for bad in ({"prompt": 3}, {"prompt": []}, {"prompt": "a", "n": 2}, {"prompt": "a", "echo": True}):
         with pytest.raises(tr.RequestError):
             tr.to_completion_requests(bad)

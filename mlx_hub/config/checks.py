@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_hub.config.aliases import alias_clashes
 from mlx_hub.config.schema import GroupConfig, HubConfig, ModelConfig
 
 
@@ -72,6 +73,7 @@ def cross_checks(
     return [
         *_unique_names(cfg, where),
         *_served_names(cfg, where),
+        *alias_clashes(cfg.models, where.line),
         *_choice_problems(cfg, where, choices or {}),
         *_group_references(cfg, where),
         *_ports(cfg, where),

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlx_hub.config.aliases import check_alias
 from mlx_hub.config.sizes import disk_bytes, is_budget_word, memory_bytes
 
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
@@ -82,6 +83,8 @@ class ModelConfig(_Strict):
     # (see engine.upstream_entry). Names and defaults are upstream's.
     model_type: Literal["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"] = "lm"
     served_model_name: str | None = None  # unset: model_path, as upstream
+    aliases: list[str] = Field(default_factory=list)  # more names requests may use (config/aliases.py)
+    loading_progress: bool | None = None  # unset: the hub's; streams say what they wait for as reasoning
     context_length: Annotated[int, Field(ge=1)] | None = None  # unset: the model's own, no rotating cache
     max_concurrency: Annotated[int, Field(ge=1)] = 1
     queue_timeout: Annotated[float, Field(gt=0)] = 300
@@ -171,6 +174,13 @@ class ModelConfig(_Strict):
             )
         return value
 
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _alias_form(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError(f"aliases must be a list of names, not {value!r}")
+        return [check_alias(v) for v in value]
+
     @field_validator("port", mode="before")
     @classmethod
     def _port_form(cls, value: Any) -> Any:
@@ -210,7 +220,7 @@ class ModelConfig(_Strict):
     @property
     def names(self) -> tuple[str, ...]:
         """Every ``model`` value a request may use for this entry: served name, entry name, path."""
-        return tuple(dict.fromkeys((self.served_name, self.name, self.model_path)))
+        return tuple(dict.fromkeys((self.served_name, self.name, self.model_path, *self.aliases)))
 
 
 class GroupConfig(_Strict):
@@ -237,6 +247,7 @@ class HubConfig(_Strict):
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
+    loading_progress: bool = False  # streams that wait say so in the reasoning field (web/waiting.py)
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     # unset: $MLX_HUB_PROMPT_CACHE_PATH, else ~/mlx-openai-server-hub/prompt-cache
     prompt_cache_path: str | None = None

@@ -129,6 +129,7 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
     """
     slot.waiting += 1
     need = None
+    left = False
     try:
         while True:
             if slot.port_state not in (PortState.RUNNING, PortState.STARTING):
@@ -149,6 +150,8 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
             if state is MemoryState.UNLOADING:
                 await hub.wait_change()
             elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
+                if not pending:
+                    slot.load_for_requests = True  # a client that leaves may take it back
                 await asyncio.shield(load_task(hub, slot))
             elif state is MemoryState.FAILED:
                 raise ModelLoadError(
@@ -160,8 +163,31 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
                     f"`mlx-openai-server-hub load-model {slot.name}`",
                     model=slot.name,
                 )
+    except asyncio.CancelledError:
+        left = True  # the client went away (the gate cancels its wait)
+        raise
     finally:
         slot.waiting -= 1
+        if left:
+            drop_unwanted_load(slot)
+
+
+def drop_unwanted_load(slot: ModelSlot) -> None:
+    """Cancel a load that only requests asked for, once none waits for it and it has not begun.
+
+    Still waiting for a group place or memory (the slot is not LOADING yet), it
+    has evicted nothing it still needs to; cancelled there, it never loads.
+    """
+    task = slot.load_task
+    if (
+        slot.waiting == 0
+        and slot.load_for_requests
+        and task is not None
+        and not task.done()
+        and slot.memory_state in (MemoryState.UNLOADED, MemoryState.FAILED)
+    ):
+        log.info("model '%s': every request waiting for its load left; the load is dropped", slot.name)
+        task.cancel()
 
 
 def _gb(value: int | None) -> str:

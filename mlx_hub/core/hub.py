@@ -256,7 +256,9 @@ class Hub:
             return "already_loaded"
         if slot.memory_state is MemoryState.UNLOADING:
             await admission.unload_slot(self, slot)
-        await asyncio.shield(admission.load_task(self, slot))
+        task = admission.load_task(self, slot)
+        slot.load_for_requests = False  # asked for by name: it loads whoever leaves
+        await asyncio.shield(task)
         return "loaded"
 
     async def unload(self, name: str, *, wait_for_requests: bool = True) -> str:

@@ -165,6 +165,12 @@ class HubMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.cancelled = Counter(
+            "mlx_hub_requests_cancelled_by_client",
+            "requests whose client went away, by stage (waiting, generating)",
+            ["model", "stage"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(status))
 
     def request(self, model: str, route: str, status: int, tokens: int) -> None:
@@ -173,6 +179,9 @@ class HubMetrics:
             self.errors.labels(model, route).inc()
         if tokens:
             self.tokens.labels(model).inc(tokens)
+
+    def client_left(self, model: str, stage: str) -> None:
+        self.cancelled.labels(model, stage).inc()
 
     def loaded(self, model: str, seconds: float) -> None:
         self.loads.labels(model).inc()
@@ -200,6 +209,7 @@ class ResponseWatch:
         self._send = send
         self.status = 500
         self.started = False  # the response's first message has gone out
+        self.finished = False  # ... and its last
         self.tokens = 0
         self._tail = b""
 
@@ -212,4 +222,5 @@ class ResponseWatch:
             for match in _COMPLETION_TOKENS.finditer(chunk):
                 self.tokens = max(self.tokens, int(match.group(1)))
             self._tail = chunk[-64:]  # a field split across two chunks is still found
+            self.finished = not message.get("more_body", False)
         await self._send(message)

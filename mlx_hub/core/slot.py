@@ -104,6 +104,8 @@ class ModelSlot:
         self.app: Any = None
         self.active = 0  # requests the handler is serving now
         self.waiting = 0  # requests waiting for a load or a group place
+        self.cancelled_by_client: dict[str, int] = {}  # requests whose client left, by stage
+        self.load_for_requests = False  # the load in progress was started by requests alone
         self.requests: set[asyncio.Task[Any]] = set()  # tasks serving the active requests, for a forced stop
         self.last_used = time.monotonic()
         self.memory_bytes = 0
@@ -403,6 +405,8 @@ class ModelSlot:
                 shared_with=sorted({h for g in shared for h in g.holders} - {self.name}),
                 in_flight=self.active,
                 waiting=self.waiting,
+                cancelled_waiting=self.cancelled_by_client.get("waiting", 0),
+                cancelled_generating=self.cancelled_by_client.get("generating", 0),
                 idle_seconds_left=None if idle_left is None else round(idle_left, 1),
                 load_seconds=None if self.load_seconds is None else round(self.load_seconds, 3),
                 load_count=self.load_count,

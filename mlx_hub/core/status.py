@@ -43,6 +43,8 @@ class ModelMetadata(_Document):
     shared_with: list[str] = []  # those entries
     in_flight: int
     waiting: int
+    cancelled_waiting: int = 0  # requests whose client left while they waited (for a load, a place, memory)
+    cancelled_generating: int = 0  # ... while they were served
     idle_seconds_left: float | None
     load_seconds: float | None
     load_count: int

@@ -51,6 +51,8 @@ HUB_FIELDS = frozenset(
         "no_log_file",
         "log_level",
         "pinned",
+        "aliases",
+        "loading_progress",
     }
 )
 #: hub.yaml fields that older releases call something else.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -24,21 +23,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_hub.core import admission
-from mlx_hub.core.errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
+from mlx_hub.core.errors import InvalidKeepAliveError, MemoryExhaustedError, StoppedError
 from mlx_hub.core.logs import current_model
 from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
-from mlx_hub.engine.model_files import token_limits
 from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
+from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
+from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
-    from mlx_hub.core.slot import ModelSlot
+    from mlx_hub.core.slot import ModelSlot, Reservation
 
 
 class SlotRegistry:
@@ -70,24 +70,6 @@ class SlotRegistry:
     def list_models(self) -> list[dict[str, Any]]:
         """Upstream's model card (served name, load time, ``local``), plus the hub's view beside it."""
         return [model_card(self.slot, self.slot.entry.served_name, "local")]
-
-
-def model_card(slot: ModelSlot, model_id: str, owned_by: str) -> dict[str, Any]:
-    """One ``/v1/models`` entry: OpenAI's fields, then what the hub knows about the model."""
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": int(slot.memory_changed_at or slot.port_changed_at or time.time()),
-        "owned_by": owned_by,
-        "metadata": None,
-        "hub_name": slot.name,
-        "model_path": slot.entry.model_path,
-        "model_type": slot.entry.model_type,
-        "process_state": slot.port_state.value,
-        "memory_state": slot.memory_state.value,
-        **token_limits(slot.entry),  # what a gateway (export litellm --hub) should be told
-        "request_params": slot.entry.request_params,
-    }
 
 
 def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
@@ -149,10 +131,12 @@ class LoadGate:
         try:
             keep_alive = None
             data = None
+            listen: Receive | None = None  # the client's own receive, once its body is read
             if is_json(scope):
                 body, gone = await read_body(receive)
                 if gone:
                     return
+                listen = receive
                 data = json_object(body)
                 if _names_another_model(data, self.slot):
                     await self.app(scope, replay(body, receive), watch.send)
@@ -172,35 +156,47 @@ class LoadGate:
                     body = json.dumps(data).encode()
                     scope = with_length(scope, len(body))
                 receive = replay(body, receive)
-            try:
-                reserved = await admission.acquire(
-                    self.hub, self.slot, reserving(scope["path"], data, self.slot.entry)
-                )
-            except HubError as exc:
-                await error_response(exc)(scope, receive, watch.send)
-                return
-            task = asyncio.current_task()
-            self.slot.requests.add(task)
-            guard = AllocationGuard(watch.send, self.slot.name, scope)
-            try:
-                await self.app(scope, receive, guard.send)
-            except asyncio.CancelledError:
-                # The hub cancels what is still running when a stop's drain time is up.
-                if self.slot.port_state is PortState.STOPPING and not watch.started:
-                    stopped = StoppedError(
-                        f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
-                    )
-                    with contextlib.suppress(Exception):
-                        await error_response(stopped)(scope, receive, watch.send)
-                raise
-            finally:
-                self.slot.requests.discard(task)
-                admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
-                if guard.failed:
-                    admission.allocation_failed(self.hub, self.slot)
+            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(scope, data))
+            reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
+            if reserved is None:
+                return  # the client left, or its refusal has been sent
+            await self._serve(scope, receive, room, watch, reserved, keep_alive)
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        room: WaitingRoom,
+        watch: ResponseWatch,
+        reserved: Reservation,
+        keep_alive: float | None,
+    ) -> None:
+        """Run the route for an admitted request, counted in flight until its last byte or its client leaves."""
+        task = asyncio.current_task()
+        self.slot.requests.add(task)
+        guard = AllocationGuard(room.send, self.slot.name, scope)
+        heard = Listening(receive)
+        try:
+            await self.app(scope, heard.receive, guard.send)
+        except asyncio.CancelledError:
+            # The hub cancels what is still running when a stop's drain time is up.
+            if self.slot.port_state is PortState.STOPPING and not room.answered(watch.started):
+                stopped = StoppedError(
+                    f"model '{self.slot.name}' was stopped before it answered", model=self.slot.name
+                )
+                with contextlib.suppress(Exception):
+                    await room.send_error(error_response(stopped))
+            raise
+        finally:
+            self.slot.requests.discard(task)
+            admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
+            if heard.left and not watch.finished:
+                client_left(self.hub, self.slot, "generating")
+            if guard.failed:
+                admission.allocation_failed(self.hub, self.slot)
 
 
 class AllocationGuard:
@@ -289,6 +285,12 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": registry.list_models()}
+
+    @app.get("/v1/models/{model_id:path}", response_model=None)
+    async def model(model_id: str) -> Any:
+        if not registry.has_model(model_id):
+            return unknown_model(model_id, slot.entry.served_name)
+        return model_card(slot, slot.entry.served_name, "local")
 
     add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
     app.include_router(router)

@@ -12,12 +12,12 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_hub.core.errors import HubError, NotRunningError, UnknownModelError
 from mlx_hub.web.asgi import header, is_json, json_object, read_body, replay
-from mlx_hub.web.model_app import model_card
+from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.responses import error_json, error_response
 
 if TYPE_CHECKING:
@@ -49,8 +49,11 @@ class OpenAIRoutes:
             await self.app(scope, receive, send)
             return
         if scope["method"] in ("GET", "HEAD"):
-            if scope["path"].rstrip("/") == "/v1/models":
+            path = scope["path"].rstrip("/")
+            if path == "/v1/models":
                 await JSONResponse(self.models())(scope, receive, send)
+            elif path.startswith("/v1/models/"):
+                await self.model(path[len("/v1/models/") :])(scope, receive, send)
             else:
                 await self.app(scope, receive, send)  # 404 in the OpenAI envelope
             return
@@ -74,6 +77,13 @@ class OpenAIRoutes:
         """Every configured model, loaded or not, with the hub's view of it."""
         data = [model_card(slot, slot.name, "mlx-openai-server-hub") for slot in self.hub.slots.values()]
         return {"object": "list", "data": data}
+
+    def model(self, requested: str) -> Response:
+        """One card, for any name the model answers to (``models.retrieve``); loads nothing."""
+        slot = self.hub.find(requested)
+        if slot is None:
+            return unknown_model(requested, ", ".join(self.hub.slots) or "none")
+        return JSONResponse(model_card(slot, slot.name, "mlx-openai-server-hub"))
 
     async def _target(self, scope: Scope, body: bytes, receive: Receive) -> ModelSlot:
         requested = await self._requested_model(scope, body, receive)

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, HTTPException, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from mlx_hub.engine.generation_watch import watching
 from mlx_hub.engine.patches.mlx_openai_server import accept_raw_prompts, count_prompt_tokens
 from mlx_hub.engine.patches.mlx_openai_server import raw_prompt as raw_prompt_for
 from mlx_hub.web import translate as tr
 from mlx_hub.web.responses import error_json
+from mlx_hub.web.stopping import StopEnding
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
@@ -132,15 +134,18 @@ class Driver:
             return handler.generate_multimodal_stream(request)
         return handler.generate_text_stream(request)
 
-    async def primed(self, handler: Any, request: Any, raw_prompt: str | None = None) -> AsyncIterator[Any]:
+    async def primed(
+        self, handler: Any, request: Any, ending: StopEnding, raw_prompt: str | None = None
+    ) -> AsyncIterator[Any]:
         """The handler's stream with its first chunk already read, so early refusals keep their status.
 
         The handler renders and tokenizes the prompt before its first chunk, so
-        a ``raw_prompt`` set around that first read is the prompt it uses.
+        a ``raw_prompt`` set around that first read is the prompt it uses; the
+        generation it starts there reports its steps to ``ending``.
         """
         source = self.stream(handler, request)
         try:
-            with raw_prompt_for(raw_prompt):
+            with raw_prompt_for(raw_prompt), watching(ending.watch):
                 first = await source.__anext__()
         except StopAsyncIteration:
             first = None
@@ -160,7 +165,9 @@ class Driver:
         return chunks()
 
 
-async def _anthropic_events(chunks: AsyncIterator[Any], stream: tr.MessageStream) -> AsyncIterator[tr.Event]:
+async def _anthropic_events(
+    chunks: AsyncIterator[Any], stream: tr.MessageStream, ending: StopEnding
+) -> AsyncIterator[tr.Event]:
     for event in stream.start():
         yield event
     try:
@@ -168,8 +175,11 @@ async def _anthropic_events(chunks: AsyncIterator[Any], stream: tr.MessageStream
             for piece in tr.pieces(chunk):
                 for event in stream.feed(piece):
                     yield event
+            if stream.stopped:
+                break  # a stop sequence: closing the handler's stream ends the generation now
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+    stream.feed(ending.settle(stream.scanner, stream.usage))
     for event in stream.finish():
         yield event
 
@@ -201,10 +211,10 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             model = driver.model_name(body)
             handler = driver.handler()
             request = driver.request(handler, chat)
-            stream = tr.MessageStream(
-                model=model, max_tokens=chat["max_tokens"], stops=tr.stop_sequences(body, "stop_sequences")
-            )
-            events = _anthropic_events(await driver.primed(handler, request), stream)
+            stops = tr.stop_sequences(body, "stop_sequences")
+            stream = tr.MessageStream(model=model, max_tokens=chat["max_tokens"], stops=stops)
+            ending = StopEnding(handler, stops)
+            events = _anthropic_events(await driver.primed(handler, request, ending), stream, ending)
             if body.get("stream"):
                 return StreamingResponse(
                     _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
@@ -235,10 +245,11 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
             accept_raw_prompts(handler)
             requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
             stops = tr.stop_sequences(body, "stop")
-            first = await driver.primed(handler, requests[0], _prompt(chats[0]))
+            ending = StopEnding(handler, stops)
+            first = await driver.primed(handler, requests[0], ending, _prompt(chats[0]))
         except Exception as exc:
             return _refused("completions", exc)
-        run = _Completion(driver, handler, requests, stops, model, first)
+        run = _Completion(driver, handler, requests, stops, model, (first, ending))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
@@ -280,7 +291,13 @@ class _Completion:
     """One completions request: its prompts in turn, each as choice ``index``."""
 
     def __init__(
-        self, driver: Driver, handler: Any, requests: list[Any], stops: list[str], model: str, first: Any
+        self,
+        driver: Driver,
+        handler: Any,
+        requests: list[Any],
+        stops: list[str],
+        model: str,
+        first: tuple[Any, StopEnding],
     ):
         self.driver, self.handler, self.requests = driver, handler, requests
         self.stops, self.model, self.first = stops, model, first
@@ -291,9 +308,10 @@ class _Completion:
         """(index, text, None) as text arrives, then (index, '', finish_reason) per prompt."""
         for index, request in enumerate(self.requests):
             if index == 0:
-                chunks = self.first
+                chunks, ending = self.first
             else:
-                chunks = await self.driver.primed(self.handler, request, request.messages[0].content)
+                ending = StopEnding(self.handler, self.stops)
+                chunks = await self.driver.primed(self.handler, request, ending, request.messages[0].content)
             scanner = tr.StopScanner(self.stops)
             usage = tr.Usage(0, 0)
             try:
@@ -305,8 +323,11 @@ class _Completion:
                             text = scanner.feed(piece.text)
                             if text:
                                 yield index, text, None
+                    if scanner.matched is not None:
+                        break  # closing the handler's stream ends the generation now
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
+            usage = ending.settle(scanner, usage)
             tail = scanner.flush()
             if tail:
                 yield index, tail, None

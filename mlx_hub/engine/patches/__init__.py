@@ -22,6 +22,7 @@ PROOFS: dict[str, str] = {
     "bound_prompt_cache": "tests/test_engine.py::test_a_budget_bounds_upstreams_prompt_cache",
     "accept_raw_prompts": "tests/test_peer_apis.py::test_completions_plain_stream_and_several_prompts",
     "persistent_prompt_cache": "tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart[lm]",
+    "watch_generation_steps": "tests/test_stops.py::test_messages_stop_sequences_end_the_generation[batched]",
 }
 
 

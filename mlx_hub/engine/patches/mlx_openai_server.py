@@ -20,6 +20,10 @@ Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
   through the chat path, and count_tokens renders a prompt as the handler would,
   with upstream's private ``_prepare_*`` methods. Proof: tests/test_peer_apis.py::
   test_completions_plain_stream_and_several_prompts and ::test_chat_messages_and_completions_answer_the_same.
+- ``watch_generation_steps``: ``BatchScheduler.submit_stream`` and ``InferenceWorker.submit_stream``
+  hand their generation steps to ``engine.generation_watch``, so a route learns why its
+  generation ended (a stop sequence upstream matched on tokens) and what it cost when the
+  route ended it. Proof: tests/test_stops.py (usage 0 and ``end_turn`` without it).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from mlx_hub.engine.generation_watch import watched
 from mlx_hub.engine.patches.switch import enabled
 from mlx_hub.engine.versions import package_version
 from mlx_hub.engine.weights import same_companion, sharing_load, sharing_pair_load, vlm_processor
@@ -46,9 +51,32 @@ def apply() -> None:
         ("vlm_batching_capability", vlm_batching_capability),
         ("share_weights", share_weights),
         ("batch_failure_frees_its_sequences", batch_failure_frees_its_sequences),
+        ("watch_generation_steps", watch_generation_steps),
     ):
         if enabled(name):
             patch()
+
+
+def watch_generation_steps() -> None:
+    """Route each generation stream upstream starts through ``generation_watch.watched`` (idempotent).
+
+    The wrapper yields every step unchanged and closes upstream's generator when
+    it is closed, so cancelling a generation works as before.
+    """
+    for module_name, class_name in (
+        ("app.core.batch_scheduler", "BatchScheduler"),
+        ("app.core.inference_worker", "InferenceWorker"),
+    ):
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        original = getattr(cls, "submit_stream", None)
+        if original is None or getattr(original, "_mlx_hub_watched", False):
+            continue
+
+        def submit_stream(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            return watched(_original(self, *args, **kwargs))
+
+        submit_stream._mlx_hub_watched = True  # type: ignore[attr-defined]
+        cls.submit_stream = submit_stream  # type: ignore[union-attr]
 
 
 def vlm_batching_capability() -> None:

@@ -14,12 +14,11 @@ here does I/O, so every mapping is tested without a server:
 * :class:`MessageStream` is the state machine from pieces to Anthropic's
   event sequence, and :func:`collect` folds those events into the
   non-streamed message, so both forms come from one code path;
-* :class:`StopScanner` applies ``stop_sequences`` (and completions' ``stop``)
-  here, on the text, because upstream's two generation paths treat ``stop``
-  differently (the batched one drops the last token of a match, the other
-  ignores it), and a stop_reason needs to know which sequence matched. The
-  handler's stream is still read to its end after a match (nothing more is
-  sent) because its usage, which the answer reports, comes last.
+* :class:`StopScanner` finds ``stop_sequences`` (and completions' ``stop``)
+  in the text. They are also handed to upstream as chat's ``stop`` (its
+  batched path ends generation on them, dropping the match's last token; its
+  other paths ignore them), so the route (``web.stopping``) ends the generation
+  on whichever sees a match first, and a stop_reason still names the sequence.
 
 No library does this without a large runtime dependency (LiteLLM's adapter
 pulls all of LiteLLM), so it is written small.

@@ -125,6 +125,15 @@ class StopScanner:
         held, self._held = self._held, ""
         return "" if self.matched is not None else held
 
+    @property
+    def held(self) -> str:
+        """The text kept back because it could begin a stop sequence."""
+        return self._held
+
+    def settle(self, stop: str) -> None:
+        """The generation ended on ``stop`` where the text does not show it whole: drop what was held."""
+        self.matched, self._held = stop, ""
+
 
 # --- events: pieces -> Anthropic's stream -----------------------------------------------------
 
@@ -164,8 +173,17 @@ class MessageStream:
 
     @property
     def stopped(self) -> bool:
-        """A stop sequence matched: nothing more is sent, but usage is still read to the end."""
+        """A stop sequence matched: nothing more is sent, and the route ends the generation."""
         return self._scanner.matched is not None
+
+    @property
+    def scanner(self) -> StopScanner:
+        return self._scanner
+
+    @property
+    def usage(self) -> Usage:
+        """The usage the handler reported so far (none before its last chunk)."""
+        return self._usage
 
     def start(self) -> list[Event]:
         message = {

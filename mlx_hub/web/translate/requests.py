@@ -207,9 +207,9 @@ def stop_sequences(body: dict[str, Any], name: str) -> list[str]:
 def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     """A Messages body as the chat body upstream's handler takes.
 
-    ``stream`` is always on: the handler's stream feeds both answer forms, and
-    stop sequences are applied by :class:`StopScanner`, so they are not passed on.
-    ``count_only`` (count_tokens) does not ask for ``max_tokens``.
+    ``stream`` is always on: the handler's stream feeds both answer forms.
+    ``stop_sequences`` become chat's ``stop``, so generation ends on them as a
+    chat request's does. ``count_only`` (count_tokens) does not ask for ``max_tokens``.
     """
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -260,7 +260,9 @@ def to_chat_request(body: Any, *, count_only: bool = False) -> dict[str, Any]:
         kwargs = dict(request.get("chat_template_kwargs") or {})
         kwargs["enable_thinking"] = thinking["type"] == "enabled"
         request["chat_template_kwargs"] = kwargs
-    stop_sequences(body, "stop_sequences")  # validated here, applied by the route
+    stops = stop_sequences(body, "stop_sequences")
+    if stops and not count_only:
+        request["stop"] = stops  # ends generation as chat's stop does (web.stopping)
     return request
 
 
@@ -291,7 +293,9 @@ def to_completion_requests(body: Any) -> list[dict[str, Any]]:
             base[name] = body[name]
     if body.get("user") is not None:
         base["user"] = body["user"]
-    stop_sequences(body, "stop")
+    stops = stop_sequences(body, "stop")
+    if stops:
+        base["stop"] = stops
     return [{**base, "messages": [{"role": "user", "content": p}]} for p in prompts]
 
 
