@@ -13,7 +13,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -126,7 +126,15 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
         version=__version__,
         description="Control API of an mlx-openai-server-hub: status, model start/stop/load/unload, reload.",
     )
-    started = time.monotonic()
+    _answer_errors(app)
+    app.include_router(_page_router(hub))
+    app.include_router(_control_router(hub, request_shutdown))
+    app.include_router(prompt_cache_router(hub, ERRORS))
+    return app
+
+
+def _answer_errors(app: FastAPI) -> None:
+    """Every failure answers in OpenAI's error envelope, with a status that says whose fault it was."""
 
     @app.exception_handler(HubError)
     async def hub_error(_: Request, exc: HubError) -> JSONResponse:
@@ -152,7 +160,13 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"])
         return error_json(422, f"{where}: {first['msg']}", "invalid_request_error", "invalid_request")
 
-    @app.get("/health", response_model=Health)
+
+def _page_router(hub: Hub) -> APIRouter:
+    """What a browser or a probe reads: /health, the dashboard and its assets, /metrics."""
+    router = APIRouter()
+    started = time.monotonic()
+
+    @router.get("/health", response_model=Health)
     async def health() -> Health:
         return Health(
             status="ok",
@@ -164,8 +178,8 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             restarts=hub.supervision.restarts if hub.supervision is not None else 0,
         )
 
-    @app.get("/hub", include_in_schema=False)
-    @app.get("/hub/", include_in_schema=False)
+    @router.get("/hub", include_in_schema=False)
+    @router.get("/hub/", include_in_schema=False)
     async def dashboard() -> Response:
         if not hub.config.enable_status_page:
             return error_json(
@@ -175,31 +189,38 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             asset("index.html"), media_type=ASSETS["index.html"], headers={"Cache-Control": "no-cache"}
         )
 
-    @app.get("/hub/assets/{name}", include_in_schema=False)
+    @router.get("/hub/assets/{name}", include_in_schema=False)
     async def dashboard_asset(name: str) -> Response:
         if not hub.config.enable_status_page or name not in ASSETS or name == "index.html":
             return error_json(404, f"no asset named {name!r}", "invalid_request_error", 404)
         return Response(asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
-    @app.get("/metrics", include_in_schema=True, response_class=Response)
+    @router.get("/metrics", include_in_schema=True, response_class=Response)
     async def metrics() -> Response:
         """Prometheus text format: states, memory, requests, loads, unloads, tokens."""
         return Response(hub.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/hub/status", response_model=HubStatus)
+    return router
+
+
+def _control_router(hub: Hub, request_shutdown: Callable[[], None]) -> APIRouter:
+    """The control API: status, reload, shutdown, and the per-model and service actions."""
+    router = APIRouter()
+
+    @router.get("/hub/status", response_model=HubStatus)
     async def status() -> HubStatus:
         return hub.status_document()
 
-    @app.post("/hub/reload", response_model=ReloadResult, responses=ERRORS)
+    @router.post("/hub/reload", response_model=ReloadResult, responses=ERRORS)
     async def reload() -> dict[str, Any]:
         return await hub.reload()
 
-    @app.post("/hub/shutdown")
+    @router.post("/hub/shutdown")
     async def shutdown() -> dict[str, str]:
         request_shutdown()
         return {"status": "shutting_down"}
 
-    @app.post("/hub/models/{name}/{action}", response_model=ActionResult, responses=ERRORS)
+    @router.post("/hub/models/{name}/{action}", response_model=ActionResult, responses=ERRORS)
     async def model_action(name: str, action: ModelAction) -> ActionResult:
         method = {
             ModelAction.start: hub.start_model,
@@ -209,9 +230,7 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
         }[action]
         return ActionResult(status=await method(name), name=name)
 
-    app.include_router(prompt_cache_router(hub, ERRORS))
-
-    @app.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
+    @router.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
     async def service_action(action: ServiceAction) -> ServiceResult:
         """The dashboard's buttons: start the startup models not running, stop every model, or reload."""
         if action is ServiceAction.start:
@@ -221,4 +240,4 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             return ServiceResult(status="stopped", models=await hub.stop_all())
         return ServiceResult(status="reloaded", reload=ReloadResult(**await hub.reload()))
 
-    return app
+    return router

@@ -26,7 +26,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -202,63 +202,77 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
     rather than a bare 404.
     """
     driver = Driver(slot)
+    for path, route in (
+        ("/v1/messages", _messages),
+        ("/v1/messages/count_tokens", _count_tokens),
+        ("/v1/completions", _completions),
+    ):
+        app.add_api_route(path, _bound(route, driver), methods=["POST"], response_model=None)
 
-    @app.post("/v1/messages", response_model=None)
-    async def messages(raw: Request) -> Response:
-        try:
-            body = await _body(raw)
-            chat = tr.to_chat_request(body)
-            model = driver.model_name(body)
-            handler = driver.handler()
-            request = driver.request(handler, chat)
-            stops = tr.stop_sequences(body, "stop_sequences")
-            stream = tr.MessageStream(model=model, max_tokens=chat["max_tokens"], stops=stops)
-            ending = StopEnding(handler, stops)
-            events = _anthropic_events(await driver.primed(handler, request, ending), stream, ending)
-            if body.get("stream"):
-                return StreamingResponse(
-                    _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
-                )
-            return JSONResponse(tr.collect([event async for event in events]))
-        except Exception as exc:
-            return _refused("messages", exc)
 
-    @app.post("/v1/messages/count_tokens", response_model=None)
-    async def count_tokens(raw: Request) -> Response:
-        try:
-            body = await _body(raw)
-            chat = tr.to_chat_request(body, count_only=True)
-            driver.model_name(body)
-            handler = driver.handler()
-            request = driver.request(handler, chat)
-            return JSONResponse({"input_tokens": await count_prompt_tokens(handler, request)})
-        except Exception as exc:
-            return _refused("count_tokens", exc)
+def _bound(route: Callable[[Driver, Request], Awaitable[Response]], driver: Driver) -> Callable[..., Any]:
+    """``route`` as an endpoint of one model's app (FastAPI reads its one parameter, the request)."""
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(raw: Request) -> Response:
-        try:
-            body = await _body(raw)
-            chats = tr.to_completion_requests(body)
-            model = driver.model_name(body)
-            handler = driver.handler()
-            accept_raw_prompts(handler)
-            requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
-            stops = tr.stop_sequences(body, "stop")
-            ending = StopEnding(handler, stops)
-            first = await driver.primed(handler, requests[0], ending, _prompt(chats[0]))
-        except Exception as exc:
-            return _refused("completions", exc)
-        run = _Completion(driver, handler, requests, stops, model, (first, ending))
+    async def endpoint(raw: Request) -> Response:
+        return await route(driver, raw)
+
+    endpoint.__name__ = route.__name__.lstrip("_")
+    return endpoint
+
+
+async def _messages(driver: Driver, raw: Request) -> Response:
+    try:
+        body = await _body(raw)
+        chat = tr.to_chat_request(body)
+        model = driver.model_name(body)
+        handler = driver.handler()
+        request = driver.request(handler, chat)
+        stops = tr.stop_sequences(body, "stop_sequences")
+        stream = tr.MessageStream(model=model, max_tokens=chat["max_tokens"], stops=stops)
+        ending = StopEnding(handler, stops)
+        events = _anthropic_events(await driver.primed(handler, request, ending), stream, ending)
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                run.sse(include_usage), media_type="text/event-stream", headers=_SSE_HEADERS
+                _anthropic_sse(events), media_type="text/event-stream", headers=_SSE_HEADERS
             )
-        try:
-            return JSONResponse(await run.whole())
-        except Exception as exc:
-            return _refused("completions", exc)
+        return JSONResponse(tr.collect([event async for event in events]))
+    except Exception as exc:
+        return _refused("messages", exc)
+
+
+async def _count_tokens(driver: Driver, raw: Request) -> Response:
+    try:
+        body = await _body(raw)
+        chat = tr.to_chat_request(body, count_only=True)
+        driver.model_name(body)
+        handler = driver.handler()
+        request = driver.request(handler, chat)
+        return JSONResponse({"input_tokens": await count_prompt_tokens(handler, request)})
+    except Exception as exc:
+        return _refused("count_tokens", exc)
+
+
+async def _completions(driver: Driver, raw: Request) -> Response:
+    try:
+        body = await _body(raw)
+        chats = tr.to_completion_requests(body)
+        model = driver.model_name(body)
+        handler = driver.handler()
+        accept_raw_prompts(handler)
+        requests = [_with_a_limit(driver.request(handler, chat)) for chat in chats]
+        stops = tr.stop_sequences(body, "stop")
+        ending = StopEnding(handler, stops)
+        first = await driver.primed(handler, requests[0], ending, _prompt(chats[0]))
+    except Exception as exc:
+        return _refused("completions", exc)
+    run = _Completion(driver, handler, requests, stops, model, (first, ending))
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(run.sse(include_usage), media_type="text/event-stream", headers=_SSE_HEADERS)
+    try:
+        return JSONResponse(await run.whole())
+    except Exception as exc:
+        return _refused("completions", exc)
 
 
 def _refused(route: str, exc: Exception) -> Response:
