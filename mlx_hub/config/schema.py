@@ -234,6 +234,11 @@ class HubConfig(_Strict):
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
+    # The request log (<log_path>/requests.db): days kept (0 turns it off), a row cap, and whether
+    # it keeps what was asked and answered (off: prompts stay out of a file that outlives them).
+    request_log_days: Annotated[float, Field(ge=0)] = 7
+    request_log_max_rows: Annotated[int, Field(strict=True, ge=100)] = 100_000
+    request_log_bodies: bool = False
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)

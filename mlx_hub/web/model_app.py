@@ -26,7 +26,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mlx_hub.core import admission
 from mlx_hub.core.errors import HubError, InvalidKeepAliveError, MemoryExhaustedError, StoppedError
 from mlx_hub.core.logs import current_model
-from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
@@ -145,7 +144,9 @@ class LoadGate:
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
-        watch = ResponseWatch(send)
+        trace = self.hub.activity.trace(self.slot.name, self.slot.port, scope)  # for the request log
+        receive = trace.receive(receive)
+        watch = trace.send(send)
         try:
             keep_alive = None
             data = None
@@ -179,6 +180,7 @@ class LoadGate:
             except HubError as exc:
                 await error_response(exc)(scope, receive, watch.send)
                 return
+            trace.admitted()
             task = asyncio.current_task()
             self.slot.requests.add(task)
             guard = AllocationGuard(watch.send, self.slot.name, scope)
@@ -201,6 +203,7 @@ class LoadGate:
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
+            trace.finish()
 
 
 class AllocationGuard:
