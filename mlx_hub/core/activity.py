@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from starlette.types import Scope
 
 from mlx_hub.config import HubConfig
+from mlx_hub.core import logs
 from mlx_hub.core.feed import EventFeed
 from mlx_hub.core.history import MemoryHistory
 from mlx_hub.core.requestlog import RequestLog, RequestRecord, db_path
@@ -88,6 +89,7 @@ class Activity:
         """Log a finished request, tell the listeners, count its speed into the memory history."""
         self.requests.write(record)
         self.history.speed(record.model, record.tokens_per_s)
+        logs.model_line(record.model, summary(record), "WARNING" if record.status >= 500 else "INFO")
         if self.feed.listeners:
             data = record.public()
             data.pop("request_body"), data.pop("response_text")
@@ -152,3 +154,19 @@ def _move(name: str, old: tuple[str, str], new: tuple[str, str], error: str | No
         "previous_memory_state": old[1],
         "memory_last_error": error,
     }
+
+
+def summary(record: RequestRecord) -> str:
+    """The request's line in its model's log: route, status, tokens, timings."""
+    parts = [f"{record.route} {record.status}" + (f" {record.error}" if record.error else "")]
+    if record.prompt_tokens is not None or record.completion_tokens is not None:
+        cached = f" ({record.cached_tokens} cached)" if record.cached_tokens else ""
+        parts.append(f"{record.prompt_tokens or 0} prompt{cached} + {record.completion_tokens or 0} tokens")
+    if record.wait_s and record.wait_s >= 0.05:
+        parts.append(f"waited {record.wait_s:.2f} s")
+    if record.ttft_s is not None:
+        parts.append(f"first token {record.ttft_s:.2f} s")
+    if record.tokens_per_s:
+        parts.append(f"{record.tokens_per_s:.1f} tok/s")
+    parts.append(f"{record.total_s:.2f} s" + (" · client went away" if record.disconnected else ""))
+    return f"request via {record.via}: " + " · ".join(parts)
