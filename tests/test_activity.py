@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +14,8 @@ import openai
 import pytest
 
 from mlx_hub import Hub
-from mlx_hub.core import logs
 
 from .helpers import LiveController, free_port, hello, text_only
-
-
-@pytest.fixture
-def hub_logging() -> Iterator[Callable[[Any], Path]]:
-    """The daemon's logging (hub.log and a file per model) for one test, undone afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield lambda config: logs.setup(config, console=False)
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-    from loguru import logger
-
-    logger.remove()
-    logs._model_sinks.clear()
-    logger.add(sys.stderr)
 
 
 def entries(tiny_llama: Path, tiny_qwen: Path) -> list[dict[str, Any]]:
