@@ -115,7 +115,7 @@ async def run(cache: Path, workdir: Path) -> dict[str, Any]:
                     )
             # Under load: long and short prompts at once on both models, via their ports and /v1.
             memory.free_memory()
-            hub.memory.reset_peak_memory()
+            hub.engine.reset_peak_memory()
             outcomes: list[int] = []
             started = time.perf_counter()
 

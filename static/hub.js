@@ -159,9 +159,26 @@ function renderSummary(status) {
       `${g.name} ${g.loaded}/${cap} loaded`);
   }));
 
+  renderCrash(status);
   const warnings = status.warnings || [];
   $("warnings").hidden = warnings.length === 0;
   $("warning-list").replaceChildren(...warnings.map((w) => el("li", {}, w)));
+}
+
+// The supervisor restarted the hub: say when, why, what it held back, and what hub.log said last.
+function renderCrash(status) {
+  const crash = status.last_crash;
+  $("crash-banner").hidden = !crash;
+  if (!crash) return;
+  const restarts = status.restarts || 0;
+  $("crash-title").textContent =
+    `The hub crashed and was restarted (${restarts} restart${restarts === 1 ? "" : "s"} so far).`;
+  $("crash-cause").textContent = `Last crash at ${clock(crash.at)}: ${crash.cause}.`;
+  const held = Object.entries(crash.held_back || {});
+  $("crash-held").textContent = held.length
+    ? `Not loaded again: ${held.map(([name, why]) => `${name} (${why})`).join("; ")}`
+    : "Every model that was loaded came back.";
+  $("crash-log").textContent = (crash.log_tail || []).join("\n");
 }
 
 function stateText(value) { return el("span", { className: `state-${value}` }, String(value).toUpperCase()); }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -17,6 +18,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach f
 os.environ.setdefault(
     "LITELLM_LOCAL_MODEL_COST_MAP", "True"
 )  # LiteLLM fetches one from GitHub at import otherwise
+
+
+_frozen: list[bool] = []
+
+
+@pytest.fixture(autouse=True)
+def _freeze_imported_objects() -> Iterator[None]:
+    """After the first test that imported upstream, move what exists to gc's permanent generation.
+
+    Torch, transformers and upstream leave millions of objects that every full
+    collection walks: each unload collected twice (upstream's cleanup, then the
+    hub's free_memory) for about 1 s in all. The daemon does the same with
+    ``freeze_gc``. Frozen after that test's own teardown and a collection, so
+    nothing of the test's models is frozen; objects made later collect as ever.
+    """
+    yield
+    if not _frozen and "app.server" in sys.modules:
+        gc.collect()
+        gc.freeze()
+        _frozen.append(True)
 
 
 @pytest.fixture(scope="session")

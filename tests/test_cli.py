@@ -24,13 +24,15 @@ from .helpers import free_port, free_range
 ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
 
 
-def cli(config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def cli(
+    config: Path, *args: str, timeout: float = 180, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mlx_hub.cli", *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=ENV,
+        env={**ENV, **(env_extra or {})},
     )
 
 
@@ -133,11 +135,13 @@ def write_hub_files(folder: Path, tiny_llama: Path, tiny_qwen: Path) -> dict[str
 
 def kill_leftover_daemon(files: dict[str, Any]) -> None:
     info = runtime(files["logs"])
-    if info:  # never leave a daemon behind a failed test
-        try:
-            os.kill(info["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if info:  # never leave a daemon behind a failed test: its supervisor first, so nothing restarts it
+        for pid in (info.get("supervisor_pid"), info["pid"]):
+            try:
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture
@@ -270,12 +274,15 @@ def test_start_with_names_starts_those_models(hub_files: dict[str, Any]) -> None
 
 
 def test_sigkill_leaves_stale_state_that_start_replaces(hub_files: dict[str, Any]) -> None:
+    """Both processes killed at once (a power cut, kill -9 of the group): the next start cleans up."""
     path, logs = hub_files["path"], hub_files["logs"]
     assert cli(path, "start").returncode == 0
     first = runtime(logs)
     ports = json.loads((logs / "ports.json").read_text())
+    os.kill(first["supervisor_pid"], signal.SIGKILL)
     os.kill(first["pid"], signal.SIGKILL)
     wait_gone(first["pid"])
+    wait_gone(first["supervisor_pid"])
     assert runtime(logs) == first  # the killed hub could not clean up
     out = cli(path, "start")
     assert out.returncode == 0, out.stderr
@@ -286,12 +293,15 @@ def test_sigkill_leaves_stale_state_that_start_replaces(hub_files: dict[str, Any
     assert cli(path, "shutdown").returncode == 0
 
 
-def test_sigterm_shuts_down_cleanly(hub_files: dict[str, Any]) -> None:
+@pytest.mark.parametrize("target", ["hub", "supervisor"])
+def test_sigterm_shuts_down_cleanly(hub_files: dict[str, Any], target: str) -> None:
+    """SIGTERM to either process (launchd and systemd send it to the supervisor) ends both, cleanly."""
     path, logs = hub_files["path"], hub_files["logs"]
     assert cli(path, "start").returncode == 0
     info = runtime(logs)
-    os.kill(info["pid"], signal.SIGTERM)
+    os.kill(info["pid"] if target == "hub" else info["supervisor_pid"], signal.SIGTERM)
     wait_gone(info["pid"])
+    wait_gone(info["supervisor_pid"])
     assert runtime(logs) is None
     log = (logs / "hub.log").read_text()
     assert "model 'alpha' unloaded" in log and log.rstrip().endswith("hub stopped")
@@ -359,17 +369,16 @@ def test_foreground_runs_until_interrupted(hub_files: dict[str, Any]) -> None:
     )
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.2)
-        assert runtime(logs)["pid"] == process.pid
+        shown = ""
+        while "hub running in the foreground" not in shown:  # printed once the hub is ready
+            assert time.monotonic() < deadline and process.poll() is None, shown
+            if select.select([process.stdout], [], [], 0.2)[0]:  # raw reads: nothing waits in a buffer
+                shown += os.read(process.stdout.fileno(), 65536).decode(errors="replace")
+        assert httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]
+        assert runtime(logs)["supervisor_pid"] == process.pid  # the CLI supervises the hub
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
+        out = shown + out
     finally:
         if process.poll() is None:
             process.kill()

@@ -367,6 +367,15 @@ class FailingModel:
         return getattr(self.inner, name)
 
 
+def live_sequences(generator: Any) -> int:
+    """Sequences mlx-lm's BatchGenerator still holds (waiting, prefilling or decoding), each with its KV."""
+    return (
+        len(generator._unprocessed_sequences)
+        + len(generator._prompt_batch)
+        + len(generator._generation_batch)
+    )
+
+
 def cached(hub: Hub) -> int:
     """What upstream's prompt caches hold, over every model: KV kept on purpose between requests."""
     return sum(slot.prompt_cache_bytes for slot in hub.slots.values())
@@ -401,6 +410,10 @@ async def test_an_allocation_error_fails_that_request_alone(
             events = [line async for line in s.aiter_lines() if line.startswith("data: ")]
         assert any("metal::malloc" in e and '"error"' in e for e in events), events
         assert events[-1] == "data: [DONE]"  # the stream ended, with the error event before its end
+        if (
+            batching
+        ):  # the failed sequence left mlx-lm's BatchGenerator with its error (patches: batch_failure...)
+            assert live_sequences(handler._batch_scheduler._batch_generator) == 0
         failing.calls, failing.fail_at = 0, 3
         plain = await http.post(chat_url(hub, "a"), json=long_chat("a", 600, 8, offset=9))
         assert plain.status_code == 503 and plain.json()["error"]["code"] == "memory_exhausted", plain.text

@@ -154,10 +154,15 @@ async def test_two_whisper_entries_hold_their_own_weights(
     assert meta(hub, "one")["memory_bytes"] > 1_000_000 and meta(hub, "two")["memory_bytes"] > 1_000_000
     client = openai.AsyncOpenAI(base_url=base_url(hub, "two"), api_key="unused", max_retries=0)
     assert await hub.unload("one") == "unloaded"
+    memory.free_memory()
+    before = memory.active_memory()
     with speech.open("rb") as audio:  # "two" still answers with its own weights
         assert isinstance(
             (await client.audio.transcriptions.create(model="two", file=audio, temperature=0.0)).text, str
         )
+    memory.free_memory()
+    # The request used the weights the load holds: mlx_whisper's own holder read no second copy.
+    assert memory.active_memory() - before < 0.5 * meta(hub, "two")["memory_bytes"]
     assert hub.engine.whispers.folders() == {str(other)}
 
 

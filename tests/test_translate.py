@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from mlx_hub.web import translate as tr
+from mlx_hub.web.translate import requests
 
 
 def messages_body(**extra: Any) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def test_tools_tool_choice_and_a_tool_round_trip() -> None:
         messages_body(tools=[tool], tool_choice={"type": "tool", "name": "get_weather"})
     )
     assert named["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    errored = tr._user_messages(
+    errored = requests._user_messages(
         [{"type": "tool_result", "tool_use_id": "t", "content": "boom", "is_error": True}], "m"
     )
     assert errored[0]["content"] == "Error: boom"

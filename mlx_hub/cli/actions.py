@@ -6,42 +6,44 @@ per model) and exits non-zero when something did not happen.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from rich.text import Text
 
 from mlx_hub.cli import views
 from mlx_hub.cli.client import ClientError, HubClient
-from mlx_hub.cli.terminal import err_console, fail, ok, print_status, warn
+from mlx_hub.cli.terminal import api_key, err_console, fail, ok, print_status, warn
 from mlx_hub.config import HubConfig
+from mlx_hub.core.status import HubStatus
 
 
 def start_foreground(path: Path, cfg: HubConfig, names: tuple[str, ...]) -> None:
-    from mlx_hub.core import logs
+    """Supervise the hub from this process: Ctrl-C (or SIGTERM) stops both, a crash restarts the hub."""
     from mlx_hub.core.ports import connect_host
-    from mlx_hub.service.daemon import DaemonError, serve
+    from mlx_hub.service.supervisor import run
 
-    logs.setup(cfg, console=True)
     url = f"http://{connect_host(cfg.host)}:{cfg.port}"
 
-    def ready(hub: Any) -> None:
-        print_status(hub.status_document(), url)
-        ok(f"hub running in the foreground; {front_door(cfg, url)} · Ctrl-C stops it")
+    def ready(restarts: int) -> None:
+        with HubClient(url, key=api_key(path)) as client:
+            print_status(client.status(), url)
+        if restarts:
+            warn(f"hub restarted after a crash (restart {restarts}); `status` shows the cause")
+        else:
+            ok(f"hub running in the foreground; {front_door(cfg, url)} · Ctrl-C stops it")
 
-    try:
-        asyncio.run(serve(cfg, config_path=path, names=names or None, on_ready=ready))
-    except DaemonError as exc:
-        fail(str(exc))
+    code = run(path, cfg, names, console=True, on_ready=ready)
+    if code:
+        fail(f"the hub stopped (exit code {code}); see {cfg.log_dir / 'hub.log'}", code=code)
 
 
 def start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seconds: float) -> None:
-    from mlx_hub.service.daemon import spawn
+    """Start the supervisor (and so the hub) in the background; print the table once the hub is ready."""
     from mlx_hub.service.runtime import read_runtime
+    from mlx_hub.service.supervisor import spawn
 
     process = spawn(path, cfg, names)
     hub_log = cfg.log_dir / "hub.log"
@@ -54,12 +56,9 @@ def start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seco
                 last = tail(hub_log, 15)
                 fail(f"the hub exited while starting (exit code {code}); last lines of {hub_log}:\n{last}")
             runtime = read_runtime(cfg.log_dir)
-            if runtime is not None and runtime.pid == process.pid:
-                client = client or HubClient(runtime.url)
-                try:
-                    status = client.status()
-                except ClientError:
-                    status = None
+            if runtime is not None and runtime.supervisor_pid == process.pid and runtime.state == "running":
+                client = client or HubClient(runtime.url, key=api_key(path))
+                status = _ready_status(client, runtime.pid)
                 if status is not None:
                     if status.ready:
                         break
@@ -74,10 +73,22 @@ def start_detached(path: Path, cfg: HubConfig, names: tuple[str, ...], wait_seco
             time.sleep(0.2)
     assert client is not None and runtime is not None
     print_status(status, runtime.url)
-    ok(f"hub started (pid {process.pid}); {front_door(cfg, runtime.url)} · log {hub_log}")
+    ok(
+        f"hub started (pid {runtime.pid}, supervisor {process.pid}); {front_door(cfg, runtime.url)} · log {hub_log}"
+    )
     failed = views.failed_models(status)
     if failed:
         fail(f"some models did not start: {', '.join(failed)} (see the warnings above)")
+
+
+def _ready_status(client: HubClient, pid: int) -> HubStatus | None:
+    """The starting hub's status, or None while it does not answer; a refused key ends the wait at once."""
+    try:
+        return client.status()
+    except ClientError as exc:
+        if exc.status == 401:  # the hub runs, but this key cannot see it: say so now
+            fail(f"{exc.message}; the hub (pid {pid}) is running")
+        return None
 
 
 def front_door(cfg: HubConfig, url: str) -> str:

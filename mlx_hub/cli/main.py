@@ -7,8 +7,11 @@ config's ``log_path``. Exit codes: 0 done, 1 failed, 2 bad config or usage.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 from rich.console import Group
@@ -22,6 +25,8 @@ from mlx_hub.cli.actions import report_failures, run_actions, start_detached, st
 from mlx_hub.cli.activity import requests_command
 from mlx_hub.cli.client import ClientError, find_running
 from mlx_hub.cli.terminal import (
+    HubGroup,
+    api_key,
     config_option,
     config_path,
     connect_hub,
@@ -38,7 +43,7 @@ from mlx_hub.config import ConfigError, load_config
 from mlx_hub.version import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HubGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="mlx-openai-server-hub")
 @config_option
 def main(config: str | None) -> None:
@@ -76,7 +81,7 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
     if unknown:
         fail(f"no model named {', '.join(unknown)} in {path}", code=2)
     try:
-        found = find_running(cfg.log_dir)
+        found = find_running(cfg.log_dir, api_key(path))
     except ClientError as exc:
         fail(exc.message)
     if found is not None:
@@ -105,12 +110,23 @@ def start(config: str | None, foreground: bool, wait_seconds: float, names: tupl
 @main.command()
 @config_option
 def shutdown(config: str | None) -> None:
-    """Stop every model and the hub itself."""
-    from mlx_hub.service.runtime import pid_alive
+    """Stop every model and the hub itself (and its supervisor)."""
+    from mlx_hub.service.runtime import pid_alive, read_runtime
 
     folder = log_dir(config)
+    stale = read_runtime(folder)
+    if (
+        stale is not None
+        and stale.state == "restarting"
+        and stale.supervisor_pid
+        and pid_alive(stale.supervisor_pid)
+    ):
+        os.kill(stale.supervisor_pid, signal.SIGTERM)  # between two hubs: the supervisor alone ends it
+        _wait_gone([stale.supervisor_pid], folder)
+        ok(f"hub stopped while restarting (supervisor {stale.supervisor_pid})")
+        return
     try:
-        found = find_running(folder)
+        found = find_running(folder, api_key(config_path(config)))
     except ClientError as exc:
         fail(exc.message)
     if found is None:
@@ -118,13 +134,21 @@ def shutdown(config: str | None) -> None:
         return
     runtime, client = found
     client.shutdown()
-    deadline = time.monotonic() + 120
-    with err_console.status(f"stopping the hub (pid {runtime.pid})…"):
-        while pid_alive(runtime.pid):
-            if time.monotonic() > deadline:
-                fail(f"the hub (pid {runtime.pid}) is still running after 120 s; see {folder / 'hub.log'}")
-            time.sleep(0.2)
+    _wait_gone([runtime.pid, *([runtime.supervisor_pid] if runtime.supervisor_pid else [])], folder)
     ok(f"hub stopped (pid {runtime.pid})")
+
+
+def _wait_gone(pids: list[int], folder: Path, timeout: float = 120) -> None:
+    from mlx_hub.service.runtime import pid_alive
+
+    deadline = time.monotonic() + timeout
+    with err_console.status(f"stopping the hub (pid {', '.join(map(str, pids))})…"):
+        while any(pid_alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                fail(
+                    f"the hub (pid {pids[0]}) is still running after {timeout:g} s; see {folder / 'hub.log'}"
+                )
+            time.sleep(0.2)
 
 
 @main.command()

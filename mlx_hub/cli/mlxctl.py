@@ -11,7 +11,7 @@ import click
 from mlx_hub.cli import registry as registry_commands
 from mlx_hub.cli.actions import report_failures, run_actions, start_detached, stop_all
 from mlx_hub.cli.client import ClientError, find_running
-from mlx_hub.cli.terminal import config_option, connect_hub, fail, load, ok, print_status
+from mlx_hub.cli.terminal import api_key, config_option, connect_hub, fail, load, ok, print_status
 from mlx_hub.config import ConfigError, HubConfig, load_config
 
 
@@ -48,7 +48,7 @@ def load_command(
     model_path = _model_path(cfg, model, convert, quantize, preconverted, no_offload)
     entry = _entry_for(path, cfg, model_path, port, name)
     try:
-        found = find_running(cfg.log_dir)
+        found = find_running(cfg.log_dir, api_key(path))
     except ClientError as exc:
         fail(exc.message)
     if found is None:  # a new hub: the startup models, and this one

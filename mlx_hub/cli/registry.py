@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from mlx_hub.cli.terminal import config_option, console, fail, load, ok, warn
+from mlx_hub.cli.terminal import api_key, config_option, console, fail, load, ok, warn
 from mlx_hub.config import ConfigError, HubConfig
 
 
@@ -219,24 +219,25 @@ def export() -> None:
     help="Point each model at the controller's /v1 or at its own port.",
 )
 @click.option("--host", help="Host name clients should use (default: the hub's host; 127.0.0.1 for 0.0.0.0).")
-@click.option("--api-key", envvar="MLX_HUB_API_KEY", help="Key for --hub URLs (default: $MLX_HUB_API_KEY).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of printing.")
 def export_litellm(
     config: str | None,
     hubs: tuple[str, ...],
     via: str,
     host: str | None,
-    api_key: str | None,
     output: str | None,
 ) -> None:
-    """A LiteLLM model_list for this hub, or for several running hubs behind one gateway."""
+    """A LiteLLM model_list for this hub, or for several running hubs behind one gateway.
+
+    --hub URLs are read with --api-key (default: the first key of $MLX_HUB_API_KEY).
+    """
     import yaml
 
     from mlx_hub.registry.export import litellm_from_hubs, litellm_model_list
 
     try:
         if hubs:
-            entries = litellm_from_hubs(list(hubs), api_key)
+            entries = litellm_from_hubs(list(hubs), api_key(None).value)
         else:
             _, cfg = load(config)
             entries = litellm_model_list(cfg, via=via, host=host)
@@ -255,13 +256,13 @@ def export_litellm(
 # ----------------------------------------------------------------------------- mlxctl's registry views
 
 
-def _ports_now(cfg: HubConfig) -> tuple[dict[str, int], str]:
+def _ports_now(cfg: HubConfig, path: Path) -> tuple[dict[str, int], str]:
     """Each model's port: the running hub's, else the port book's (what the next start gives)."""
     from mlx_hub.cli.client import ClientError, find_running
     from mlx_hub.core.ports import PortBook
 
     try:
-        found = find_running(cfg.log_dir)
+        found = find_running(cfg.log_dir, api_key(path))
     except ClientError:
         found = None
     if found is not None:
@@ -287,7 +288,7 @@ def list_command(config: str | None) -> None:
     from mlx_hub.registry.disk import on_disk
 
     path, cfg = load(config)
-    ports, origin = _ports_now(cfg)
+    ports, origin = _ports_now(cfg, path)
     table = Table(
         title=f"{path} · ports from the {origin}", title_justify="left", box=None, header_style="bold"
     )

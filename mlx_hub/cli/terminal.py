@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
+import yaml
 from rich.console import Console
 from rich.text import Text
 
 from mlx_hub.cli import views
-from mlx_hub.cli.client import ClientError, HubClient, connect
-from mlx_hub.config import ConfigError, HubConfig, find_config, load_config, log_dir_of
+from mlx_hub.cli.client import ApiKey, ClientError, HubClient, connect
+from mlx_hub.config import KEY_ENV, ConfigError, HubConfig, find_config, load_config, log_dir_of
 from mlx_hub.core.status import HubStatus
 
 console = Console(highlight=False)
@@ -53,6 +55,8 @@ def print_status(status: HubStatus, url: str, names: Iterable[str] = ()) -> None
         console.print(line)
     for warning in status.warnings:
         warn(warning)
+    for line in views.crash_lines(status):
+        console.print(line)
 
 
 # ----------------------------------------------------------------------------- config
@@ -90,12 +94,64 @@ def log_dir(config: str | None, *, quiet_config_errors: bool = False) -> Path:
 
 def connect_hub(config: str | None, *, quiet_config_errors: bool = False) -> tuple[str, HubClient]:
     try:
-        runtime, client = connect(log_dir(config, quiet_config_errors=quiet_config_errors))
+        folder = log_dir(config, quiet_config_errors=quiet_config_errors)
+        runtime, client = connect(folder, api_key(config_path(config)))
     except ClientError as exc:
         fail(exc.message)
     return runtime.url, client
 
 
-config_option = click.option(
-    "--config", "config", type=click.Path(dir_okay=False), envvar=None, help=CONFIG_HELP
-)
+# ----------------------------------------------------------------------------- API key
+
+KEY_HELP = "API key for a hub with api_keys (default: $MLX_HUB_API_KEY, then hub.yaml's first api_keys)."
+_KEY_META = "mlx_hub.api_key"
+
+
+def _remember_key(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    """``--api-key`` is taken before or after the command; the command's own wins."""
+    if value:
+        ctx.find_root().meta[_KEY_META] = value
+
+
+def api_key(path: Path | None) -> ApiKey:
+    """The key the CLI sends: ``--api-key``, else ``$MLX_HUB_API_KEY`` (its first key), else the
+    first of hub.yaml's ``api_keys`` (read as plain YAML, so a hub.yaml broken since the start still
+    yields it). ``ApiKey(None)`` when there is none."""
+    context = click.get_current_context(silent=True)
+    flag = context.find_root().meta.get(_KEY_META) if context is not None else None
+    if flag:
+        return ApiKey(flag, "--api-key")
+    env = [k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip()]
+    if env:
+        return ApiKey(env[0], f"${KEY_ENV}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, yaml.YAMLError):
+        data = None
+    keys = data.get("api_keys") if isinstance(data, dict) else None
+    if isinstance(keys, list) and keys and isinstance(keys[0], str) and keys[0].strip():
+        return ApiKey(keys[0], f"{path}'s api_keys")
+    return ApiKey(None)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(command: F) -> F:
+    """``--config`` and ``--api-key``, which every command takes (before or after its name)."""
+    command = click.option("--api-key", "api_key", expose_value=False, callback=_remember_key, help=KEY_HELP)(
+        command
+    )
+    return click.option("--config", "config", type=click.Path(dir_okay=False), envvar=None, help=CONFIG_HELP)(
+        command
+    )
+
+
+class HubGroup(click.Group):
+    """A refused or failed call to the hub ends the command with its one-line message, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:
+            fail(exc.message)

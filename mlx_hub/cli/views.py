@@ -124,3 +124,27 @@ def group_lines(status: HubStatus) -> list[str]:
         members = ", ".join(group.models) or "no members"
         lines.append(f"group {group.name}: {group.loaded}/{cap} loaded · {trigger} · {members}")
     return lines
+
+
+#: Lines of hub.log shown under a crash (the status document keeps more).
+CRASH_LOG_LINES = 8
+
+
+def crash_lines(status: HubStatus) -> list[Text]:
+    """The last crash the supervisor brought the hub back from: its signal or exit code, what was
+    loading or generating, and the last lines of hub.log before it."""
+    crash = status.last_crash
+    if crash is None:
+        return []
+    how = f"signal {crash.signal}" if crash.signal else f"exit code {crash.exit_code}"
+    doing = [f"loading {', '.join(crash.loading)}"] if crash.loading else []
+    doing += [f"generating {', '.join(crash.generating)}"] if crash.generating else []
+    head = (
+        f"last crash: hub pid {crash.pid}, {how}, after {crash.uptime_seconds:g} s"
+        + (f", {'; '.join(doing)}" if doing else "")
+        + "; hub.log before it:"
+    )
+    return [
+        Text(head, style="yellow"),
+        *(Text(f"  {line}", style="dim") for line in crash.log_tail[-CRASH_LOG_LINES:]),
+    ]

@@ -231,6 +231,7 @@ class HubConfig(_Strict):
     log_path: str = str(DEFAULT_HOME / "logs")
     enable_status_page: bool = True
     drain_timeout: Annotated[float, Field(gt=0)] = 30  # seconds a stop lets running requests finish
+    max_restarts: Annotated[int, Field(ge=0)] = 5  # restarts after crashes within 10 minutes before giving up
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)

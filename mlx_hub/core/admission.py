@@ -142,6 +142,8 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
                     return reservation
                 continue
             pending = slot.load_in_progress()
+            if slot.held_back and not pending:  # it crashed the hub: only an explicit load retries it
+                raise ModelLoadError(f"model '{slot.name}' {slot.held_back}", model=slot.name)
             if state is MemoryState.UNLOADING:
                 await hub.wait_change()
             elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:

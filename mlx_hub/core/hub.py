@@ -33,7 +33,7 @@ from mlx_hub.core.report import build_status
 from mlx_hub.core.signals import Background, Changes
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
-from mlx_hub.core.status import HubStatus
+from mlx_hub.core.status import HubStatus, Supervision
 from mlx_hub.engine.base import Engine
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class Hub:
         self.budget: int | None = None
         self.budget_source: str | None = None  # "auto", "none", or "max_memory" (a size or fraction)
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
+        self.observers: list[Callable[[], None]] = []  # called on every state change (a supervisor's report)
+        self.supervision: Supervision | None = None  # restarts and the last crash, from a supervisor
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
         self.activity = Activity(config)  # request log, live feed, memory history
@@ -211,7 +213,7 @@ class Hub:
             except PortError as exc:
                 raise PortStartError(f"model '{name}': {exc}", model=name) from None
             log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
-        if not slot.entry.jit_enabled:
+        if not slot.entry.jit_enabled and not slot.held_back:
             await self.load(name)
         return "started"
 
@@ -247,6 +249,7 @@ class Hub:
         slot = self._slot(name)
         if slot.port_state is PortState.STOPPING:
             raise NotRunningError(f"model '{name}' is stopping; load it once it has stopped", model=name)
+        slot.held_back = None  # an explicit load is the one way a model held back after a crash loads again
         if slot.port_state is not PortState.RUNNING and slot.port_state is not PortState.STARTING:
             await self.start_model(name)  # loads a non-JIT model as well
             if slot.memory_state is MemoryState.LOADED:
@@ -365,6 +368,8 @@ class Hub:
     def notify(self) -> None:
         """Wake everyone waiting for any state change."""
         self._changes.notify()
+        for observer in self.observers:
+            observer()
 
     async def wait_change(self, timeout: float | None = None) -> bool:
         """Sleep until the next state change; False if ``timeout`` passed first."""

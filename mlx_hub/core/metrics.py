@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlx_hub.core.status import HubStatus
@@ -84,6 +84,11 @@ class _StateCollector:
         )
         models.add_metric([], float(status.memory.models_bytes))
         yield from (hub_reserved, hub_peak, models)
+        restarts = CounterMetricFamily(
+            "mlx_hub_restarts", "times the supervisor restarted the hub after a crash (kept across restarts)"
+        )
+        restarts.add_metric([], float(status.restarts))
+        yield restarts
         if status.memory.budget_bytes:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
             budget.add_metric([], float(status.memory.budget_bytes))

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from mlx_hub.config import HubConfig, ModelConfig
 from mlx_hub.fsutil import atomic_write_json, read_json
@@ -37,7 +38,36 @@ def _bind_host(host: str) -> str:
     return "" if host in ("0.0.0.0", "") else host
 
 
+class SocketSource(Protocol):
+    """Where listening sockets come from when a supervisor holds them (``supervised.py``)."""
+
+    def bind(self, host: str, port: int) -> socket.socket: ...
+    def release(self, host: str, port: int) -> None: ...
+    def holds(self, host: str, port: int) -> bool: ...
+
+
+_source: SocketSource | None = None
+
+
+def set_socket_source(source: SocketSource | None) -> None:
+    """Take listening sockets from ``source`` (a supervisor that keeps them across restarts), or bind here."""
+    global _source
+    _source = source
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket for ``host:port``: from the supervisor when one holds the hub's sockets,
+    else bound here (``listen_socket``)."""
+    return _source.bind(host, port) if _source is not None else listen_socket(host, port)
+
+
+def release_socket(host: str, port: int) -> None:
+    """The hub has closed ``host:port`` for good: a supervisor stops holding it, so it refuses connections."""
+    if _source is not None:
+        _source.release(host, port)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
     """Bind and listen now, so a taken port is a clear error before serving starts.
 
     uvicorn would otherwise report it by calling ``sys.exit`` inside the hub's
@@ -60,8 +90,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def is_port_free(host: str, port: int) -> bool:
+    """Whether the hub can listen on ``host:port``: nobody has it, or our supervisor holds it for us."""
+    if _source is not None and _source.holds(host, port):
+        return True
     try:
-        bind_socket(host, port).close()
+        listen_socket(host, port).close()
     except PortError:
         return False
     return True

@@ -14,7 +14,7 @@ from typing import Protocol
 from mlx_hub.config import HubConfig
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
-from mlx_hub.core.status import Counts, GroupStatus, HubStatus, MemoryStatus
+from mlx_hub.core.status import Counts, GroupStatus, HubStatus, MemoryStatus, Supervision
 from mlx_hub.engine.base import Engine
 
 
@@ -28,6 +28,7 @@ class Reportable(Protocol):
     started_at: float | None
     budget: int | None
     budget_source: str | None
+    supervision: Supervision | None
 
     def log_file(self, slot: ModelSlot) -> str | None: ...
 
@@ -57,6 +58,7 @@ def build_status(hub: Reportable) -> HubStatus:
             warnings.append(f"Model '{slot.name}' could not start: {slot.port_error}")
         elif slot.memory_state is MemoryState.FAILED:
             warnings.append(f"Model '{slot.name}' failed to load: {slot.memory_error}")
+    warnings.extend(_restart_warning(hub.supervision))
     failed = any(s.port_state is PortState.FAILED or s.memory_state is MemoryState.FAILED for s in slots)
     return HubStatus(
         status="degraded" if failed else "ok",
@@ -86,4 +88,16 @@ def build_status(hub: Reportable) -> HubStatus:
         warnings=warnings,
         groups=groups,
         models=[s.status(now, hub.log_file(s)) for s in slots],
+        **(hub.supervision.model_dump() if hub.supervision is not None else {}),
     )
+
+
+def _restart_warning(supervision: Supervision | None) -> list[str]:
+    """A line for the last crash the supervisor brought the hub back from, if any."""
+    crash = supervision.last_crash if supervision is not None else None
+    if supervision is None or crash is None:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(crash.at))
+    return [
+        f"The hub restarted after a crash ({supervision.restarts} restart(s)); last: {crash.cause} at {when}"
+    ]

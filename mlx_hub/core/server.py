@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from mlx_hub.core.ports import bind_socket
+from mlx_hub.core.ports import bind_socket, release_socket
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class AppServer:
         while not server.started:
             if self._task.done():
                 sock.close()
+                release_socket(self.host, self.port)
                 raise OSError(
                     f"the server for {self.name} stopped while starting: {self._task.exception()!r}"
                 )
@@ -72,3 +73,5 @@ class AppServer:
                 await asyncio.wait_for(task, 5)
         except Exception:
             log.exception("%s: its server ended with an error", self.name)
+        finally:
+            release_socket(self.host, self.port)

@@ -39,7 +39,8 @@ PORT_MOVES: dict[PortState, frozenset[PortState]] = {
     PortState.STOPPING: frozenset({PortState.INACTIVE}),
 }
 MEMORY_MOVES: dict[MemoryState, frozenset[MemoryState]] = {
-    MemoryState.UNLOADED: frozenset({MemoryState.LOADING}),
+    # UNLOADED -> FAILED: a model held back after crashing the hub is failed without a load.
+    MemoryState.UNLOADED: frozenset({MemoryState.LOADING, MemoryState.FAILED}),
     MemoryState.LOADING: frozenset({MemoryState.LOADED, MemoryState.FAILED, MemoryState.UNLOADED}),
     MemoryState.LOADED: frozenset({MemoryState.UNLOADING}),
     MemoryState.UNLOADING: frozenset({MemoryState.UNLOADED}),
@@ -114,6 +115,7 @@ class ModelSlot:
         self.load_seconds: float | None = None
         self.freed_bytes: int | None = None
         self.load_count = 0
+        self.held_back: str | None = None  # why it is not loaded automatically (it crashed the hub)
         self.load_task: asyncio.Task[None] | None = None
         self.unload_task: asyncio.Task[None] | None = None
         self.op_lock = asyncio.Lock()  # start/stop of this one model, one at a time
@@ -235,6 +237,7 @@ class ModelSlot:
             self.reservations.append(reservation)
         self.peak_bytes = max(self.peak_bytes, self.held_bytes + self.reserved_bytes)
         self._idle.clear()
+        self.on_change()  # a request now runs in the handler: a supervisor blames a crash on it
 
     def end_request(self, reservation: Reservation = NO_RESERVATION) -> None:
         """Count a request out and give back its reservation (what ``begin_request`` took)."""
@@ -443,8 +446,15 @@ class ModelSlot:
         await self.close_port(timeout=1.0)
         return was_running
 
+    def hold_back(self, reason: str) -> None:
+        """Keep the weights off until an explicit load: requests get 503 with ``reason``."""
+        self.held_back = reason
+        if self.memory_state is MemoryState.UNLOADED:
+            self.move_memory(MemoryState.FAILED, reason)
+
     def stopped(self) -> None:
-        """STOPPING -> INACTIVE; a failed load is forgotten with its port."""
+        """STOPPING -> INACTIVE; a failed load (or a model held back) is forgotten with its port."""
+        self.held_back = None
         self.move_port(PortState.INACTIVE)
         if self.memory_state is MemoryState.FAILED:
             self.move_memory(MemoryState.UNLOADED)

@@ -83,6 +83,30 @@ class GroupStatus(_Document):
     models: list[str]
 
 
+class CrashReport(_Document):
+    """The hub's last death, as its supervisor saw it."""
+
+    at: float
+    pid: int
+    exit_code: int | None  # set when it exited
+    signal: str | None  # set when a signal ended it: SIGKILL, SIGSEGV, SIGABRT ...
+    cause: str  # "killed by SIGSEGV while coder loading"
+    loading: list[str]
+    generating: list[str]
+    blamed: dict[str, str]  # model: "loading" | "generating"
+    held_back: dict[str, str]  # models not loaded again after it, and why
+    log_tail: list[str]  # the last lines of hub.log
+    uptime_seconds: float
+
+
+class Supervision(_Document):
+    """What the supervisor tells the hub it restarted."""
+
+    supervisor_pid: int
+    restarts: int = 0
+    last_crash: CrashReport | None = None
+
+
 class HubStatus(_Document):
     status: str  # ok, or degraded while a model failed
     timestamp: float
@@ -98,6 +122,9 @@ class HubStatus(_Document):
     warnings: list[str]
     groups: list[GroupStatus]
     models: list[ModelStatus]
+    supervisor_pid: int | None = None  # the parent that restarts the hub after a crash
+    restarts: int = 0  # times it did
+    last_crash: CrashReport | None = None
 
     def model(self, name: str) -> ModelMetadata:
         """One model's metadata by entry name; ``KeyError`` if the hub has no such model."""

@@ -55,6 +55,10 @@ class Hub(CoreHub):
             self._asgi = build_controller_app(self, request_shutdown=self.request_shutdown)
         return self._asgi
 
+    def wrap_controller(self, layer: Callable[[ASGIApp], ASGIApp]) -> None:
+        """Put ``layer`` around the controller app (before it serves): the supervisor's restore gate."""
+        self._asgi = layer(self.asgi)
+
     async def open_controller(self) -> None:
         """Serve the controller on hub.yaml's ``host:port``; a taken port is a PortError naming it."""
         if self._controller_server is None:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +20,11 @@ from mlx_hub.config import ConfigError, HubConfig, find_config, load_config
 from mlx_hub.core import logs
 from mlx_hub.core.ports import PortError, connect_host
 from mlx_hub.engine.handlers import option_choices
+from mlx_hub.service import faults
 from mlx_hub.service.api import Hub
 from mlx_hub.service.runtime import Runtime, clear_runtime, write_runtime
+from mlx_hub.service.supervised import Supervised
+from mlx_hub.service.supervision import EXIT_CONFIG
 from mlx_hub.version import __version__
 
 log = logging.getLogger("mlx_hub.daemon")
@@ -41,12 +43,14 @@ async def serve(
     config_path: Path | None = None,
     names: Sequence[str] | None = None,
     on_ready: Callable[[Hub], None] | None = None,
+    supervised: Supervised | None = None,
 ) -> None:
     """Run the controller and the hub until SIGINT, SIGTERM or ``POST /hub/shutdown``.
 
     Shutdown order: the controller stops taking commands, each model stops
     taking requests and lets running ones finish (bounded), weights are
-    freed, ports close, and the runtime file goes.
+    freed, ports close, and the runtime file goes. ``supervised``: the
+    supervisor that started this process (sockets, reports, a restart's restore).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -60,6 +64,10 @@ async def serve(
         # The answer to POST /hub/shutdown is sent before the hub stops.
         request_shutdown=lambda: loop.call_later(0.1, stop.set),
     )
+    if faults.enabled():
+        faults.install(hub)
+    if supervised is not None:
+        supervised.attach(hub)
     try:
         await hub.open_controller()
     except PortError as exc:
@@ -67,21 +75,12 @@ async def serve(
             f"the controller cannot listen: {exc}; change `port` in {config_path or 'hub.yaml'}"
         ) from None
     pid = os.getpid()
-    write_runtime(
-        config.log_dir,
-        Runtime(
-            pid=pid,
-            host=config.host,
-            port=config.port,
-            config_path=str(config_path or ""),
-            started_at=time.time(),
-        ),
-    )
+    _write_runtime(config, config_path, supervised)
     log.info(
         "hub %s (pid %d) controller on http://%s:%d", __version__, pid, connect_host(config.host), config.port
     )
     try:
-        starting = asyncio.create_task(hub.start(names))
+        starting = asyncio.create_task(_start(hub, names, supervised))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and not starting.cancelled() and starting.exception() is None and on_ready:
@@ -98,38 +97,49 @@ async def serve(
         log.info("hub stopped")
 
 
-def spawn(config_path: Path, config: HubConfig, names: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """Start ``python -m mlx_hub.service.daemon`` detached: its own session, output to hub.log."""
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.log_dir / logs.HUB_LOG, "ab") as hub_log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mlx_hub.service.daemon", "--config", str(config_path), *names],
-            stdin=subprocess.DEVNULL,
-            stdout=hub_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+def _write_runtime(config: HubConfig, config_path: Path | None, supervised: Supervised | None) -> None:
+    """hub_runtime.json and hub.pid: how the CLI finds this hub (and its supervisor)."""
+    runtime = Runtime(
+        pid=os.getpid(),
+        host=config.host,
+        port=config.port,
+        config_path=str(config_path or ""),
+        started_at=time.time(),
+        **(supervised.runtime_fields() if supervised is not None else {}),
+    )
+    write_runtime(config.log_dir, runtime)
+
+
+async def _start(hub: Hub, names: Sequence[str] | None, supervised: Supervised | None) -> None:
+    """Start the models; under a supervisor, then restore what a crash took and say we are ready."""
+    try:
+        await hub.start(names)
+    finally:
+        if supervised is not None:
+            await supervised.after_start(hub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the detached daemon process (``spawn`` runs it)."""
+    """Entry point of the hub process (the supervisor runs it: ``service.supervisor``)."""
     parser = argparse.ArgumentParser(prog="python -m mlx_hub.service.daemon")
     parser.add_argument("--config")
+    parser.add_argument("--console", action="store_true", help="log to the terminal (a foreground run)")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args(argv)
+    supervised = Supervised.from_env()
     try:
         path = find_config(args.config)
         config = load_config(path, choices=option_choices())
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return 2
-    logs.setup(config, console=False, detached=True)
+        return EXIT_CONFIG if supervised is not None else 2  # a supervisor does not retry it
+    logs.setup(config, console=args.console, detached=not args.console)
+    names = supervised.names(config) if supervised is not None else (args.names or None)
     try:
-        asyncio.run(serve(config, config_path=path, names=args.names or None))
+        asyncio.run(serve(config, config_path=path, names=names, supervised=supervised))
     except DaemonError as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_CONFIG if supervised is not None else 1
     return 0
 
 

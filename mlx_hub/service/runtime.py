@@ -12,6 +12,7 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from mlx_hub.core.ports import connect_host
 from mlx_hub.fsutil import atomic_write_json, atomic_write_text, read_json
@@ -29,10 +30,25 @@ class Runtime:
     config_path: str
     started_at: float
     version: str = __version__
+    # Written under a supervisor (supervisor.py): its pid, and how the hub is doing across crashes.
+    supervisor_pid: int | None = None
+    state: str = "running"  # running | restarting (after a crash) | gave_up (too many crashes)
+    restarts: int = 0
+    last_crash: dict[str, Any] | None = None
+    gave_up: str | None = None  # why the supervisor stopped restarting the hub
 
     @property
     def url(self) -> str:
         return f"http://{connect_host(self.host)}:{self.port}"
+
+    @property
+    def owner_pid(self) -> int:
+        """The process whose life is the hub's: the supervisor where there is one, else the hub."""
+        return self.supervisor_pid or self.pid
+
+
+_REQUIRED = ("pid", "host", "port", "config_path", "started_at")
+_OPTIONAL = ("supervisor_pid", "state", "restarts", "last_crash", "gave_up")
 
 
 def read_runtime(log_dir: Path) -> Runtime | None:
@@ -40,7 +56,8 @@ def read_runtime(log_dir: Path) -> Runtime | None:
     if not isinstance(data, dict):
         return None
     try:
-        return Runtime(**{k: data[k] for k in ("pid", "host", "port", "config_path", "started_at")})
+        fields = {k: data[k] for k in _REQUIRED} | {k: data[k] for k in _OPTIONAL if k in data}
+        return Runtime(**fields)
     except (KeyError, TypeError):
         return None
 

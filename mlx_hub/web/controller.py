@@ -27,6 +27,7 @@ from mlx_hub.core.status import HubStatus
 from mlx_hub.version import __version__
 from mlx_hub.web.activity import activity_router
 from mlx_hub.web.dashboard import ASSETS, asset
+from mlx_hub.web.local_control import LocalControlGuard
 from mlx_hub.web.openai_routes import OpenAIRoutes
 from mlx_hub.web.responses import error_json, error_response
 from mlx_hub.web.security import ApiKeyGuard, SameOriginGuard
@@ -75,6 +76,8 @@ class Health(BaseModel):
     version: str
     ready: bool
     uptime_seconds: float
+    supervisor_pid: int | None = None  # the parent that restarts the hub after a crash
+    restarts: int = 0
 
 
 class ErrorBody(BaseModel):
@@ -108,13 +111,14 @@ def _open_path(path: str) -> bool:
 def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> ASGIApp:
     """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon.
 
-    Layers, outside in: API keys, the cross-site check, ``/v1`` routing by
-    model, then the control API below.
+    Layers, outside in: API keys, this machine only for control without keys,
+    the cross-site check, ``/v1`` routing by model, then the control API below.
     """
     app = _control_app(hub, request_shutdown)
     app.include_router(activity_router(hub))  # /hub/requests, /hub/events, /hub/history, /hub/logs
     routed = OpenAIRoutes(app, hub)
-    return ApiKeyGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys, open_paths=_open_path)
+    local = LocalControlGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys)
+    return ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)
 
 
 def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
@@ -157,6 +161,8 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             version=__version__,
             ready=hub.ready,
             uptime_seconds=round(time.monotonic() - started, 1),
+            supervisor_pid=hub.supervision.supervisor_pid if hub.supervision is not None else None,
+            restarts=hub.supervision.restarts if hub.supervision is not None else 0,
         )
 
     @app.get("/hub", include_in_schema=False)

@@ -1,0 +1,74 @@
+"""Without API keys, only this machine may change the hub's state.
+
+hub.yaml's default ``host: 0.0.0.0`` puts the controller on the network. With
+no ``api_keys`` anyone who can reach it could stop, load, reload or shut the
+hub down: browsers are stopped by the Origin check (``security.SameOriginGuard``),
+but curl on another machine is not. So while no key is set, requests that
+change state (``/hub/*`` with a method other than GET, HEAD or OPTIONS) are
+accepted only from this machine: a loopback address, or the very address the
+client reached the hub on (a connection from one of our own addresses to
+another of them never leaves the host). Reads (status, metrics, the dashboard)
+and the inference routes keep the reference hub's open default. With keys, the
+key decides and this guard steps aside.
+
+A reverse proxy on this machine makes every client look local; put keys on a
+hub behind one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .responses import error_json
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def is_local_client(scope: Scope) -> bool:
+    """Whether the request came from this machine: loopback, or the address it was sent to.
+
+    A scope with no client address (a Unix socket, an in-process call) is local.
+    """
+    client = scope.get("client")
+    if not client:
+        return True
+    host = str(client[0])
+    server = scope.get("server")
+    if server and str(server[0]) == host:
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def changes_state(scope: Scope) -> bool:
+    """A control request that changes the hub: ``/hub/*`` with a writing method."""
+    return (
+        scope["type"] == "http" and scope["method"] not in READ_METHODS and scope["path"].startswith("/hub")
+    )
+
+
+class LocalControlGuard:
+    """403 for state-changing control requests from another machine while the hub has no API keys."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]]):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if changes_state(scope) and not self.keys() and not is_local_client(scope):
+            client = scope["client"][0]
+            message = (
+                f"control request from {client} refused: this hub has no api_keys, so only this machine "
+                "may start, stop, load, unload, reload or shut it down. Add api_keys to hub.yaml "
+                "(or set MLX_HUB_API_KEY) and send the key to control it from elsewhere"
+            )
+            await error_json(403, message, "permission_error", "api_keys_required")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
