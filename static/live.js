@@ -107,7 +107,7 @@ async function followEvents() {
       pause = 1000;
       await readLines(response, sseParser(onHubEvent));
     } catch (_) { /* the controller went away, or wants a key: polling takes over */ }
-    if (live.connected) setLiveMode(false);
+    if (live.connected || byId("live-mode").className.indexOf("live-off") < 0) setLiveMode(false);
     await sleep(pause);
     pause = Math.min(pause * 2, 15000);
   }
