@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks.dashboard import fill_request_log
 from mlx_hub import Hub
-from mlx_hub.core.requestlog import RequestLog, RequestRecord, db_path
 from mlx_hub.testing.tinymodel import text_only_logit_bias
 
 from .helpers import LiveController, free_port
@@ -140,34 +139,6 @@ async def test_playground_with_api_keys(page: Any, hub_config, tiny_llama: Path)
         assert await page.evaluate("sessionStorage.getItem('mlx-hub-api-key')") == "sekret"
         assert await page.evaluate("localStorage.length") == 0  # the key stays in this tab's session
         assert page.errors == []
-
-
-def fill_request_log(folder: Path, models: list[str], rows: int) -> None:
-    """``rows`` finished requests spread over ``models`` and the last day, as a long-running hub leaves them."""
-    log = RequestLog(db_path(folder), days=7, max_rows=100_000, bodies=False)
-    log.open()
-    now = time.time()
-    for i in range(rows):
-        log.write(
-            RequestRecord(
-                ts=now - 86400 + i * 86400 / rows,
-                model=models[i % len(models)],
-                route="/v1/chat/completions",
-                api="openai",
-                via="port" if i % 3 else "v1",
-                status=200 if i % 17 else 503,
-                total_s=0.5 + (i % 10) / 10,
-                error=None if i % 17 else "memory_exhausted",
-                stream=bool(i % 2),
-                prompt_tokens=100 + i % 50,
-                cached_tokens=i % 40,
-                completion_tokens=64,
-                wait_s=0.01,
-                ttft_s=0.2 if i % 2 else None,
-                tokens_per_s=40.0 + i % 7,
-            )
-        )
-    log.close()
 
 
 @browser_needed
