@@ -107,7 +107,9 @@ async def test_playground_requests_logs_and_charts(page: Any, live: LiveControll
         "document.querySelector('#chart-memory path.area.weights_bytes').getBBox().height"
     )
     assert top > 10  # the axis follows what is used, not a budget far above it
-    await page.locator("#chart-speed path[data-model='beta']").wait_for(timeout=10_000)
+    # Both requests may fall in one sample: one point (a dot), so the line is looked for, not seen.
+    await page.locator("#chart-speed path[data-model='beta']").wait_for(state="attached", timeout=10_000)
+    assert await page.locator("#chart-speed circle").count() >= 1
     legend = await page.locator("#legend-memory").inner_text()
     assert "weights" in legend and "MLX active" in legend and "above the chart" in legend
     assert page.errors == []

@@ -229,10 +229,10 @@ class RequestLog:
         """Create the file (or move aside one SQLite cannot read) and start the writer thread."""
         if not self.enabled or self._thread is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._open_connection()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             log.error("request log %s cannot be used (%s); requests are not logged", self.path, exc)
             return
         self._thread = threading.Thread(target=self._run, args=(conn,), name="hub-request-log", daemon=True)
@@ -300,7 +300,10 @@ class RequestLog:
                 for _ in batch:
                     self._queue.task_done()
                 if len(records) < len(batch):
+                    self._prune(conn)  # closing: the file is left within its bounds
                     return
+        except sqlite3.Error as exc:
+            log.error("request log %s: %s", self.path, exc)
         finally:
             conn.close()
 

@@ -33,6 +33,13 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def activity_router(hub: Hub) -> APIRouter:
     router = APIRouter(tags=["activity"])
+    _record_routes(router, hub)
+    _stream_routes(router, hub)
+    return router
+
+
+def _record_routes(router: APIRouter, hub: Hub) -> None:
+    """What the hub has recorded: the request log and the memory history."""
 
     @router.get("/hub/requests")
     async def requests(
@@ -40,7 +47,9 @@ def activity_router(hub: Hub) -> APIRouter:
         since: str | None = Query(
             None, description="epoch seconds, a duration back (15m, 2h, 7d) or an ISO time"
         ),
-        before: int | None = Query(None, description="only rows with a smaller id: the next page"),
+        before: int | None = Query(
+            None, ge=1, le=2**63 - 1, description="only rows with a smaller id: the next page"
+        ),
         limit: int = Query(100, ge=1, le=10_000),
     ) -> Response:
         """The request log, newest first: one row per finished request on any port or /v1."""
@@ -62,12 +71,6 @@ def activity_router(hub: Hub) -> APIRouter:
             }
         )
 
-    @router.get("/hub/events")
-    async def events() -> StreamingResponse:
-        """Server-sent events: ``status`` (the whole document, on each change and every few seconds),
-        ``model`` (a port or memory state moved), ``request`` (one finished), ``memory`` (a sample)."""
-        return StreamingResponse(_event_stream(hub), media_type="text/event-stream", headers=STREAM_HEADERS)
-
     @router.get("/hub/history")
     async def history() -> dict[str, Any]:
         """Memory and decode speed over the last hour, oldest first, ending with a sample of now."""
@@ -75,6 +78,16 @@ def activity_router(hub: Hub) -> APIRouter:
         now = sample_of(hub.status_document(), {})
         samples = [dataclasses.asdict(s) for s in activity.history.samples()] + [dataclasses.asdict(now)]
         return {"interval": activity.history.interval, "span": activity.history.span, "samples": samples}
+
+
+def _stream_routes(router: APIRouter, hub: Hub) -> None:
+    """What stays open: the event stream and a followed log."""
+
+    @router.get("/hub/events")
+    async def events() -> StreamingResponse:
+        """Server-sent events: ``status`` (the whole document, on each change and every few seconds),
+        ``model`` (a port or memory state moved), ``request`` (one finished), ``memory`` (a sample)."""
+        return StreamingResponse(_event_stream(hub), media_type="text/event-stream", headers=STREAM_HEADERS)
 
     @router.get("/hub/logs")
     async def log_lines(
@@ -89,8 +102,6 @@ def activity_router(hub: Hub) -> APIRouter:
         path = _log_path(hub, model)
         stream = _log_stream(hub, path, follow=follow, lines=lines, contains=contains)
         return StreamingResponse(stream, media_type="text/plain; charset=utf-8", headers=STREAM_HEADERS)
-
-    return router
 
 
 def _log_path(hub: Hub, model: str | None) -> Path:

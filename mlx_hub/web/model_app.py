@@ -145,8 +145,7 @@ class LoadGate:
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
         trace = self.hub.activity.trace(self.slot.name, self.slot.port, scope)  # for the request log
-        receive = trace.receive(receive)
-        watch = trace.send(send)
+        receive, watch = trace.receive(receive), trace.send(send)
         try:
             keep_alive = None
             data = None
