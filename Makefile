@@ -54,12 +54,13 @@ lint: setup
 
 # Two workers (pytest-xdist): much of a test's time is a subprocess importing
 # upstream, a daemon starting or a client waiting on a port, so a second worker
-# on a 2-core machine fills the other core. worksteal keeps both busy to the end.
+# on a 2-core machine fills the other core. loadfile keeps each test module on one
+# worker: several share a module-scoped daemon or server pair that serves their tests in order.
 # TEST_WORKERS=0 runs in one process (for debugging with -s or pdb).
 TEST_WORKERS ?= 2
 
 test: setup $(COMPAT)/.installed lint browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
 
 # The reliability suite at full length (CI runs it with a 15 s soak).

@@ -279,11 +279,16 @@ def concurrency(hub: HubProcess, names: list[str], levels: list[int], tokens: in
 
 def long_prompts(cache: Path, out: Path) -> dict[str, Any]:
     """benchmarks/long_prompts.py in a fresh process: estimate/measured per request, peak/budget under load."""
+    return section("long_prompts", cache, out)
+
+
+def section(module: str, cache: Path, out: Path) -> dict[str, Any]:
+    """``python -m benchmarks.<module>`` in a fresh process; its JSON result."""
     import subprocess
 
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.long_prompts", "--cache", str(cache), "--out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{module}", "--cache", str(cache), "--out", str(out)],
         check=True,
         cwd=ROOT.parent,
     )
@@ -403,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         hub.close()
     log("memory under long prompts (its own hub process, so MLX's peak is this section's)")
     results["long_prompts"] = long_prompts(args.cache, workdir / "long-prompts.json")
+    log("prompt cache after a swap (hubs and launch of their own)")
+    results["prompt_cache"] = section("prompt_cache", args.cache, workdir / "prompt-cache.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)

@@ -122,7 +122,11 @@ class HubProcess:
     """The hub daemon (``python -m mlx_hub.service.daemon``) on loopback ports of its own."""
 
     def __init__(
-        self, workdir: Path, models: list[dict[str, Any]], groups: list[dict[str, Any]] | None = None
+        self,
+        workdir: Path,
+        models: list[dict[str, Any]],
+        groups: list[dict[str, Any]] | None = None,
+        **hub: Any,  # more hub.yaml options (prompt_cache_path, ...)
     ):
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -134,6 +138,7 @@ class HubProcess:
             "log_level": "WARNING",
             "models": models,
             "groups": groups or [],
+            **hub,
         }
         self.config_path = workdir / "hub.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

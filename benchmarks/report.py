@@ -6,8 +6,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import prompt_cache
+
 #: key: (what it compares, target test, target text)
 TARGETS: dict[str, tuple[str, Any, str]] = {
+    "prompt_cache_after_unload_vs_cold": (
+        "long prompt's first token after unload+load / cold",
+        lambda r: r <= 0.1,
+        "≤ 0.1",
+    ),
+    "prompt_cache_after_restart_vs_cold": (
+        "long prompt's first token after a hub restart / cold",
+        lambda r: r <= 0.1,
+        "≤ 0.1",
+    ),
     "cold_start_vs_subprocess": ("hub cold start / subprocess per model", lambda r: r <= 0.2, "≤ 0.2"),
     "cold_start_vs_floor": ("hub cold start / bare mlx_lm.load + first token", lambda r: r <= 1.2, "≤ 1.2"),
     "extra_model_rss_vs_subprocess": (
@@ -84,6 +96,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "swap_vs_bare_load": swap["hub_swap"]["median"] / swap["bare_load"]["median"],
         **(_profile_ratios(r["second_profile"]) if "second_profile" in r else {}),
         **(_long_prompt_ratios(r["long_prompts"]) if "long_prompts" in r else {}),
+        **(prompt_cache.ratios(r["prompt_cache"]) if "prompt_cache" in r else {}),
     }
 
 
@@ -232,6 +245,8 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
             + ", ".join(f"{k}: {v}" for k, v in load["outcomes"].items())
             + f"; {load['seconds']:.0f} s.",
         ]
+    if "prompt_cache" in r:
+        lines += prompt_cache.markdown(r["prompt_cache"])
     if r.get("notes"):
         lines += ["", "## Notes", "", *r["notes"]]
     return "\n".join(lines) + "\n"

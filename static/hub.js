@@ -6,7 +6,7 @@
 const POLL_MS = 5000;
 const TRANSITIONS = new Set(["starting", "stopping", "loading", "unloading"]);
 const KEY_STORE = "mlx-hub-api-key";
-const state = { status: null, pending: new Set(), offline: false, needKey: false, timer: null, budget: null };
+const state = { status: null, pending: new Set(), offline: false, needKey: false, timer: null, budget: null, promptCache: null };
 
 // ---------------------------------------------------------------- helpers
 
@@ -150,6 +150,9 @@ function renderSummary(status) {
   if (mem.reserved_bytes) parts.push(`KV reserved ${megabytes(mem.reserved_bytes)}`);
   if (mem.peak_bytes) parts.push(`peak ${megabytes(mem.peak_bytes)}`);
   state.budget = mem.budget_bytes || null;
+  const pc = status.prompt_cache;
+  state.promptCache = pc && pc.enabled ? pc : null;
+  if (state.promptCache) parts.push(`prompt caches on disk ${megabytes(pc.disk_bytes)} of ${gigabytes(pc.cap_bytes)}`);
   $("mem-text").textContent = parts.join(" · ");
 
   $("groups").replaceChildren(...(status.groups || []).map((g) => {
@@ -207,6 +210,11 @@ function memoryCell(m) {
     if (m.load_seconds !== null && m.load_seconds !== undefined) details.push(`loaded in ${m.load_seconds.toFixed(2)} s`);
   }
   if (m.idle_seconds_left !== null && m.idle_seconds_left !== undefined) details.push(`unloads in ${countdown(m.idle_seconds_left)}`);
+  const pc = state.promptCache;
+  if (pc && (m.prompt_cache_disk_bytes || m.prompt_cache_hits || m.prompt_cache_misses)) {
+    // kept on disk across unloads and restarts, within the hub's one cap
+    details.push(`disk cache ${megabytes(m.prompt_cache_disk_bytes)} of ${gigabytes(pc.cap_bytes)} · ${m.prompt_cache_hits || 0} hits`);
+  }
   if (details.length) cell.append(el("div", { className: "sub" }, details.join(" · ")));
   if (m.memory_state === "failed" && m.memory_last_error) cell.append(el("div", { className: "err" }, m.memory_last_error));
   return cell;

@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ import pytest
 from .helpers import free_port, free_range
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a typo'd path must never reach for the network
+# Prompt caches never go to ~/mlx-openai-server-hub: a session folder here (for environments copied at
+# import, such as tests/test_cli.py's), and a folder of each test's own below (_private_prompt_cache).
+os.environ.setdefault("MLX_HUB_PROMPT_CACHE_PATH", tempfile.mkdtemp(prefix="mlx-hub-prompt-cache-"))
 os.environ.setdefault(
     "LITELLM_LOCAL_MODEL_COST_MAP", "True"
 )  # LiteLLM fetches one from GitHub at import otherwise
@@ -234,3 +238,9 @@ def hub_logging() -> Iterator[Callable[[Any], Path]]:
     logger.remove()
     logs._model_sinks.clear()
     logger.add(sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _private_prompt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its prompt caches in its own folder, never in ~/mlx-openai-server-hub."""
+    monkeypatch.setenv("MLX_HUB_PROMPT_CACHE_PATH", str(tmp_path / "prompt-cache"))

@@ -179,6 +179,30 @@ async def test_service_buttons_and_offline_state(page: Any, live: LiveController
 
 
 @browser_needed
+async def test_memory_cell_shows_the_disk_cache_against_its_cap(page: Any, live: LiveController) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        reply = await client.post(
+            f"http://127.0.0.1:{live.hub.slots['alpha'].port}/v1/chat/completions",
+            json={
+                "model": "alpha",
+                "messages": [{"role": "user", "content": "Hello there"}],
+                "max_tokens": 3,
+            },
+        )
+    assert reply.status_code == 200
+    await live.hub.unload("alpha")  # what is on disk stays, and the cell says so while unloaded
+    await page.goto(f"{live.url}/hub/")
+    await wait_row(page, "alpha", "disk cache")
+    row = await row_text(page, "alpha")
+    cap = live.hub.status()["prompt_cache"]["cap_bytes"]
+    assert f"of {cap / 1e9:.1f} GB · 0 hits" in row and "UNLOADED" in row
+    assert "prompt caches on disk" in await page.locator("#mem-text").inner_text()
+    assert page.errors == []
+
+
+@browser_needed
 async def test_names_and_transitions_render_safely(page: Any, live: LiveController) -> None:
     """hub.yaml rejects markup in names; the page must not trust that, and must lock busy rows."""
     status = live.hub.status()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import httpx
 
@@ -109,6 +110,12 @@ class HubClient:
         """The request log, newest first (``/hub/requests``: model, since, before, limit)."""
         query = {k: v for k, v in params.items() if v is not None}
         return self._call("GET", "/hub/requests", query)["data"]
+
+    def prompt_caches(self) -> dict[str, Any]:
+        return self._call("GET", "/hub/prompt-cache")
+
+    def clear_prompt_caches(self, name: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/hub/prompt-cache/clear" + (f"?model={quote(name)}" if name else ""))
 
 
 def find_running(log_dir: Path, key: ApiKey = NO_KEY) -> tuple[Runtime, HubClient] | None:

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mlx_hub.cli import mlxctl, views
+from mlx_hub.cli import cache, mlxctl, views
 from mlx_hub.cli import registry as registry_commands
 from mlx_hub.cli.actions import report_failures, run_actions, start_detached, start_foreground, stop_all
 from mlx_hub.cli.activity import requests_command
@@ -323,6 +323,7 @@ for command in (
     registry_commands.list_command,
     registry_commands.reconcile,
     registry_commands.assign_team,
+    cache.cache,
 ):
     main.add_command(command)
 

@@ -107,8 +107,9 @@ def _resolve_paths(cfg: HubConfig, base: Path) -> HubConfig:
         # tell options a user wrote from defaults.
         models.append(entry.model_copy(update=updates))
     updates: dict[str, Any] = {"models": models, "log_path": _resolve(cfg.log_path, base)}
-    if cfg.offload_path:
-        updates["offload_path"] = _resolve(cfg.offload_path, base)
+    for key in ("offload_path", "prompt_cache_path"):
+        if getattr(cfg, key):
+            updates[key] = _resolve(getattr(cfg, key), base)
     return cfg.model_copy(update=updates)
 
 

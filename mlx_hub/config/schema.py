@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlx_hub.config.sizes import is_budget_word, memory_bytes
+from mlx_hub.config.sizes import disk_bytes, is_budget_word, memory_bytes
 
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
 DEFAULT_CONFIG_NAME = "hub.yaml"
@@ -22,6 +22,8 @@ CONFIG_ENV = "MLX_HUB_CONFIG"
 KEY_ENV = "MLX_HUB_API_KEY"
 ORCH_CONFIG_ENV = "MLXSERVER_MODELS_PATH"  # mlx-server-orch's variable, read after the hub's own names
 ORCH_CONFIG_NAME = "models.yaml"
+PROMPT_CACHE_ENV = "MLX_HUB_PROMPT_CACHE_PATH"  # prompt_cache_path where hub.yaml sets none
+DEFAULT_PROMPT_CACHE_SIZE = "10GB"
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,9 @@ class HubConfig(_Strict):
     request_log_max_rows: Annotated[int, Field(strict=True, ge=100)] = 100_000
     request_log_bodies: bool = False
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
+    # unset: $MLX_HUB_PROMPT_CACHE_PATH, else ~/mlx-openai-server-hub/prompt-cache
+    prompt_cache_path: str | None = None
+    prompt_cache_disk_size: int | str = DEFAULT_PROMPT_CACHE_SIZE  # all models' prompt caches on disk; 0: off
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     groups: list[GroupConfig] = Field(default_factory=list)
 
@@ -277,6 +282,25 @@ class HubConfig(_Strict):
         if value is not None and not is_budget_word(value):
             memory_bytes(value, total=1)  # the form is checked now; a fraction resolves at start
         return value
+
+    @field_validator("prompt_cache_disk_size", mode="before")
+    @classmethod
+    def _disk_size(cls, value: Any) -> Any:
+        disk_bytes(value)
+        return value
+
+    @property
+    def prompt_cache_folder(self) -> Path:
+        """Where prompt caches persist: ``prompt_cache_path``, ``$MLX_HUB_PROMPT_CACHE_PATH``, or the default."""
+        value = (
+            self.prompt_cache_path or os.environ.get(PROMPT_CACHE_ENV) or str(DEFAULT_HOME / "prompt-cache")
+        )
+        return Path(value).expanduser()
+
+    @property
+    def prompt_cache_cap(self) -> int:
+        """``prompt_cache_disk_size`` in bytes; 0: caches are not kept on disk (upstream's behaviour)."""
+        return disk_bytes(self.prompt_cache_disk_size)
 
     @field_validator("port_ranges", mode="before")
     @classmethod

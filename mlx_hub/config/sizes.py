@@ -47,3 +47,18 @@ def memory_bytes(value: int | float | str, total: int | None) -> int:
     if value <= 0:
         raise ValueError(f"max_memory must be positive, not {value}")
     return int(value)
+
+
+def disk_bytes(value: int | str) -> int:
+    """``prompt_cache_disk_size`` in bytes: bytes, or a size like ``"20GB"`` (binary units); 0 is off."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("prompt_cache_disk_size must be a size like '20GB', bytes, or 0 to turn it off")
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, str) and not match:
+        raise ValueError(f"{value!r} is not a size like '20GB' (or 0 to keep no prompt caches on disk)")
+    if match:
+        unit = (match.group(2) or "").lower().rstrip("b").rstrip("i")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 0:
+        raise ValueError(f"prompt_cache_disk_size must be 0 or more, not {value}")
+    return int(value)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from mlx_hub.config import GroupConfig, HubConfig, is_budget_word, memory_bytes
-from mlx_hub.core import logs, policy
+from mlx_hub.core import logs, policy, prompt_caches
 from mlx_hub.core.errors import (
     BudgetError,
     CapacityError,
@@ -29,6 +29,7 @@ from mlx_hub.core.metrics import HubMetrics
 from mlx_hub.core.slot import NO_RESERVATION, ModelSlot, Reservation
 from mlx_hub.core.states import MemoryState, PortState
 from mlx_hub.engine.base import Engine, EngineError
+from mlx_hub.engine.prompt_store import PromptStore
 
 
 class AdmissionHost(Protocol):
@@ -42,6 +43,7 @@ class AdmissionHost(Protocol):
     budget: int | None
     reap_interval: float
     memory_lock: asyncio.Lock
+    prompt_store: PromptStore | None
 
     async def wait_change(self, timeout: float | None = None) -> bool: ...
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]: ...
@@ -291,6 +293,9 @@ async def _load_flow(hub: AdmissionHost, slot: ModelSlot) -> None:
     try:
         loaded = await slot.load(hub.engine, hub.memory_lock)
         hub.engine.bound_prompt_cache(loaded.handler, hub.budget)
+        prompt_caches.attach(
+            hub.prompt_store, hub.engine, slot, loaded.handler
+        )  # no await since: no request yet
     except EngineError as exc:
         log.error("model '%s' failed to load: %s", slot.name, exc)
         raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None

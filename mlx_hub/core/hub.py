@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ConfigSource, HubConfig, ModelConfig, read_config
-from mlx_hub.core import admission, logs, reload
+from mlx_hub.core import admission, logs, prompt_caches, reload
 from mlx_hub.core.activity import Activity
 from mlx_hub.core.errors import (
     HubError,
@@ -35,6 +35,7 @@ from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import HubStatus, Supervision
 from mlx_hub.engine.base import Engine
+from mlx_hub.engine.prompt_store import PromptStore
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Hub:
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
         self.observers: list[Callable[[], None]] = []  # called on every state change (a supervisor's report)
         self.supervision: Supervision | None = None  # restarts and the last crash, from a supervisor
+        self.prompt_store: PromptStore | None = None  # prompt caches kept on disk (prompt_caches.py)
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
         self.activity = Activity(config)  # request log, live feed, memory history
@@ -303,6 +305,8 @@ class Hub:
                 )
             source = self.config_path
         new, path = read_config(source, self.engine.option_choices())
+        # An unusable prompt_cache_path fails the reload here, before anything changes.
+        self.prompt_store = prompt_caches.store_for(new, self.engine, self.prompt_store)
         async with self._reload_lock:
             result = await reload.apply(self, new)
             if path is not None:
@@ -311,6 +315,7 @@ class Hub:
 
     def adopt(self, config: HubConfig) -> None:
         """Take ``config`` as the running one: the memory budget, API keys and group timers follow it."""
+        self.prompt_store = prompt_caches.store_for(config, self.engine, self.prompt_store)
         self.config = config
         self.link_groups()
         self.budget, self.budget_source = admission.resolve_budget(config.max_memory, self.engine)

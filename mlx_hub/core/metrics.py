@@ -89,10 +89,47 @@ class _StateCollector:
         )
         restarts.add_metric([], float(status.restarts))
         yield restarts
+        yield from _prompt_cache_metrics(status)
         if status.memory.budget_bytes:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
             budget.add_metric([], float(status.memory.budget_bytes))
             yield budget
+
+
+def _prompt_cache_metrics(status: HubStatus) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Prompt caches kept on disk: lookups by model (counters since the hub started), bytes and the cap."""
+    if status.prompt_cache is None or not status.prompt_cache.enabled:
+        return
+    families = {
+        "hits": CounterMetricFamily(
+            "mlx_hub_prompt_cache_hits", "lookups that found a prompt cache to start from", labels=["model"]
+        ),
+        "misses": CounterMetricFamily(
+            "mlx_hub_prompt_cache_misses", "lookups that found no prompt cache", labels=["model"]
+        ),
+        "tokens": CounterMetricFamily(
+            "mlx_hub_prompt_cache_tokens_reused", "prompt tokens not prefilled again", labels=["model"]
+        ),
+        "disk": GaugeMetricFamily(
+            "mlx_hub_model_prompt_cache_disk_bytes", "the model's prompt caches on disk", labels=["model"]
+        ),
+    }
+    for row in status.models:
+        meta = row.metadata
+        families["hits"].add_metric([row.id], float(meta.prompt_cache_hits))
+        families["misses"].add_metric([row.id], float(meta.prompt_cache_misses))
+        families["tokens"].add_metric([row.id], float(meta.prompt_cache_tokens_reused))
+        families["disk"].add_metric([row.id], float(meta.prompt_cache_disk_bytes))
+    yield from families.values()
+    disk = GaugeMetricFamily("mlx_hub_prompt_cache_disk_bytes", "every model's prompt caches on disk")
+    disk.add_metric([], float(status.prompt_cache.disk_bytes))
+    cap = GaugeMetricFamily("mlx_hub_prompt_cache_disk_cap_bytes", "prompt_cache_disk_size in bytes")
+    cap.add_metric([], float(status.prompt_cache.cap_bytes))
+    written = CounterMetricFamily(
+        "mlx_hub_prompt_cache_written_bytes", "bytes of prompt caches this hub wrote to disk"
+    )
+    written.add_metric([], float(status.prompt_cache.bytes_written))
+    yield from (disk, cap, written)
 
 
 class HubMetrics:

@@ -51,6 +51,11 @@ class ModelMetadata(_Document):
     keep_alive_seconds: float | None  # -1: kept forever
     started_at: float | None
     log_file: str | None
+    # Its prompt caches kept on disk (prompt_cache_path): lookups since the hub started, and bytes now.
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+    prompt_cache_tokens_reused: int = 0
+    prompt_cache_disk_bytes: int = 0
 
 
 class ModelStatus(_Document):
@@ -73,6 +78,14 @@ class MemoryStatus(_Document):
     reserved_bytes: int = 0  # what every request in flight reserves, summed over models
     peak_bytes: int = 0  # MLX's peak memory since the hub started (mx.get_peak_memory)
     budget_source: str | None = None  # how max_memory was set: a size, a fraction, auto, or none
+
+
+class PromptCacheStatus(_Document):
+    enabled: bool  # false: prompt_cache_disk_size is 0, upstream's temporary caches only
+    path: str | None
+    disk_bytes: int  # every model's prompt caches on disk
+    cap_bytes: int  # prompt_cache_disk_size
+    bytes_written: int = 0  # by this hub since it started
 
 
 class GroupStatus(_Document):
@@ -125,6 +138,7 @@ class HubStatus(_Document):
     supervisor_pid: int | None = None  # the parent that restarts the hub after a crash
     restarts: int = 0  # times it did
     last_crash: CrashReport | None = None
+    prompt_cache: PromptCacheStatus | None = None
 
     def model(self, name: str) -> ModelMetadata:
         """One model's metadata by entry name; ``KeyError`` if the hub has no such model."""

@@ -60,6 +60,8 @@ from mlx_hub.engine.handlers import (
 )
 from mlx_hub.engine.model_files import model_folder, weight_files_bytes
 from mlx_hub.engine.patches.mlx_openai_server import bound_prompt_cache
+from mlx_hub.engine.prompt_identity import Identity, entry_identity
+from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import PromptCounter, RequestNeed, estimate_request
 from mlx_hub.engine.versions import upstream_version
 from mlx_hub.engine.weights import SharedWeights, WeightRegistry
@@ -169,6 +171,24 @@ class MLXEngine:
 
     def shared(self, name: str) -> list[SharedWeights]:
         return self.weights.held_by(name)
+
+    # ------------------------------------------------------------ prompt caches
+
+    prompt_identity = staticmethod(entry_identity)
+
+    def persist_prompt_cache(
+        self, handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity
+    ) -> bool:
+        """Keep the handler's prompt caches in ``store`` (patches/prompt_cache.py); False if it keeps none.
+
+        Call right after the load, before any request. The patch imports
+        upstream's prompt cache and MLX, so only handlers that have one load it.
+        """
+        if getattr(handler, "prompt_cache", None) is None:
+            return False
+        from mlx_hub.engine.patches import prompt_cache  # upstream and MLX: only where a handler has a cache
+
+        return prompt_cache.persist(handler, entry, store, identity)
 
     # ------------------------------------------------- upstream and MLX, as they are
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.base import EngineError, Loaded
+from mlx_hub.engine.prompt_identity import Identity, model_identity
+from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import RequestNeed
 
 
@@ -126,6 +128,14 @@ class FakeEngine:
 
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:
         pass
+
+    def prompt_identity(self, entry: ModelConfig) -> Identity:
+        return model_identity(entry.model_path, None)
+
+    def persist_prompt_cache(
+        self, handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity
+    ) -> bool:
+        return False  # fake handlers keep no prompt cache
 
     def peak_memory(self) -> int:
         return self.active

@@ -29,6 +29,7 @@ from mlx_hub.web.activity import activity_router
 from mlx_hub.web.dashboard import ASSETS, asset
 from mlx_hub.web.local_control import LocalControlGuard
 from mlx_hub.web.openai_routes import OpenAIRoutes
+from mlx_hub.web.prompt_cache_routes import prompt_cache_router
 from mlx_hub.web.responses import error_json, error_response
 from mlx_hub.web.security import ApiKeyGuard, SameOriginGuard
 
@@ -209,6 +210,8 @@ def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:
             ModelAction.unload: hub.unload,
         }[action]
         return ActionResult(status=await method(name), name=name)
+
+    app.include_router(prompt_cache_router(hub, ERRORS))
 
     @app.post("/hub/service/{action}", response_model=ServiceResult, responses=ERRORS)
     async def service_action(action: ServiceAction) -> ServiceResult:

@@ -21,6 +21,7 @@ PROOFS: dict[str, str] = {
     "batch_failure_frees_its_sequences": "tests/test_memory.py::test_an_allocation_error_fails_that_request_alone[batched]",
     "bound_prompt_cache": "tests/test_engine.py::test_a_budget_bounds_upstreams_prompt_cache",
     "accept_raw_prompts": "tests/test_peer_apis.py::test_completions_plain_stream_and_several_prompts",
+    "persistent_prompt_cache": "tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart[lm]",
 }
 
 

@@ -1,0 +1,85 @@
+"""The hub's side of persistent prompt caches: its store, each load's cache, and what status shows.
+
+The store (prompt_store.py) is opened from hub.yaml's ``prompt_cache_path`` and
+``prompt_cache_disk_size``; ``0`` leaves upstream's temporary caches alone. Each
+load hands its handler's prompt cache to the store through the engine
+(``persist_prompt_cache``), before the model serves its first request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from mlx_hub.config import ConfigError, HubConfig, ModelConfig
+from mlx_hub.core.errors import UnknownModelError
+from mlx_hub.core.slot import ModelSlot
+from mlx_hub.engine.base import Engine
+from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine.prompt_store import PromptStore, open_store
+
+log = logging.getLogger(__name__)
+
+#: Model types whose upstream handler keeps a prompt cache (1.8.1: ``MLXLMHandler`` only).
+CACHING_TYPES = ("lm",)
+
+
+def persists(entry: ModelConfig) -> bool:
+    """Whether this entry's prompt caches go to the hub's store.
+
+    Not when it keeps none (``prompt_cache_size: 0``: nothing would be written
+    only to be deleted), nor when it names its own ``prompt_cache_dir``:
+    upstream's behaviour in that folder is what such an entry asked for.
+    """
+    return entry.model_type in CACHING_TYPES and entry.prompt_cache_size > 0 and not entry.prompt_cache_dir
+
+
+def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) -> PromptStore | None:
+    """The store ``config`` asks for (``current`` again when the folder is the same); None when it is off.
+
+    A folder the hub cannot use safely is a ``ConfigError`` naming it and the fix,
+    raised before a start or a reload changes anything.
+    """
+    cap = config.prompt_cache_cap
+    if cap <= 0:
+        return None
+    folder = config.prompt_cache_folder.resolve()
+    try:
+        store = current if current is not None and current.root == folder else open_store(folder, cap)
+    except PromptStoreError as exc:
+        raise ConfigError([str(exc)]) from None
+    store.cap = cap
+    store.known = {m.name: engine.prompt_identity(m).key for m in config.models if persists(m)}
+    return store
+
+
+def attach(store: PromptStore | None, engine: Engine, slot: ModelSlot, handler: Any) -> None:
+    """Give a freshly loaded handler its persistent prompt cache (restoring what earlier loads kept)."""
+    if store is None or not persists(slot.entry):
+        return
+    identity = engine.prompt_identity(slot.entry)
+    store.known[slot.name] = identity.key  # the weights may have changed since hub.yaml was read
+    try:
+        engine.persist_prompt_cache(handler, slot.entry, store, identity)
+    except Exception:  # the model still serves, with upstream's temporary cache
+        log.exception("model '%s': its prompt caches cannot be kept on disk", slot.name)
+
+
+def clear(store: PromptStore | None, models: Collection[str], name: str | None) -> list[str]:
+    """Delete the prompt caches of model ``name`` (all models when None); the identity folders emptied.
+
+    ``models`` are the hub's entry names: one of them, or a name some folder
+    records (a model since removed from hub.yaml), may be cleared.
+    """
+    if name is not None and name not in models and (store is None or not _named(store, name)):
+        raise UnknownModelError(f"no model named '{name}' has prompt caches", model=name)
+    if store is None:
+        return []
+    cleared = store.clear(None if name is None else [name])
+    log.info("prompt caches cleared: %s", ", ".join(cleared) or "none")
+    return cleared
+
+
+def _named(store: PromptStore, name: str) -> bool:
+    return any(name in row.names for row in store.listing())

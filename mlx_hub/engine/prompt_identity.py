@@ -1,0 +1,100 @@
+"""What a model's prompt caches depend on, hashed to the folder name they live under.
+
+Anything that changes what the KV cache holds for a given token sequence (the
+weights, KV quantization, a rotating cache's size, a draft model, the library
+that wrote the tensors) changes the identity, so a stale cache is never read;
+entries that agree on all of it (profiles of one model) share one folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_hub.config import ModelConfig
+from mlx_hub.engine.model_files import model_folder
+from mlx_hub.engine.versions import package_version
+
+#: Bumped when what a folder holds changes shape; part of every identity, so old folders are never read.
+FORMAT = 1
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a model's KV caches depend on, and the folder name it hashes to."""
+
+    key: str
+    description: dict[str, Any]
+
+
+def _weight_files(folder: Path | None) -> list[list[Any]]:
+    if folder is None or not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in WEIGHT_SUFFIXES:
+            with contextlib.suppress(OSError):
+                info = path.stat()  # follows the Hugging Face cache's symlinks to the blobs
+                files.append([str(path.relative_to(folder)), info.st_size, info.st_mtime_ns])
+    return files
+
+
+def model_identity(
+    model_path: str,
+    folder: Path | None,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    context_length: int | None = None,
+    draft_path: str | None = None,
+    draft_folder: Path | None = None,
+    library: str = "",
+) -> Identity:
+    """The identity of a model's prompt caches; ``folder`` is where ``model_path`` resolved (None: unknown).
+
+    ``library`` names the versions that wrote the tensors (mlx-lm's cache
+    classes), so an upgrade that changed them starts new folders.
+    """
+    weights = str(folder.resolve()) if folder is not None else model_path
+    description: dict[str, Any] = {
+        "format": FORMAT,
+        "model": weights,
+        "weights": _weight_files(folder),
+        "kv_bits": kv_bits,
+        "kv_group_size": kv_group_size if kv_bits else None,
+        "quantized_kv_start": quantized_kv_start if kv_bits else None,
+        "context_length": context_length,
+        "draft": None,
+        "library": library,
+    }
+    if draft_path:
+        description["draft"] = {
+            "model": str(draft_folder.resolve()) if draft_folder else draft_path,
+            "weights": _weight_files(draft_folder),
+        }
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(weights).name or "model").strip("-.")[:40] or "model"
+    return Identity(f"{slug}-{digest}", description)
+
+
+def entry_identity(entry: ModelConfig) -> Identity:
+    """A hub.yaml entry's identity: where its weights resolve, its KV options, its draft model, mlx-lm's version."""
+    draft = entry.draft_model_path
+    return model_identity(
+        entry.model_path,
+        model_folder(entry.model_path),
+        kv_bits=entry.kv_bits,
+        kv_group_size=entry.kv_group_size,
+        quantized_kv_start=entry.quantized_kv_start,
+        context_length=None if draft else entry.context_length,  # upstream drops it beside a draft model
+        draft_path=draft,
+        draft_folder=model_folder(draft) if draft else None,
+        library=f"mlx-lm {package_version('mlx-lm')}",
+    )
