@@ -123,7 +123,7 @@ function requestRow(r) {
   const time = new Date(r.ts * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
   const prompt = r.cached_tokens ? `${count(r.prompt_tokens)} (${r.cached_tokens} cached)` : count(r.prompt_tokens);
   const notes = [r.error, r.disconnected ? "client went away" : null, r.stream ? "stream" : null].filter(Boolean);
-  return el("tr", { dataset: { request: String(r.id ?? ""), model: r.model }, className: r.status >= 400 ? "failed" : "" },
+  return el("tr", { dataset: { request: String(r.id ?? ""), requestModel: r.model }, className: r.status >= 400 ? "failed" : "" },
     el("td", {}, time), el("td", { className: "name" }, r.model), el("td", {}, r.api),
     el("td", { className: "mono-small" }, `${r.via === "v1" ? "/v1 → " : ""}${r.route}`),
     el("td", { className: r.status >= 400 ? "err-text" : "ok-text" }, String(r.status)),

@@ -114,7 +114,17 @@ async def events(url: str, wanted: Callable[[str, Any], bool], seen: list[tuple[
 
 async def test_events_push_state_changes_and_finished_requests(live: LiveController) -> None:
     seen: list[tuple[str, Any]] = []
-    done = lambda kind, data: kind == "request" and data["model"] == "beta"  # noqa: E731
+
+    def done(kind: str, data: Any) -> bool:
+        """Both arrived: beta's finished request, and its move to loaded (published a moment after a change)."""
+        kinds = {
+            k
+            for k, d in seen
+            if (k, d.get("model" if k == "request" else "id")) in (("request", "beta"), ("model", "beta"))
+        }
+        loaded = any(k == "model" and d["id"] == "beta" and d["memory_state"] == "loaded" for k, d in seen)
+        return kinds == {"request", "model"} and loaded
+
     reader = asyncio.create_task(events(live.url, done, seen))
     while not seen:  # the stream opened with the whole status
         await asyncio.sleep(0.02)
@@ -126,7 +136,7 @@ async def test_events_push_state_changes_and_finished_requests(live: LiveControl
     moves = [d for k, d in seen if k == "model" and d["id"] == "beta"]
     assert moves and moves[-1]["memory_state"] == "loaded"
     assert moves[0]["previous_memory_state"] == "unloaded"
-    request = seen[-1][1]
+    request = next(d for k, d in seen if k == "request")
     assert request["status"] == 200 and request["via"] == "v1" and "request_body" not in request
 
 

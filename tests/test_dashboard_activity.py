@@ -72,7 +72,7 @@ async def test_playground_requests_logs_and_charts(page: Any, live: LiveControll
     assert live.hub.slots["beta"].memory_state.value == "loaded"
 
     # The request arrived in the table by the event stream, with its figures.
-    row = page.locator('#request-rows tr[data-model="beta"]').first
+    row = page.locator('#request-rows tr[data-request-model="beta"]').first
     await row.wait_for(timeout=10_000)
     cells = await row.locator("td").all_inner_texts()
     assert cells[1:5] == ["beta", "openai", "/v1 → /v1/chat/completions", "200"]
@@ -137,7 +137,7 @@ async def test_playground_with_api_keys(page: Any, hub_config, tiny_llama: Path)
         await chat(page, "alpha", "Hi", max_tokens=5)
         await page.locator("#pg-send:not([disabled])").wait_for(timeout=60_000)
         assert "5 tokens" in await page.locator("#pg-stats").inner_text()
-        await page.locator('#request-rows tr[data-model="alpha"]').first.wait_for(timeout=10_000)
+        await page.locator('#request-rows tr[data-request-model="alpha"]').first.wait_for(timeout=10_000)
         assert await page.evaluate("sessionStorage.getItem('mlx-hub-api-key')") == "sekret"
         assert await page.evaluate("localStorage.length") == 0  # the key stays in this tab's session
         assert page.errors == []
@@ -158,7 +158,7 @@ async def test_twenty_models_and_ten_thousand_requests(page: Any, hub_config, ti
         await page.locator("#request-rows tr").nth(199).wait_for(timeout=20_000)
         await page.select_option("#request-model", "model-07")
         await page.wait_for_function(
-            "[...document.querySelectorAll('#request-rows tr')].every(r => r.dataset.model === 'model-07')"
+            "[...document.querySelectorAll('#request-rows tr')].every(r => r.dataset.requestModel === 'model-07')"
             " && document.querySelectorAll('#request-rows tr').length === 100",
             timeout=20_000,
         )
