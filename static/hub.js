@@ -309,4 +309,24 @@ function start() {
   state.timer = setInterval(refresh, POLL_MS);
 }
 
+// ------------------------------------------------- live updates (live.js)
+
+// A status document pushed by /hub/events, shown as a poll's answer would be.
+function applyStatus(status) {
+  state.status = status;
+  if (state.offline) flash("Controller is back.", "success");
+  state.offline = false;
+  state.needKey = false;
+  $("key-form").hidden = true;
+  render();
+}
+
+// While events arrive, polling only backs them up; without them it is the 5 s poll again.
+function setPolling(ms) {
+  clearInterval(state.timer);
+  state.timer = setInterval(refresh, ms);
+}
+
+window.hubDashboard = { state, applyStatus, setPolling, el, toast, keyStore: KEY_STORE, pollMs: POLL_MS };
+
 document.addEventListener("DOMContentLoaded", start);

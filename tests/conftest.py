@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import tempfile
@@ -214,6 +215,29 @@ async def fast(hub_config) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for built in hubs:
         await built.shutdown(drain_timeout=0.2)
+
+
+@pytest.fixture
+def hub_logging() -> Iterator[Callable[[Any], Path]]:
+    """The daemon's logging (hub.log and a file per model) for one test, undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from mlx_hub.core import logs
+
+    yield lambda config: logs.setup(config, console=False)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    from loguru import logger
+
+    logger.remove()
+    logs._model_sinks.clear()
+    logger.add(sys.stderr)
 
 
 @pytest.fixture(autouse=True)

@@ -91,6 +91,7 @@ class LiveController:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.hub.activity.close_streams()  # open event and log streams end, so the server stops at once
         await self.server.stop()
         await self.hub.shutdown()
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mlx_hub import Hub
+from mlx_hub.web.dashboard import ASSETS
 
 from .helpers import LiveController, free_port
 
@@ -214,7 +215,9 @@ async def test_names_and_transitions_render_safely(page: Any, live: LiveControll
         await route.fulfill(status=200, content_type="application/json", body=json.dumps(status))
 
     await page.route("**/hub/status", fake_status)
+    await page.route("**/hub/events", lambda route: route.abort())  # no live events: the poll's fakes stay
     await page.goto(f"{live.url}/hub/")
+    await page.locator("#live-mode", has_text="polling every 5 s").wait_for()  # the fallback
     row = page.locator("#model-rows tr").first
     await row.wait_for()
     assert INJECTED in await row.locator("td.name").inner_text()
@@ -250,7 +253,7 @@ def test_wheel_ships_the_dashboard(tmp_path: Path) -> None:
     )
     wheel = next(out.glob("mlx_openai_server_hub-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for asset in ("index.html", "hub.css", "hub.js"):
+    for asset in ASSETS:
         assert f"mlx_hub/static/{asset}" in names
     target = tmp_path / "installed"
     subprocess.run(
@@ -265,6 +268,7 @@ def test_wheel_ships_the_dashboard(tmp_path: Path) -> None:
 import asyncio, httpx, mlx_hub
 assert mlx_hub.__file__.startswith({str(target)!r}), mlx_hub.__file__
 from mlx_hub import Hub
+from mlx_hub.web.dashboard import ASSETS
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.core.server import AppServer
 async def main():

@@ -70,9 +70,9 @@ class HubClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str) -> Any:
+    def _call(self, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
         try:
-            response = self._http.request(method, path)
+            response = self._http.request(method, path, params=params)
         except httpx.TransportError as exc:
             raise NotRunning(f"no hub answers at {self.base_url} ({exc.__class__.__name__})") from None
         try:
@@ -105,6 +105,11 @@ class HubClient:
 
     def shutdown(self) -> dict[str, Any]:
         return self._call("POST", "/hub/shutdown")
+
+    def requests(self, **params: Any) -> list[dict[str, Any]]:
+        """The request log, newest first (``/hub/requests``: model, since, before, limit)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        return self._call("GET", "/hub/requests", query)["data"]
 
     def prompt_caches(self) -> dict[str, Any]:
         return self._call("GET", "/hub/prompt-cache")

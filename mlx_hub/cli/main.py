@@ -22,6 +22,7 @@ from rich.text import Text
 from mlx_hub.cli import cache, mlxctl, views
 from mlx_hub.cli import registry as registry_commands
 from mlx_hub.cli.actions import report_failures, run_actions, start_detached, start_foreground, stop_all
+from mlx_hub.cli.activity import requests_command
 from mlx_hub.cli.client import ClientError, find_running
 from mlx_hub.cli.terminal import (
     HubGroup,
@@ -311,6 +312,7 @@ def models(config: str | None) -> None:
 
 
 for command in (
+    requests_command,
     mlxctl.load_command,
     mlxctl.unload_command,
     mlxctl.unload_all,

@@ -248,6 +248,11 @@ class HubConfig(_Strict):
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
     loading_progress: bool = False  # streams that wait say so in the reasoning field (web/waiting.py)
+    # The request log (<log_path>/requests.db): days kept (0 turns it off), a row cap, and whether
+    # it keeps what was asked and answered (off: prompts stay out of a file that outlives them).
+    request_log_days: Annotated[float, Field(ge=0)] = 7
+    request_log_max_rows: Annotated[int, Field(strict=True, ge=100)] = 100_000
+    request_log_bodies: bool = False
     port_ranges: dict[str, tuple[Port, Port]] = Field(default_factory=dict)
     # unset: $MLX_HUB_PROMPT_CACHE_PATH, else ~/mlx-openai-server-hub/prompt-cache
     prompt_cache_path: str | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 from mlx_hub.config import ConfigSource, HubConfig, ModelConfig, read_config
 from mlx_hub.core import admission, logs, prompt_caches, reload
+from mlx_hub.core.activity import Activity
 from mlx_hub.core.errors import (
     HubError,
     NoConfigFileError,
@@ -89,6 +90,7 @@ class Hub:
         self.prompt_store: PromptStore | None = None  # prompt caches kept on disk (prompt_caches.py)
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
+        self.activity = Activity(config)  # request log, live feed, memory history
 
     @classmethod
     def from_config(cls, source: ConfigSource, **kwargs: Any) -> Hub:
@@ -127,6 +129,7 @@ class Hub:
             self.slots = {m.name: self.new_slot(m, ports[m.name], host(m)) for m in self.config.models}
             self.link_groups()
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
+            await self.activity.start(self)
             self.started_at = time.time()
             self.engine.reset_peak_memory()  # status's peak_bytes: the highest since start
             # Import the handler modules now, off the loop, so a JIT model's
@@ -188,6 +191,7 @@ class Hub:
             self._reaper = None
         await self.stop_all(drain_timeout=drain_timeout)
         self._background.cancel_all()
+        await self.activity.stop()  # after the drain: the last requests are in the log
         self.started_at = None
         self.ready = False
         self.slots.clear()

@@ -166,3 +166,19 @@ def detach_model(name: str) -> None:
         logger.remove(sink)
     except ValueError:
         pass
+
+
+def model_line(name: str, message: str, level: str = "INFO") -> None:
+    """One line in model ``name``'s own log (its file when it has one, else the hub's log).
+
+    For what the hub itself says about a model's requests: upstream's lines
+    land there by their context, this one is addressed by name.
+    """
+    if name not in _model_sinks:
+        logging.getLogger("mlx_hub.requests").log(
+            getattr(logging, level, logging.INFO), "%s: %s", name, message
+        )
+        return
+    from loguru import logger
+
+    logger.bind(hub_model=name).log(level, message)

@@ -72,6 +72,7 @@ class Hub(CoreHub):
         return await super().start(names)
 
     async def shutdown(self, *, drain_timeout: float | None = None) -> None:
+        self.activity.close_streams()  # an open dashboard's event stream must not hold the controller
         server, self._controller_server = self._controller_server, None
         if server is not None:
             await server.stop(timeout=2.0)

@@ -25,6 +25,7 @@ from mlx_hub.core.errors import HubError
 from mlx_hub.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mlx_hub.core.status import HubStatus
 from mlx_hub.version import __version__
+from mlx_hub.web.activity import activity_router
 from mlx_hub.web.dashboard import ASSETS, asset
 from mlx_hub.web.local_control import LocalControlGuard
 from mlx_hub.web.openai_routes import OpenAIRoutes
@@ -115,6 +116,7 @@ def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> A
     the cross-site check, ``/v1`` routing by model, then the control API below.
     """
     app = _control_app(hub, request_shutdown)
+    app.include_router(activity_router(hub))  # /hub/requests, /hub/events, /hub/history, /hub/logs
     routed = OpenAIRoutes(app, hub)
     local = LocalControlGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys)
     return ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)

@@ -15,6 +15,11 @@ ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "hub.css": "text/css; charset=utf-8",
     "hub.js": "text/javascript; charset=utf-8",
+    # The live parts: events, requests and logs; the playground; the memory chart.
+    "activity.css": "text/css; charset=utf-8",
+    "live.js": "text/javascript; charset=utf-8",
+    "playground.js": "text/javascript; charset=utf-8",
+    "chart.js": "text/javascript; charset=utf-8",
 }
 
 

@@ -127,7 +127,8 @@ class LoadGate:
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
-        watch = ResponseWatch(send)
+        trace = self.hub.activity.trace(self.slot.name, self.slot.port, scope)  # for the request log
+        receive, watch = trace.receive(receive), trace.send(send)
         try:
             keep_alive = None
             data = None
@@ -160,10 +161,12 @@ class LoadGate:
             reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
             if reserved is None:
                 return  # the client left, or its refusal has been sent
+            trace.admitted()
             await self._serve(scope, receive, room, watch, reserved, keep_alive)
         finally:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
+            trace.finish()
 
     async def _serve(
         self,
@@ -193,7 +196,7 @@ class LoadGate:
         finally:
             self.slot.requests.discard(task)
             admission.release(self.hub, self.slot, keep_alive=keep_alive, reserved=reserved)
-            if heard.left and not watch.finished:
+            if heard.left and not watch.complete:
                 client_left(self.hub, self.slot, "generating")
             if guard.failed:
                 admission.allocation_failed(self.hub, self.slot)
