@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -95,6 +96,9 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         log.info("hub stopped")
+        if supervised is not None and stop.is_set():
+            # Asked to stop (shutdown, a signal): however this process ends from here, it is not a crash.
+            supervised.channel.tell({"op": "stopped"})
 
 
 def _write_runtime(config: HubConfig, config_path: Path | None, supervised: Supervised | None) -> None:
@@ -140,7 +144,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG if supervised is not None else 1
+    _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process once the hub has stopped, skipping the interpreter's teardown.
+
+    Every model is freed and every file written by now. What teardown would add
+    is C++ static destructors of the MLX and tokenizer libraries, whose worker
+    threads can still be joinable then: "terminate called without an active
+    exception" aborts the process (exit 134) after a clean shutdown, which a
+    supervisor would read as a crash.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,8 @@ class Supervisor:
                     self.snapshot = Snapshot.from_message(message)
                 elif op == "ready":
                     self._ready(restarts)
+                elif op == "stopped":  # a shutdown the hub was asked for: its exit, however it ends, is final
+                    self.stopping.set()
             except OSError:
                 return  # the hub went away mid-answer
 

@@ -38,6 +38,10 @@ def hub_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if not t.name.startswith("asyncio_"))
 
 
+#: The documented refusals, by the error code a waiting stream's error event carries.
+STREAMED_REFUSALS = {"group_at_capacity": "429", "memory_budget_exceeded": "503"}
+
+
 async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: bool) -> str:
     body = hello(model, 12, stream=stream)
     if not stream:
@@ -53,13 +57,17 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, stream: boo
         if response.status_code != 200:
             await response.aread()
             return _refusal(response)
-        finish, done = None, False
+        finish, done, refused = None, False, None
         async for line in response.aiter_lines():
             if line.strip() == "data: [DONE]":
                 done = True
             elif line.startswith("data: {"):
-                for choice in json.loads(line[6:]).get("choices") or []:
+                event = json.loads(line[6:])
+                refused = STREAMED_REFUSALS.get((event.get("error") or {}).get("code"), refused)
+                for choice in event.get("choices") or []:
                     finish = choice.get("finish_reason") or finish
+        if refused is not None:  # a stream that waited opens at once; its refusal comes as an error event
+            return refused
         return "ok" if done and finish in ("stop", "length") else "incomplete"
 
 
