@@ -57,24 +57,8 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = Hub(
-        config,
-        config_path=config_path,
-        model_logs=True,
-        freeze_gc=True,
-        # The answer to POST /hub/shutdown is sent before the hub stops.
-        request_shutdown=lambda: loop.call_later(0.1, stop.set),
-    )
-    if faults.enabled():
-        faults.install(hub)
-    if supervised is not None:
-        supervised.attach(hub)
-    try:
-        await hub.open_controller()
-    except PortError as exc:
-        raise DaemonError(
-            f"the controller cannot listen: {exc}; change `port` in {config_path or 'hub.yaml'}"
-        ) from None
+    # The answer to POST /hub/shutdown is sent before the hub stops.
+    hub = await _open(config, config_path, lambda: loop.call_later(0.1, stop.set), supervised)
     pid = os.getpid()
     _write_runtime(config, config_path, supervised)
     log.info(
@@ -99,6 +83,33 @@ async def serve(
         if supervised is not None and stop.is_set():
             # Asked to stop (shutdown, a signal): however this process ends from here, it is not a crash.
             supervised.channel.tell({"op": "stopped"})
+
+
+async def _open(
+    config: HubConfig,
+    config_path: Path | None,
+    request_shutdown: Callable[[], None],
+    supervised: Supervised | None,
+) -> Hub:
+    """The daemon's hub, with its controller listening (a taken port is a DaemonError naming the fix)."""
+    hub = Hub(
+        config,
+        config_path=config_path,
+        model_logs=True,
+        freeze_gc=True,
+        request_shutdown=request_shutdown,
+    )
+    if faults.enabled():
+        faults.install(hub)
+    if supervised is not None:
+        supervised.attach(hub)
+    try:
+        await hub.open_controller()
+    except PortError as exc:
+        raise DaemonError(
+            f"the controller cannot listen: {exc}; change `port` in {config_path or 'hub.yaml'}"
+        ) from None
+    return hub
 
 
 def _write_runtime(config: HubConfig, config_path: Path | None, supervised: Supervised | None) -> None:
