@@ -11,21 +11,23 @@ DEMO   := .cache/demo
 
 setup: $(STAMP)
 
-# macOS: plain pip, mlx-openai-server from its normal dependency.
-# Linux: MLX's CPU build and the CPU torch; mlx-openai-server 1.6.3 resolves its
-# dependencies, then 1.8.1 (what macOS users get) is laid over it without mflux,
-# which only the image paths need. torchvision goes: PyPI's build is for CUDA
-# torch and breaks transformers' imports beside the CPU torch.
+# The hub declares the MLX stack it is tested with (pyproject.toml); mlx-openai-server
+# 1.8.1 is laid over it without its own pins (mlx-lm<0.32, mlx-vlm<0.5), which the
+# adapters in mlx_hub/engine/patches make unnecessary.
+# Linux: MLX's CPU build and the CPU torch first. torchvision goes: PyPI's build is
+# for CUDA torch and breaks transformers' imports beside the CPU torch.
+UPSTREAM := mlx-openai-server==1.8.1
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-ifeq ($(UNAME),Darwin)
+ifneq ($(UNAME),Darwin)
+	$(BIN)/pip install torch==2.13.0 "mlx[cpu]>=0.32.4,<0.33"
+endif
 	$(BIN)/pip install -e ".[test]"
-else
-	$(BIN)/pip install torch==2.13.0 torchvision==0.28.0 "mlx[cpu]" mlx-openai-server==1.6.3 "xxhash<4"
-	$(BIN)/pip install --no-deps mlx-openai-server==1.8.1
-	$(BIN)/pip uninstall -y torchvision
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install --no-deps $(UPSTREAM)
+ifneq ($(UNAME),Darwin)
+	-$(BIN)/pip uninstall -y -q torchvision
 endif
 	touch $(STAMP)
 
