@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine import handlers, memory, versions
+from mlx_hub.engine import handlers, memory, patches, versions
 from mlx_hub.engine.base import EngineError
 from mlx_hub.engine.mlx import MLXEngine
+from mlx_hub.engine.patches import switch
 from mlx_hub.testing.tinymodel import text_only_logit_bias
+from tests.helpers import base_url, hello, text_only
 
 engine = MLXEngine()  # one real engine for this module's direct loads
 
@@ -173,3 +180,68 @@ async def test_a_budget_bounds_upstreams_prompt_cache(make_hub, hub_config, tiny
     assert cache.max_bytes == int((1 << 30) * PROMPT_CACHE_SHARE)
     assert (await hub.reload({**doc, "max_memory": "512MB"}))["unchanged"] == ["m"]
     assert cache.max_bytes == int((1 << 29) * PROMPT_CACHE_SHARE)  # a new budget bounds a cache already held
+
+
+async def test_lm_models_batch_on_the_installed_mlx_lm(make_hub, hub_config, tiny_llama: Path) -> None:
+    """patches/mlx_lm.stop_sequences: on mlx-lm 0.32 upstream's scheduler cannot import its stop-sequence
+    type, turns batching off, and serves every request one at a time (switched off, this fails there)."""
+    doc = hub_config([{"name": "m", "model_path": str(tiny_llama), "default": True}])
+    hub = await make_hub(doc)
+    assert handlers.one_at_a_time(hub.slots["m"].entry) is None
+    request = hello("m", 6, temperature=0, **text_only(tiny_llama))
+    async with httpx.AsyncClient(base_url=base_url(hub, "m"), timeout=60) as client:
+        replies = await asyncio.gather(*(client.post("/chat/completions", json=request) for _ in range(3)))
+    answers = [r.json() for r in replies]
+    assert all(r.status_code == 200 for r in replies), answers
+    assert len({a["choices"][0]["message"]["content"] for a in answers}) == 1  # greedy: one answer
+    assert all(a["usage"]["completion_tokens"] == 6 for a in answers)
+    scheduler = hub.slots["m"].handler._batch_scheduler
+    assert scheduler is not None and scheduler.get_stats()["running"]
+
+
+@pytest.mark.skipif(not switch.needed_here("stop_sequences"), reason="mlx-lm here has SequenceStateMachine")
+def test_the_stop_sequence_adapter_builds_what_upstream_asks() -> None:
+    patches.mlx_lm.stop_sequences()
+    generate = importlib.import_module("mlx_lm.generate")
+    machine = generate.SequenceStateMachine({"normal": [([5, 6], None), ([9], None)]}, initial="normal")
+    matcher = machine.matcher()
+    assert [matcher.advance(t) for t in (5, 7, 5, 6)] == [False, False, False, True]
+    assert machine.matcher().advance(9)
+    with pytest.raises(ValueError, match="stop sequences only"):
+        generate.SequenceStateMachine({"normal": [([1], "thinking")], "thinking": []}, initial="normal")
+
+
+async def test_queue_timeout_bounds_waiting_not_generating(make_hub, hub_config, tiny_llama: Path) -> None:
+    """patches/mlx_openai_server.queue_timeout_bounds_waiting: one at a time, upstream timed out a running
+    generation after queue_timeout (500 "Inference timed out"); it must bound the wait only."""
+    model = {"name": "m", "model_path": str(tiny_llama), "default": True}
+    hub = await make_hub(hub_config([{**model, "disable_batching": True, "queue_timeout": 0.05}]))
+    request = hello("m", 400, temperature=0, **text_only(tiny_llama))
+    async with httpx.AsyncClient(base_url=base_url(hub, "m"), timeout=120) as client:
+        reply = await client.post("/chat/completions", json=request)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 400
+
+
+@pytest.mark.skipif(
+    "trust_remote_code"
+    not in inspect.signature(importlib.import_module("mlx_lm.utils").load_model).parameters,
+    reason="this mlx-lm builds no architecture from a model's own file",
+)
+async def test_trust_remote_code_reaches_a_models_own_architecture(tiny_llama: Path, tmp_path: Path) -> None:
+    """mlx-lm 0.32 builds a model from the ``model_file`` its config names only with trust_remote_code;
+    the hub's shared-weights loader forwards hub.yaml's option (upstream hands it to the tokenizer alone)."""
+    folder = tmp_path / "own-arch"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_file": "own_arch.py"}))
+    (folder / "own_arch.py").write_text(
+        "from mlx_lm.models import llama\n\nModelArgs = llama.ModelArgs\n\n\nclass Model(llama.Model):\n    pass\n"
+    )
+    with pytest.raises(EngineError, match="trust_remote_code"):
+        await engine.load(entry(folder, name="untrusted"))
+    loaded = await engine.load(entry(folder, name="trusted", trust_remote_code=True))
+    try:
+        assert type(loaded.handler.model.model).__module__ == "custom_model"
+    finally:
+        await engine.unload(loaded.handler, "trusted")

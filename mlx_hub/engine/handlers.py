@@ -20,7 +20,7 @@ from mlx_hub.config import ModelConfig
 from mlx_hub.engine import patches
 from mlx_hub.engine.base import EngineError
 from mlx_hub.engine.patches.mlx_openai_server import serve_like_launch
-from mlx_hub.engine.versions import upstream_version
+from mlx_hub.engine.versions import package_version, upstream_version
 from mlx_hub.engine.whisper import WhisperWeights, ensure_ffmpeg
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,40 @@ _warned: set[str] = set()
 
 
 def batches(entry: ModelConfig) -> bool:
-    """Whether upstream serves this entry's requests as one batch (1.8's ``BatchScheduler`` for lm).
+    """Whether upstream serves this entry's requests as one batch (admission reserves its padding)."""
+    return one_at_a_time(entry) is None
 
-    Upstream batches language models unless ``disable_batching`` is set or a
-    draft model is attached; its multimodal batching is off here
-    (patches.mlx_openai_server.vlm_batching_capability), and 1.6.x has no batching at all.
+
+def one_at_a_time(entry: ModelConfig) -> str | None:
+    """Why upstream serves this entry's requests one at a time; None where it batches them.
+
+    Upstream 1.8 batches ``lm`` models unless ``disable_batching`` is set or a
+    draft model is attached, and only where its scheduler module imported with
+    ``BATCHING_AVAILABLE`` (mlx-lm 0.32 needs patches.mlx_lm first); 1.6.x
+    has no batching at all.
     """
-    if entry.model_type != "lm" or entry.disable_batching or entry.draft_model_path:
-        return False
-    return importlib.util.find_spec("app.core.batch_scheduler") is not None
+    if entry.model_type not in ("lm", "multimodal"):
+        return f"upstream does not batch {entry.model_type} models"
+    if entry.disable_batching:
+        return "disable_batching is set"
+    if entry.model_type == "multimodal":
+        return "multimodal requests are served one at a time"
+    if entry.draft_model_path:
+        return "a draft model is attached (upstream decodes speculatively one request at a time)"
+    return _scheduler_missing("app.core.batch_scheduler", "BATCHING_AVAILABLE", "mlx-lm")
+
+
+def _scheduler_missing(module_name: str, flag: str, library: str) -> str | None:
+    """Why upstream's scheduler module cannot batch here; None where it can."""
+    if importlib.util.find_spec(module_name) is None:
+        return f"mlx-openai-server {upstream_version() or '?'} has no batch scheduler"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"upstream's batch scheduler does not import: {exc}"
+    if not getattr(module, flag, False):
+        return f"{library} {package_version(library) or '?'} lacks what upstream's batch scheduler needs"
+    return None
 
 
 def handler_class(model_type: str) -> type:

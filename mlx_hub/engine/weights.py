@@ -21,6 +21,7 @@ so a build names its registry and entry for the thread it runs on (``holding``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import threading
 import weakref
@@ -126,6 +127,7 @@ def sharing_load(original: Callable[..., Any]) -> Callable[..., Any]:
         lazy: bool = False,
         return_config: bool = False,
         revision: str | None = None,
+        **newer: Any,  # mlx-lm 0.32: trust_remote_code
     ) -> Any:
         current = _holder()
         if current is None or lazy:  # not a hub load (or a lazy one): upstream's own behaviour
@@ -137,6 +139,7 @@ def sharing_load(original: Callable[..., Any]) -> Callable[..., Any]:
                 lazy=lazy,
                 return_config=return_config,
                 revision=revision,
+                **newer,
             )
         registry, holder = current
         model_path = _download(path_or_hf_repo, revision=revision)
@@ -144,7 +147,12 @@ def sharing_load(original: Callable[..., Any]) -> Callable[..., Any]:
         group, model = registry.find(key)
         if model is None:
             before = active_memory()
-            model, config = load_model(model_path, lazy, model_config=model_config)
+            model, config = load_model(
+                model_path,
+                lazy,
+                model_config=model_config,
+                **_remote_code(load_model, tokenizer_config, newer),
+            )
             if adapter_path is not None:
                 model = load_adapters(model, adapter_path)
                 model.eval()
@@ -162,6 +170,21 @@ def sharing_load(original: Callable[..., Any]) -> Callable[..., Any]:
 
     load._mlx_hub_sharing = True  # type: ignore[attr-defined]
     return load
+
+
+def _remote_code(
+    load_model: Callable[..., Any], tokenizer_config: dict[str, Any] | None, newer: dict[str, Any]
+) -> dict[str, Any]:
+    """``trust_remote_code`` for mlx-lm 0.32's ``load_model`` (a config's own ``model_file``).
+
+    Upstream hands hub.yaml's ``trust_remote_code`` to ``load`` only inside
+    ``tokenizer_config``; a model whose architecture is its own Python file needs
+    it at ``load_model`` too, as ``mlx_lm.load(trust_remote_code=True)`` passes it.
+    """
+    if "trust_remote_code" not in inspect.signature(load_model).parameters:
+        return {}
+    trusted = newer.get("trust_remote_code") or (tokenizer_config or {}).get("trust_remote_code")
+    return {"trust_remote_code": bool(trusted)}
 
 
 def vlm_processor(model_path: Path, model: Any, kwargs: dict[str, Any]) -> Any:

@@ -8,11 +8,15 @@ wrong without it, and the test that fails without it.
 
 from __future__ import annotations
 
-from mlx_hub.engine.patches import mlx_openai_server, mlx_vlm, mlx_whisper
+from mlx_hub.engine.patches import mlx_lm, mlx_openai_server, mlx_vlm, mlx_whisper
+
+# Before anything imports upstream's batch scheduler (handler imports come through here).
+mlx_lm.install_import_hook()
 
 #: Each patch (as ``MLX_HUB_DISABLE_PATCHES`` names it) and the test that fails without it.
 #: ``make proofs`` runs each test with its patch switched off and expects the failure.
 PROOFS: dict[str, str] = {
+    "stop_sequences": "tests/test_engine.py::test_lm_models_batch_on_the_installed_mlx_lm",
     "thread_local_stream": "tests/test_model_types.py::test_generation_on_another_thread_needs_the_thread_local_stream",
     "whisper_per_folder": "tests/test_model_types.py::test_two_whisper_entries_hold_their_own_weights",
     "serve_like_launch": "tests/test_model_types.py::test_whisper_transcribes_streams_and_frees",
@@ -22,6 +26,7 @@ PROOFS: dict[str, str] = {
     "bound_prompt_cache": "tests/test_engine.py::test_a_budget_bounds_upstreams_prompt_cache",
     "accept_raw_prompts": "tests/test_peer_apis.py::test_completions_plain_stream_and_several_prompts",
     "persistent_prompt_cache": "tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart[lm]",
+    "queue_timeout_bounds_waiting": "tests/test_engine.py::test_queue_timeout_bounds_waiting_not_generating",
     "watch_generation_steps": "tests/test_stops.py::test_messages_stop_sequences_end_the_generation[batched]",
 }
 

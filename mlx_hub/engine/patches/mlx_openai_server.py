@@ -24,15 +24,23 @@ Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
   hand their generation steps to ``engine.generation_watch``, so a route learns why its
   generation ended (a stop sequence upstream matched on tokens) and what it cost when the
   route ended it. Proof: tests/test_stops.py (usage 0 and ``end_turn`` without it).
+- ``queue_timeout_bounds_waiting``: 1.8.1's ``InferenceWorker.submit`` (every request served
+  one at a time and not streamed) wraps the whole generation in ``asyncio.wait_for`` with the
+  queue timeout, so a generation longer than ``queue_timeout`` died with 500 "Inference timed
+  out". The timeout now bounds the wait for the worker only. Proof: tests/test_engine.py::
+  test_queue_timeout_bounds_waiting_not_generating.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
 import logging
+import queue
 import sys
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -52,6 +60,7 @@ def apply() -> None:
         ("share_weights", share_weights),
         ("batch_failure_frees_its_sequences", batch_failure_frees_its_sequences),
         ("watch_generation_steps", watch_generation_steps),
+        ("queue_timeout_bounds_waiting", queue_timeout_bounds_waiting),
     ):
         if enabled(name):
             patch()
@@ -77,6 +86,55 @@ def watch_generation_steps() -> None:
 
         submit_stream._mlx_hub_watched = True  # type: ignore[attr-defined]
         cls.submit_stream = submit_stream  # type: ignore[union-attr]
+
+
+def queue_timeout_bounds_waiting() -> None:
+    """Upstream's one-at-a-time worker times out a request after ``queue_timeout`` even while it runs.
+
+    ``queue_timeout`` is how long a request may wait for the model; a long answer
+    that has started must finish. The replacement ``submit`` takes the same queue
+    and bookkeeping as upstream's, and waits with the timeout only until the worker
+    thread takes the request; one that timed out waiting is skipped when its turn comes.
+    """
+    module = sys.modules.get("app.core.inference_worker")
+    worker = getattr(module, "InferenceWorker", None)
+    if worker is None or getattr(worker.submit, "_mlx_hub_waits_only", False):
+        return
+    if not hasattr(module, "_resolve_future") or not hasattr(worker, "_record"):
+        return  # a release whose worker is built otherwise: leave it as it is
+    resolve = module._resolve_future
+
+    async def submit(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        started, done = loop.create_future(), loop.create_future()
+        abandoned = threading.Event()
+
+        def work() -> None:
+            if abandoned.is_set():
+                return
+            loop.call_soon_threadsafe(resolve, started, None, None)
+            try:
+                out = func(*args, **kwargs)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(resolve, done, None, exc)
+                self._record(False)
+            else:
+                loop.call_soon_threadsafe(resolve, done, out, None)
+                self._record(True)
+
+        try:
+            self._work_queue.put_nowait(work)
+        except queue.Full:
+            raise asyncio.QueueFull("Inference queue is full") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(started), timeout=self._timeout)
+        except TimeoutError:
+            abandoned.set()
+            raise TimeoutError(f"waited {self._timeout:g} s (queue_timeout) for the model to start") from None
+        return await done
+
+    submit._mlx_hub_waits_only = True  # type: ignore[attr-defined]
+    worker.submit = submit
 
 
 def vlm_batching_capability() -> None:
