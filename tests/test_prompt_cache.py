@@ -74,10 +74,12 @@ def stored_classes(hub: Any) -> set[str]:
     """The cache classes the entries on disk hold (mlx-lm's format keeps them as metadata)."""
     import mlx.core as mx
 
+    from mlx_hub.engine.patches.prompt_cache import entry_layout
+
     names = set()
     for path in hub.prompt_store.root.rglob("*.safetensors"):
         _, metadata = mx.load(str(path), return_metadata=True)
-        names |= {v for k, v in metadata.items() if k.startswith("2.")}
+        names |= set(entry_layout(metadata)[1])
     return names
 
 

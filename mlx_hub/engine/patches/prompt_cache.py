@@ -68,6 +68,42 @@ def _cache_class(name: Any) -> type:
     return cls
 
 
+def entry_layout(metadata: dict[str, str]) -> tuple[dict[str, Any], list[str], list[Any] | None, list[Any]]:
+    """mlx-lm's ``save_prompt_cache`` metadata as (extra, cache classes, meta states, scalar marks).
+
+    mlx-lm 0.31 writes ``[meta states, extra, classes]`` and each class's
+    ``from_state`` takes the meta state; 0.32 writes ``[extra, classes, scalars]``,
+    keeps scalars inside the state (``scalars`` says which arrays were numbers,
+    strings or None) and has no meta states (None here).
+    """
+    tree = tree_unflatten(list(metadata.items()))
+    if isinstance(tree[0], dict):
+        extra, classes, scalars = tree
+        return extra, list(classes), None, list(scalars[1:])
+    info, extra, classes = tree
+    return extra, list(classes), list(info), []
+
+
+def _restore_scalars(arrays: dict[str, Any], scalars: list[Any]) -> None:
+    for position, kind in scalars:
+        value = arrays[position]
+        if kind == "scalar":
+            arrays[position] = value.item()
+        elif kind == "string":
+            arrays[position] = "".join(chr(c) for c in value.tolist())
+        elif kind == "none":
+            arrays[position] = None
+        else:
+            raise UnreadableEntry(f"unknown scalar kind {kind!r}")
+
+
+def _check_inner(name: str, state: Any, meta: Any) -> None:
+    """A CacheList names its inner classes (0.31: in its meta state; 0.32: in its state): mlx-lm's only."""
+    if _cache_class(name) is mlx_cache.CacheList:
+        for inner in meta[0] if meta is not None else [c for _, c in state]:
+            _cache_class(inner)
+
+
 def load_entry(path: Path, key: str) -> list[Any]:
     """Read one payload: safetensors only, cache classes from mlx-lm only, this identity's only."""
     try:
@@ -75,17 +111,17 @@ def load_entry(path: Path, key: str) -> list[Any]:
         # Read now, on this thread: a lazy load is tied to this thread's stream, and upstream's
         # single-request path looks caches up on the event loop but generates on its worker thread.
         mx.eval(list(arrays.values()))
-        info, extra, classes = tree_unflatten(list(metadata.items()))
+        extra, classes, info, scalars = entry_layout(metadata)
         if extra.get(FORMAT_KEY) != str(FORMAT) or extra.get(IDENTITY_KEY) != key:
             raise UnreadableEntry("written for another identity or by another format")
+        _restore_scalars(arrays, scalars)
         states = tree_unflatten(list(arrays.items())) if arrays else [[] for _ in classes]
+        metas = info if info is not None else [None] * len(classes)
         cache = []
-        for name, state, meta in zip(classes, states, info, strict=True):
+        for name, state, meta in zip(classes, states, metas, strict=True):
+            _check_inner(name, state, meta)
             cls = _cache_class(name)
-            if cls is mlx_cache.CacheList:
-                for inner in meta[0]:
-                    _cache_class(inner)
-            cache.append(cls.from_state(state, meta))
+            cache.append(cls.from_state(state) if meta is None else cls.from_state(state, meta))
         return cache
     except UnreadableEntry:
         raise
