@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 COMPAT := .compat-1.6.3
+OLD    := .compat-old-stack
 UNAME  := $(shell uname -s)
 DEMO   := .cache/demo
 
@@ -37,6 +38,13 @@ $(COMPAT)/.installed: $(STAMP)
 	$(BIN)/pip install -q --no-deps --target $(COMPAT) mlx-openai-server==1.6.3
 	touch $@
 
+# Upstream's own pins (mlx-lm 0.31, mlx-vlm 0.4 and the fastapi/starlette they run with),
+# laid in front of site-packages: what a user who keeps upstream's pins runs.
+$(OLD)/.installed: $(STAMP)
+	rm -rf $(OLD)
+	$(BIN)/pip install -q --no-deps --target $(OLD) mlx-lm==0.31.3 mlx-vlm==0.4.4 fastapi==0.129.2 starlette==0.52.1
+	touch $@
+
 run: setup
 	$(BIN)/python -m mlx_hub.cli.demo --cache $(DEMO)
 
@@ -61,9 +69,14 @@ lint: setup
 # TEST_WORKERS=0 runs in one process (for debugging with -s or pdb).
 TEST_WORKERS ?= 2
 
-test: setup $(COMPAT)/.installed lint browser
+# The whole suite on the newest stack; then the fast and equivalence tiers on upstream's
+# pins, and the compat tests on upstream 1.6.3 over those pins.
+test: setup $(COMPAT)/.installed $(OLD)/.installed lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
-	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT) MLX_HUB_EXPECT_UPSTREAM=1.6.3 $(BIN)/python -m pytest -q -m compat
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(OLD) MLX_HUB_EXPECT_STACK=old \
+	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/test_fast.py tests/equivalence
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(COMPAT):$(OLD) MLX_HUB_EXPECT_UPSTREAM=1.6.3 MLX_HUB_EXPECT_STACK=old \
+	  $(BIN)/python -m pytest -q -m compat
 
 # The reliability suite at full length (CI runs it with a 15 s soak).
 soak: setup
@@ -79,4 +92,4 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(COMPAT) .cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(COMPAT) $(OLD) .cache .pytest_cache build *.egg-info

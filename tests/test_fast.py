@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -128,3 +129,28 @@ async def test_reload_restarts_only_what_changed(fast: Make, hub_config) -> None
         "failed": {},
     }
     assert engine.loads == {"keep": 1, "change": 2, "added": 1}
+
+
+def test_this_run_is_on_the_stack_it_expects() -> None:
+    """make test runs the suite on the newest stack, then the fast, equivalence and compat tiers on
+    upstream's pins (MLX_HUB_EXPECT_STACK=old); a wrong PYTHONPATH would test the same stack twice."""
+    from packaging.version import Version
+
+    from mlx_hub.engine.versions import installed_stack, untested_stack
+
+    stack = installed_stack()
+    old = os.environ.get("MLX_HUB_EXPECT_STACK") == "old"
+    assert (Version(stack["mlx-lm"]) < Version("0.32")) is old, stack
+    assert (Version(stack["mlx-vlm"]) < Version("0.5")) is old, stack
+    assert untested_stack() is None, untested_stack()
+
+
+def test_an_untested_combination_warns_naming_the_versions() -> None:
+    from mlx_hub.engine.versions import untested_stack
+
+    newest = {"mlx-openai-server": "1.8.1", "mlx-lm": "0.32.2", "mlx-vlm": "0.7.10"}
+    assert untested_stack(newest) is None
+    assert untested_stack({**newest, "mlx-lm": "0.31.3", "mlx-vlm": "0.4.4"}) is None  # upstream's pins
+    warning = untested_stack({**newest, "mlx-lm": "0.33.0"})
+    assert warning and "mlx-lm 0.33.0" in warning and "mlx-vlm 0.7.10" in warning and "tested:" in warning
+    assert "mlx-openai-server missing" in (untested_stack({**newest, "mlx-openai-server": None}) or "")

@@ -20,7 +20,7 @@ from mlx_hub.config import ModelConfig
 from mlx_hub.engine import patches
 from mlx_hub.engine.base import EngineError
 from mlx_hub.engine.patches.mlx_openai_server import serve_like_launch
-from mlx_hub.engine.versions import package_version, upstream_version
+from mlx_hub.engine.versions import package_version, untested_stack, upstream_version
 from mlx_hub.engine.whisper import WhisperWeights, ensure_ffmpeg
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ def preload(model_types: set[str]) -> None:
     Types that cannot load here (image types without mflux) are skipped;
     their own load reports why.
     """
+    if warning := untested_stack():
+        log.warning(warning)
     with contextlib.suppress(ImportError):
         importlib.import_module("app.server")  # the factory every load goes through
     for model_type in sorted(model_types):

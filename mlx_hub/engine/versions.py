@@ -16,3 +16,40 @@ def package_version(package: str) -> str | None:
 def upstream_version() -> str | None:
     """mlx-openai-server's version: which handler options and routes exist."""
     return package_version("mlx-openai-server")
+
+
+#: The library combinations the hub's suite runs on (README: "Tested versions"): the newest
+#: stack it declares, and upstream's own pins for users who keep them (the compat run).
+TESTED_STACKS: tuple[dict[str, str], ...] = (
+    {"mlx-openai-server": "==1.8.1", "mlx-lm": ">=0.32.2,<0.33", "mlx-vlm": ">=0.7.10,<0.8"},
+    {"mlx-openai-server": "==1.8.1", "mlx-lm": "==0.31.*", "mlx-vlm": "==0.4.*"},
+    {"mlx-openai-server": "==1.6.3", "mlx-lm": "==0.31.*", "mlx-vlm": "==0.4.*"},
+)
+
+
+def installed_stack() -> dict[str, str | None]:
+    """The installed release of each library a tested stack names."""
+    return {package: package_version(package) for package in TESTED_STACKS[0]}
+
+
+def untested_stack(installed: dict[str, str | None] | None = None) -> str | None:
+    """A warning naming the installed versions where they match no tested stack; None where one matches.
+
+    The hub runs regardless: a newer mlx-lm usually works, and refusing it would
+    leave a user with nothing. The warning says what to report if it does not.
+    """
+    from packaging.specifiers import SpecifierSet
+
+    installed = installed_stack() if installed is None else installed
+
+    def matches(stack: dict[str, str]) -> bool:
+        return all(
+            installed.get(p) is not None and SpecifierSet(spec).contains(installed[p], prereleases=True)
+            for p, spec in stack.items()
+        )
+
+    if any(matches(stack) for stack in TESTED_STACKS):
+        return None
+    have = ", ".join(f"{p} {v or 'missing'}" for p, v in installed.items())
+    tested = "; ".join(", ".join(f"{p}{s}" for p, s in stack.items()) for stack in TESTED_STACKS)
+    return f"untested combination: {have} (tested: {tested}); the hub runs, but report problems with these versions"
