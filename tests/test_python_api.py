@@ -82,3 +82,48 @@ def test_the_readme_example_runs(tmp_path: Path, tiny_llama: Path, hub_config) -
         if app.poll() is None:
             app.kill()
             app.wait(10)
+
+
+def test_the_process_exits_cleanly(tmp_path: Path, tiny_llama: Path, tiny_vlm: Path, hub_config) -> None:
+    """A script that runs batched, one-at-a-time and multimodal models and returns exits 0.
+
+    MLX's and upstream's threads (a batch scheduler, inference workers) must be
+    stopped before the interpreter tears down; once, one that was not aborted the
+    process with "terminate called without an active exception" (exit 134).
+    """
+    from .test_model_types import image_chat, vlm_entry
+
+    doc = hub_config(
+        [
+            lm("batched", tiny_llama, default=True),
+            lm("single", tiny_llama, default=True, disable_batching=True),
+            vlm_entry("see", tiny_vlm),
+        ]
+    )
+    requests = {
+        "batched": hello("batched", 4, **text_only(tiny_llama)),
+        "single": hello("single", 4, **text_only(tiny_llama)),
+        "see": image_chat("see", tiny_vlm),
+    }
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import asyncio, sys, httpx\n"
+        "from mlx_hub import Hub\n"
+        f"DOC, REQUESTS = {doc!r}, {requests!r}\n"
+        "async def main():\n"
+        "    async with Hub.from_config(DOC) as hub:\n"
+        "        async with httpx.AsyncClient(timeout=120) as http:\n"
+        "            for name, body in REQUESTS.items():\n"
+        "                url = f'http://127.0.0.1:{hub.slots[name].port}/v1/chat/completions'\n"
+        "                reply = await http.post(url, json=body)\n"
+        "                print(name, reply.status_code, flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["batched", "200", "single", "200", "see", "200"], out.stdout
+    assert "terminate called" not in out.stderr
