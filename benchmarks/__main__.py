@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from mlx_hub.engine.versions import library_versions
 from mlx_hub.testing.tinymodel import QWEN25_05B_SHAPE, make_model
 
 from .harness import BareWorker, HubProcess, LaunchedServer, machine_name, stream_chat, summary
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "tokens": args.tokens,
         "machine": machine_name(),
+        "stack": library_versions(),
     }
     try:
         log("memory")

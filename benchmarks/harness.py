@@ -279,6 +279,13 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def stack_line(stack: dict[str, str | None] | None) -> str:
+    """Which libraries a run measured, for every results table (results move between stacks)."""
+    if not stack:
+        return "Stack: not recorded"
+    return "Stack: " + ", ".join(f"{package} {version or 'missing'}" for package, version in stack.items())
+
+
 def machine_name() -> str:
     system = {"darwin": "macos", "linux": "linux"}.get(sys.platform, sys.platform)
     return f"{system}-{platform.machine()}-{os.cpu_count()}cpu"

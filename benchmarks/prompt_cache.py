@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 
-from .harness import HubProcess, LaunchedServer
+from mlx_hub.engine.versions import library_versions
+
+from .harness import HubProcess, LaunchedServer, stack_line
 
 #: A llama small enough to prefill thousands of tokens on a CPU in seconds, with a context that holds them.
 SHAPE: dict[str, Any] = {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768,
@@ -220,10 +222,10 @@ def main() -> None:
     if args.report:
         print("\n".join(markdown(json.loads(args.report.read_text()))))
         return
-    result = run(args.cache, args.cache / "run-prompt-cache")
+    result = {**run(args.cache, args.cache / "run-prompt-cache"), "stack": library_versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(markdown(result)))
+    print("\n".join([stack_line(result["stack"]), "", *markdown(result)]))
 
 
 if __name__ == "__main__":

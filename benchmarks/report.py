@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import prompt_cache
+from .harness import stack_line
 
 #: key: (what it compares, target test, target text)
 TARGETS: dict[str, tuple[str, Any, str]] = {
@@ -115,6 +116,8 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
     mb = 1e6
     lines = [
         f"# Benchmarks: {r['machine']}, {r['date']}",
+        "",
+        stack_line(r.get("stack")),
         "",
         f"Profile `{r['profile']}`, {r['reps']} repetitions per measurement, contenders alternated within each",
         f"repetition; medians with (min–max). Whole run: {r['seconds'] / 60:.1f} min. Models are random weights at",
@@ -300,6 +303,7 @@ def write_results(r: dict[str, Any], out: Path) -> list[Path]:
                 "machine": r["machine"],
                 "date": r["date"],
                 "profile": r["profile"],
+                "stack": r.get("stack"),
             },
             indent=2,
         )

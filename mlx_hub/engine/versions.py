@@ -53,3 +53,9 @@ def untested_stack(installed: dict[str, str | None] | None = None) -> str | None
     have = ", ".join(f"{p} {v or 'missing'}" for p, v in installed.items())
     tested = "; ".join(", ".join(f"{p}{s}" for p, s in stack.items()) for stack in TESTED_STACKS)
     return f"untested combination: {have} (tested: {tested}); the hub runs, but report problems with these versions"
+
+
+def library_versions() -> dict[str, str | None]:
+    """Every MLX library the hub runs on, as the README's tested-versions table names them."""
+    names = ("mlx", "mlx-lm", "mlx-vlm", "mlx-embeddings", "mlx-whisper", "mlx-openai-server")
+    return {name: package_version(name) for name in names}
