@@ -245,3 +245,17 @@ async def test_trust_remote_code_reaches_a_models_own_architecture(tiny_llama: P
         assert type(loaded.handler.model.model).__module__ == "custom_model"
     finally:
         await engine.unload(loaded.handler, "trusted")
+
+
+def test_one_at_a_time_names_why() -> None:
+    """What admission reserves and what a load logs: each reason upstream serves one request at a time."""
+    from types import SimpleNamespace
+
+    plain = entry("/x")
+    assert handlers.one_at_a_time(plain) is None  # lm batches on both stacks
+    assert "disable_batching" in handlers.one_at_a_time(entry("/x", disable_batching=True))
+    assert "draft model" in handlers.one_at_a_time(entry("/x", draft_model_path="/d"))
+    unmergeable = SimpleNamespace(model=SimpleNamespace(cache_is_batchable=False))
+    assert "is_batchable" in handlers.one_at_a_time(plain, unmergeable)
+    assert not handlers.batches(plain, unmergeable)
+    assert "embeddings" in handlers.one_at_a_time(entry("/x", model_type="embeddings"))

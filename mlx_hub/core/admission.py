@@ -206,7 +206,7 @@ async def admit_request(hub: AdmissionHost, slot: ModelSlot, need: Any) -> Reser
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + slot.entry.queue_timeout
-    batched = hub.engine.batches(slot.entry)
+    batched = hub.engine.batches(slot.entry, slot.handler)
     while slot.memory_state is MemoryState.LOADED:
         reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, batched)
         decision = policy.request_admission(

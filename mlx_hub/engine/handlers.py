@@ -61,18 +61,19 @@ OLD_NAMES = {"served_model_name": "model_id"}  # 1.6.x
 _warned: set[str] = set()
 
 
-def batches(entry: ModelConfig) -> bool:
+def batches(entry: ModelConfig, handler: Any = None) -> bool:
     """Whether upstream serves this entry's requests as one batch (admission reserves its padding)."""
-    return one_at_a_time(entry) is None
+    return one_at_a_time(entry, handler) is None
 
 
-def one_at_a_time(entry: ModelConfig) -> str | None:
+def one_at_a_time(entry: ModelConfig, handler: Any = None) -> str | None:
     """Why upstream serves this entry's requests one at a time; None where it batches them.
 
     Upstream 1.8 batches ``lm`` models unless ``disable_batching`` is set or a
     draft model is attached, and only where its scheduler module imported with
     ``BATCHING_AVAILABLE`` (mlx-lm 0.32 needs patches.mlx_lm first); 1.6.x
-    has no batching at all.
+    has no batching at all. A loaded ``handler`` also tells whether its model's
+    cache layers can be merged into one batch (mlx-lm's ``is_batchable``).
     """
     if entry.model_type not in ("lm", "multimodal"):
         return f"upstream does not batch {entry.model_type} models"
@@ -82,6 +83,8 @@ def one_at_a_time(entry: ModelConfig) -> str | None:
         return "multimodal requests are served one at a time"
     if entry.draft_model_path:
         return "a draft model is attached (upstream decodes speculatively one request at a time)"
+    if getattr(getattr(handler, "model", None), "cache_is_batchable", True) is False:
+        return "the model's cache layers cannot be merged into a batch (mlx-lm's is_batchable)"
     return _scheduler_missing("app.core.batch_scheduler", "BATCHING_AVAILABLE", "mlx-lm")
 
 

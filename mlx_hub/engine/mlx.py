@@ -114,7 +114,7 @@ class MLXEngine:
             seconds = time.perf_counter() - started
             used = memory.active_memory() - before
         created = sum(g.bytes for g in self.weights.held_by(entry.name) if g.holders[0] == entry.name)
-        if entry.model_type in ("lm", "multimodal") and (why := one_at_a_time(entry)):
+        if entry.model_type in ("lm", "multimodal") and (why := one_at_a_time(entry, handler)):
             log.info("model '%s' serves its requests one at a time: %s", entry.name, why)
         return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds, created_bytes=created)
 

@@ -123,7 +123,7 @@ class FakeEngine:
     def prompt_cache_bytes(self, handler: Any) -> int:
         return 0
 
-    def batches(self, entry: ModelConfig) -> bool:
+    def batches(self, entry: ModelConfig, handler: Any = None) -> bool:
         return False
 
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:
