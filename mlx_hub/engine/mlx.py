@@ -49,6 +49,7 @@ from typing import Any
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import memory
 from mlx_hub.engine.base import EngineError, Loaded
+from mlx_hub.engine.cache_plan import CachePlan, handler_plan
 from mlx_hub.engine.handlers import (
     batches,
     build_handler,
@@ -78,6 +79,7 @@ class MLXEngine:
         self.weights = WeightRegistry()
         self.whispers = WhisperWeights()
         self.counter = PromptCounter()
+        self.plans: dict[str, CachePlan] = {}  # per loaded entry: what its model's caches hold
 
     # ------------------------------------------------------------ load / unload
 
@@ -131,8 +133,14 @@ class MLXEngine:
         def build() -> None:
             with self.weights.holding(entry.name):
                 box["handler"] = build_handler(entry, self.whispers)
+            if entry.model_type in ("lm", "multimodal"):  # on the load thread, evaluated before it ends
+                box["plan"] = handler_plan(box["handler"], entry.context_length)
 
+        self.plans.pop(entry.name, None)
         await asyncio.to_thread(build)
+        plan = box.pop("plan", None)
+        if plan is not None:
+            self.plans[entry.name] = plan
         return box.pop("handler")
 
     async def unload(self, handler: Any, name: str) -> None:
@@ -147,6 +155,7 @@ class MLXEngine:
         except Exception:
             log.exception("model '%s': handler cleanup failed; freeing its memory anyway", name)
         finally:
+            self.plans.pop(name, None)
             self.weights.release(name)
             if getattr(handler, "handler_type", None) == "whisper":
                 self.whispers.release(handler.model_path)
@@ -169,8 +178,9 @@ class MLXEngine:
         return total
 
     def estimate_request(self, entry: ModelConfig, body: dict[str, Any] | None) -> RequestNeed:
-        """One request's KV and prefill need, its prompt counted with this engine's tokenizer copies."""
-        return estimate_request(entry, body, self.counter)
+        """One request's KV and prefill need, its prompt counted with this engine's tokenizer copies,
+        its caches as the loaded model makes them (cache_plan.py) once it is loaded."""
+        return estimate_request(entry, body, self.counter, self.plans.get(entry.name))
 
     def shared(self, name: str) -> list[SharedWeights]:
         return self.weights.held_by(name)

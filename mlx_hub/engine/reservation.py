@@ -3,8 +3,12 @@
 Admission decides before a single array is allocated, so both figures come
 from the model's config.json and the entry's KV options (``kv_shape``), times
 the tokens the request can reach (``request_need``), with the prompt counted by
-the model's own tokenizer and chat template (``prompt_tokens``). Pure apart
-from reading the model's files; engine/mlx.py keeps what touches handlers.
+the model's own tokenizer and chat template (``prompt_tokens``). Once the model
+is loaded, what each layer's cache holds comes from the model itself
+(cache_plan.py: hybrid, linear-attention and sliding-window layers counted for
+what they keep); the config formula, every layer full attention or its
+configured window, is the fallback. Pure apart from reading the model's files;
+engine/mlx.py keeps what touches handlers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ModelConfig
+from mlx_hub.engine.cache_plan import CachePlan
 from mlx_hub.engine.model_files import config_json, model_folder, native_context_length
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class KVShape:
     kv_group_size: int = 64
     prefill_step: int = PREFILL_STEP
     cache_copies: int = 0  # copies of a request's KV that upstream's prompt cache takes while it runs
+    plan: CachePlan | None = None  # what each layer's cache holds, read from the loaded model
 
     def kv_bytes_per_token(self) -> int:
         """K and V of one token in one layer."""
@@ -88,7 +94,7 @@ def _int(section: dict[str, Any], *keys: str) -> int | None:
     return None
 
 
-def kv_shape(entry: ModelConfig) -> KVShape | None:
+def kv_shape(entry: ModelConfig, plan: CachePlan | None = None) -> KVShape | None:
     """The request-memory shape of a language model entry; None where it is not one the hub can read.
 
     Layers, heads, KV heads and head dim come from config.json (a VLM's
@@ -97,6 +103,7 @@ def kv_shape(entry: ModelConfig) -> KVShape | None:
     ``sliding_window_pattern``) keep at most ``sliding_window`` tokens, and
     ``context_length`` makes every layer a rotating cache of that size, as
     upstream builds it (``make_prompt_cache(max_kv_size=context_length)``).
+    A loaded model's ``plan`` replaces the layer count and windows for its KV.
     """
     if entry.model_type not in ("lm", "multimodal"):
         return None
@@ -141,6 +148,7 @@ def kv_shape(entry: ModelConfig) -> KVShape | None:
         kv_group_size=entry.kv_group_size,
         prefill_step=max(PREFILL_STEP, entry.batch_prefill_step_size),
         cache_copies=PROMPT_CACHE_COPIES if entry.prompt_cache_size > 0 else 0,
+        plan=plan,
     )
 
 
@@ -148,12 +156,32 @@ def _blocks(tokens: int) -> int:
     return -(-tokens // KV_STEP) * KV_STEP
 
 
+def _windows(shape: KVShape) -> tuple[int | None, ...]:
+    """The attention layers' windows (None: full attention); the plan's once the model is loaded."""
+    return shape.windows if shape.plan is None else shape.plan.windows
+
+
+def _kv(shape: KVShape, prompt_tokens: int, reach: int) -> int:
+    """One sequence's cache bytes at ``reach`` tokens: the loaded model's plan, else the config formula."""
+    if shape.plan is not None:
+        return shape.plan.kv_bytes(
+            prompt_tokens,
+            reach,
+            prefill_step=shape.prefill_step,
+            kv_bits=shape.kv_bits,
+            kv_group_size=shape.kv_group_size,
+        )
+    per_token = shape.kv_bytes_per_token()
+    return sum(per_token * (_blocks(reach) if w is None else min(_blocks(reach), w)) for w in shape.windows)
+
+
 def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> RequestNeed:
     """What one request reserves: its KV cache at the most tokens it can reach, plus one prefill chunk.
 
     KV: per layer K and V for every token the request can reach (prompt plus
     ``max_tokens``, capped by the context), in mlx-lm's 256-token blocks, or at
-    most a sliding or rotating layer's bound; times one plus the copies
+    most a sliding or rotating layer's bound, or a fixed state's bytes (the
+    shape's ``plan``, once the model is loaded); times one plus the copies
     upstream's prompt cache takes while the request runs (``PROMPT_CACHE_COPIES``). Prefill: the worst chunk of
     ``prefill_step`` tokens, whose attention scores (heads x chunk x keys in the
     activation dtype, plus a one-byte causal mask) dominate at long prompts,
@@ -164,18 +192,18 @@ def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> 
     reach = prompt_tokens + max_tokens
     if shape is None:
         return RequestNeed(prompt_tokens, max_tokens, reach, 0, 0)
-    if shape.context is not None and not all(shape.windows):
+    windows = _windows(shape)
+    if shape.context is not None and any(w is None for w in windows):
         reach = min(reach, shape.context)
-    per_token = shape.kv_bytes_per_token()
-    kv = sum(per_token * (_blocks(reach) if w is None else min(_blocks(reach), w)) for w in shape.windows)
+    kv = _kv(shape, prompt_tokens, reach)
     # Prefill: every chunk but the prompt's last token, which the first decode step takes.
     worst, done, left = 0, 0, max(prompt_tokens - 1, 0)
-    bound = max((w for w in shape.windows if w is not None), default=None)
-    full = any(w is None for w in shape.windows)
+    bound = max((w for w in windows if w is not None), default=None)
+    full = any(w is None for w in windows)
     while left > 0:
         chunk = min(shape.prefill_step, left)
         keys = done + chunk if full or bound is None else min(done, bound) + chunk
-        scores = chunk * keys * (shape.heads * shape.dtype_bytes + 1)
+        scores = chunk * keys * (shape.heads * shape.dtype_bytes + 1) if windows else 0  # no attention: none
         activations = (
             chunk
             * shape.dtype_bytes
@@ -330,9 +358,12 @@ def requested_max_tokens(entry: ModelConfig, data: dict[str, Any]) -> int:
     return default_max_tokens(entry)
 
 
-def estimate_request(entry: ModelConfig, data: dict[str, Any] | None, counter: PromptCounter) -> RequestNeed:
-    """One request's reservation from its JSON body: prompt tokens + max_tokens through ``request_need``."""
-    shape = kv_shape(entry)
+def estimate_request(
+    entry: ModelConfig, data: dict[str, Any] | None, counter: PromptCounter, plan: CachePlan | None = None
+) -> RequestNeed:
+    """One request's reservation from its JSON body: prompt tokens + max_tokens through ``request_need``,
+    with the loaded model's cache ``plan`` where there is one."""
+    shape = kv_shape(entry, plan)
     if shape is None or data is None:
         return RequestNeed(0, 0, 0, 0, 0)
     return request_need(shape, prompt_tokens(entry, data, counter), requested_max_tokens(entry, data))

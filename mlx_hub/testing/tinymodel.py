@@ -2,8 +2,8 @@
 
 The hub's tests, its ``make run`` demo and its benchmarks all need real model
 folders that ``mlx_lm.load`` accepts, and no model hub is reachable. A model is
-a ``config.json`` for a llama or qwen2 architecture, random weights saved from
-mlx-lm's own model class, and a byte-level BPE tokenizer trained on a built-in
+a ``config.json`` for one of the architectures in archs.py (llama, qwen2, and
+those only a newer mlx-lm has), random weights saved from mlx-lm's own model class, and a byte-level BPE tokenizer trained on a built-in
 corpus, so every file is exactly what a downloaded MLX model would contain.
 """
 
@@ -207,19 +207,18 @@ def make_model(
     """
     import mlx.core as mx
 
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
+    from mlx_hub.testing.archs import arch as find_arch
+    from mlx_hub.testing.archs import build
+
+    row = find_arch(arch)
     with _building(path) as work:
         if work is not None:
-            config = _base_config(work, vocab_size, shape, phrases)
-            config["model_type"] = arch
-            config["architectures"] = ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"]
-            if arch == "qwen2":
-                from mlx_lm.models.qwen2 import Model, ModelArgs
-            else:
-                from mlx_lm.models.llama import Model, ModelArgs
+            config = _base_config(work, vocab_size, {**row.config, **(shape or {})}, phrases)
+            config = {k: v for k, v in config.items() if k not in row.drop}
+            config["model_type"] = row.module
+            config["architectures"] = [row.architecture]
             mx.random.seed(seed)
-            model = Model(ModelArgs.from_dict(config))
+            model = build(arch, config)
             model.set_dtype(mx.float16)
             if quantize_bits:
                 import mlx.nn as nn
