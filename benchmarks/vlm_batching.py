@@ -48,7 +48,9 @@ def picture(i: int) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), ((60 * i) % 256, (110 * i + 40) % 256, (170 * i + 90) % 256)).save(buffer, "PNG")
+    Image.new("RGB", (64, 48), ((60 * i) % 256, (110 * i + 40) % 256, (170 * i + 90) % 256)).save(
+        buffer, "PNG"
+    )
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -57,7 +59,12 @@ def body(model: str, image: str, tokens: int) -> dict[str, Any]:
         {"type": "text", "text": "Describe the picture."},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
     ]
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": tokens, "temperature": 0}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
 
 
 async def burst(http: httpx.AsyncClient, url: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -101,10 +108,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "| mode | tokens/s (median) | seconds per burst (median) |",
         "| --- | --- | --- |",
     ]
-    for name, label in (("batched", "batched (VLMBatchScheduler)"), ("alone", "one at a time (disable_batching)")):
+    for name, label in (
+        ("batched", "batched (VLMBatchScheduler)"),
+        ("alone", "one at a time (disable_batching)"),
+    ):
         seconds = statistics.median(r["seconds"] for r in result["runs"][name])
         lines.append(f"| {label} | {result[f'{name}_tps']:.1f} | {seconds:.2f} |")
-    lines += ["", f"Ratio batched / one at a time: **{result['ratio']:.2f}x**", "", f"Stack: {result['stack']}"]
+    lines += [
+        "",
+        f"Ratio batched / one at a time: **{result['ratio']:.2f}x**",
+        "",
+        f"Stack: {result['stack']}",
+    ]
     return lines
 
 

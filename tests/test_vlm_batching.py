@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from mlx_hub.config import ModelConfig
 
@@ -126,11 +125,13 @@ async def test_concurrent_image_requests_are_one_batch_answering_as_alone(
             *(ask(http, hub, image_chat("batched", i, temperature=0, stream=i % 2 == 1)) for i in range(4))
         )
     assert scheduler.widest >= 2, scheduler.widest  # one decode step carried several requests
-    for (status, text, usage), (_, want, want_usage) in zip(together, alone):
+    for (status, text, usage), (_, want, want_usage) in zip(together, alone, strict=True):
         assert status == 200 and text == want and text
         assert usage["completion_tokens"] == want_usage["completion_tokens"] == 12
         assert usage["prompt_tokens"] == want_usage["prompt_tokens"] > 10  # the image's tokens count
-    await wait_for(lambda: scheduler.get_stats()["active_requests"] == live_sequences(scheduler) == 0, "an idle batch")
+    await wait_for(
+        lambda: scheduler.get_stats()["active_requests"] == live_sequences(scheduler) == 0, "an idle batch"
+    )
 
 
 async def test_each_request_samples_as_it_asked(make_hub, hub_config, tiny_vlm: Path) -> None:
@@ -224,15 +225,15 @@ async def test_a_client_that_leaves_frees_its_sequence(make_hub, hub_config, tin
     scheduler = await scheduler_of(hub)
     url = f"{base_url(hub, 'batched')}/chat/completions"
     async with httpx.AsyncClient(timeout=300) as http:
-        staying = asyncio.create_task(
-            ask(http, hub, image_chat("batched", 0, temperature=0, max_tokens=300))
-        )
+        staying = asyncio.create_task(ask(http, hub, image_chat("batched", 0, temperature=0, max_tokens=300)))
         body = image_chat("batched", 1, temperature=0, max_tokens=1900, stream=True)
         async with http.stream("POST", url, json=body) as stream:
             lines = stream.aiter_lines()
             while not (await anext(lines)).startswith("data: {"):
                 pass
-            await wait_for(lambda: scheduler.get_stats()["active_requests"] == 2, "both requests in the batch")
+            await wait_for(
+                lambda: scheduler.get_stats()["active_requests"] == 2, "both requests in the batch"
+            )
         # The client has gone: its sequence leaves the batch, the other one carries on to its end.
         await wait_for(lambda: scheduler.get_stats()["active_requests"] <= 1, "the left request's removal")
         status, _, usage = await staying
@@ -247,11 +248,17 @@ async def test_a_stop_sequence_ends_a_batched_image_reply(start, hub_config, tin
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMAGES[0]}}
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is in the picture?"}, image]}]
     client = claude(live.url)
-    full = await client.messages.create(model="batched", max_tokens=40, messages=messages, extra_body={"temperature": 0})
+    full = await client.messages.create(
+        model="batched", max_tokens=40, messages=messages, extra_body={"temperature": 0}
+    )
     text = full.content[0].text
     stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text.index(text[i : i + 2]) > 0)
     cut = await client.messages.create(
-        model="batched", max_tokens=1500, messages=messages, extra_body={"temperature": 0}, stop_sequences=[stop]
+        model="batched",
+        max_tokens=1500,
+        messages=messages,
+        extra_body={"temperature": 0},
+        stop_sequences=[stop],
     )
     assert cut.content[0].text == text[: text.index(stop)]
     assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)

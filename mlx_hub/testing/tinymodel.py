@@ -390,7 +390,13 @@ def make_vlm_model(
 
     with _building(path) as work:
         if work is not None:
-            text = {"model_type": "llama", **TINY_SHAPE, **(shape or {}), "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+            text = {
+                "model_type": "llama",
+                **TINY_SHAPE,
+                **(shape or {}),
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0,
+            }
             ids = _write_tokenizer(
                 work,
                 vocab_size,

@@ -137,9 +137,7 @@ def _drop_sequences(scheduler: Any, generator: Any, uids: list[int]) -> None:
         log.exception("could not drop the failed batch's sequences; starting a fresh batch generator")
     greedy = getattr(generator, "greedy_sampling", True)
     try:
-        scheduler._batch_generator = scheduler._create_batch_generator(
-            None if greedy else generator.sampler
-        )
+        scheduler._batch_generator = scheduler._create_batch_generator(None if greedy else generator.sampler)
     except Exception:  # the next request makes one, as for the first
         log.exception("could not start a fresh batch generator")
         scheduler._batch_generator = None
