@@ -8,8 +8,9 @@ at once, the two taking turns, and counts the completion tokens the replies
 report over the wall time. Greedy answers are the same either way, so both sides
 generate the same tokens. Ratio: batched tokens/s over one-at-a-time tokens/s.
 
-``python -m benchmarks.vlm_batching --cache .cache/bench --out x.json`` runs it alone and prints
-the table; ``make bench`` runs it in a process of its own.
+``python -m benchmarks.vlm_batching --cache .cache/bench --out x.json`` runs it alone, prints the
+table and writes it beside the JSON (``x.md``); ``make bench`` runs it in a process of its own.
+Options: ``--clients N`` (8), ``--tokens N`` (64), ``--reps N`` (3).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness import HubProcess
+from benchmarks.harness import HubProcess, machine_name
 
 SHAPE = {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1536, "num_attention_heads": 8}
 
@@ -134,7 +135,7 @@ def run(cache: Path, workdir: Path, clients: int, tokens: int, reps: int) -> dic
         result = asyncio.run(measure(hub, clients, tokens, reps))
     finally:
         hub.close()
-    return {**result, "stack": stack(), "shape": SHAPE}
+    return {**result, "stack": stack(), "shape": SHAPE, "machine": machine_name()}
 
 
 def main() -> None:
@@ -142,13 +143,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     result = run(args.cache, args.out.parent, args.clients, args.tokens, args.reps)
-    args.out.write_text(json.dumps(result, indent=2))
-    print("\n".join(markdown(result)))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = "\n".join(markdown(result)) + "\n"
+    args.out.with_suffix(".md").write_text(table)  # beside the JSON, as the results folder keeps them
+    print(table, end="")
 
 
 if __name__ == "__main__":
