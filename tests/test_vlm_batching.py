@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from mlx_hub.config import ModelConfig
+from mlx_hub.engine.patches.switch import needed_here
 
 from .helpers import base_url
 from .test_peer_apis import claude, close_clients  # noqa: F401
+
+pytestmark = pytest.mark.skipif(
+    not needed_here("vlm_batch_per_request_sampling"),
+    reason="upstream batches multimodal requests only on mlx-vlm 0.5 and newer (vlm_batching_capability)",
+)
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
