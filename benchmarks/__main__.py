@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     results["prompt_cache"] = section("prompt_cache", args.cache, workdir / "prompt-cache.json")
     log("swaps across a full group (its own hub process)")
     results["swaps"] = section("swaps", args.cache, workdir / "swaps.json")
+    log("multimodal batching: concurrent image requests, batched and one at a time (its own hub process)")
+    results["vlm_batching"] = section("vlm_batching", args.cache, workdir / "vlm-batching.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import prompt_cache
+from . import prompt_cache, vlm_batching
 from .harness import stack_line
 
 #: key: (what it compares, target test, target text)
@@ -15,6 +15,11 @@ TARGETS: dict[str, tuple[str, Any, str]] = {
         "long prompt's first token after unload+load / cold",
         lambda r: r <= 0.1,
         "≤ 0.1",
+    ),
+    "vlm_batching_tps_vs_one_at_a_time": (
+        "concurrent image requests' tokens/s, batched / one at a time (disable_batching)",
+        lambda r: r >= 1.5,
+        "≥ 1.5",
     ),
     "prompt_cache_after_restart_vs_cold": (
         "long prompt's first token after a hub restart / cold",
@@ -98,6 +103,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         **(_profile_ratios(r["second_profile"]) if "second_profile" in r else {}),
         **(_long_prompt_ratios(r["long_prompts"]) if "long_prompts" in r else {}),
         **(prompt_cache.ratios(r["prompt_cache"]) if "prompt_cache" in r else {}),
+        **({"vlm_batching_tps_vs_one_at_a_time": r["vlm_batching"]["ratio"]} if "vlm_batching" in r else {}),
     }
 
 
@@ -250,6 +256,8 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
         ]
     if "prompt_cache" in r:
         lines += prompt_cache.markdown(r["prompt_cache"])
+    if "vlm_batching" in r:
+        lines += ["", *vlm_batching.markdown(r["vlm_batching"])]
     if r.get("notes"):
         lines += ["", "## Notes", "", *r["notes"]]
     return "\n".join(lines) + "\n"

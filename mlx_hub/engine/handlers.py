@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 from mlx_hub.config import ModelConfig
@@ -71,16 +72,17 @@ def one_at_a_time(entry: ModelConfig, handler: Any = None) -> str | None:
 
     Upstream 1.8 batches ``lm`` models unless ``disable_batching`` is set or a
     draft model is attached, and only where its scheduler module imported with
-    ``BATCHING_AVAILABLE`` (mlx-lm 0.32 needs patches.mlx_lm first); 1.6.x
-    has no batching at all. A loaded ``handler`` also tells whether its model's
-    cache layers can be merged into one batch (mlx-lm's ``is_batchable``).
+    ``BATCHING_AVAILABLE`` (mlx-lm 0.32 needs patches.mlx_lm first); multimodal
+    models as ``multimodal_one_at_a_time`` says; 1.6.x has no batching at all.
+    A loaded ``handler`` also tells whether its model's cache layers can be
+    merged into one batch (mlx-lm's ``is_batchable``).
     """
     if entry.model_type not in ("lm", "multimodal"):
         return f"upstream does not batch {entry.model_type} models"
     if entry.disable_batching:
         return "disable_batching is set"
     if entry.model_type == "multimodal":
-        return "multimodal requests are served one at a time"
+        return multimodal_one_at_a_time()
     if entry.draft_model_path:
         return "a draft model is attached (upstream decodes speculatively one request at a time)"
     if getattr(getattr(handler, "model", None), "cache_is_batchable", True) is False:
@@ -98,6 +100,26 @@ def _scheduler_missing(module_name: str, flag: str, library: str) -> str | None:
         return f"upstream's batch scheduler does not import: {exc}"
     if not getattr(module, flag, False):
         return f"{library} {package_version(library) or '?'} lacks what upstream's batch scheduler needs"
+    return None
+
+
+def multimodal_one_at_a_time() -> str | None:
+    """Why upstream's ``VLMBatchScheduler`` cannot serve multimodal requests here; None where it batches them.
+
+    Read from upstream's own switch, ``VLM_BATCHING_AVAILABLE``, once the hub's
+    patches have judged the installed mlx-vlm (``vlm_batching_capability`` turns
+    it off on mlx-vlm 0.4; patches.upstream_vlm_batch makes it right on 0.7).
+    """
+    try:
+        handler_class(
+            "multimodal"
+        )  # imports upstream's handler (loaded already once a model is) and patches it
+    except EngineError as exc:
+        return str(exc)
+    if not getattr(
+        sys.modules["app.handler.mlx_vlm"], "VLM_BATCHING_AVAILABLE", False
+    ):  # 1.6.x has no switch
+        return f"mlx-vlm {package_version('mlx-vlm') or '?'} lacks what upstream's VLM batch scheduler needs"
     return None
 
 

@@ -372,8 +372,12 @@ VLM_CHAT_TEMPLATE = (
 IMAGE_SIZE = 28  # pixels a side: 2 x 2 patches of 14
 
 
-def make_vlm_model(path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0) -> Path:
+def make_vlm_model(
+    path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0, shape: dict[str, Any] | None = None
+) -> Path:
     """Write a tiny llava folder (a CLIP vision tower and a llama) that ``mlx_vlm.load`` accepts.
+
+    ``shape`` overrides the llama's ``TINY_SHAPE`` (benchmarks/vlm_batching.py decodes with a larger one).
 
     The processor files are transformers' own ``LlavaProcessor`` and
     ``CLIPImageProcessor`` configs, which need no torchvision; the tokenizer
@@ -385,7 +389,13 @@ def make_vlm_model(path: str | os.PathLike[str], *, vocab_size: int = 512, seed:
 
     with _building(path) as work:
         if work is not None:
-            text = {"model_type": "llama", **TINY_SHAPE, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+            text = {
+                "model_type": "llama",
+                **TINY_SHAPE,
+                **(shape or {}),
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0,
+            }
             ids = _write_tokenizer(
                 work,
                 vocab_size,

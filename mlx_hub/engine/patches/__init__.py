@@ -8,7 +8,7 @@ wrong without it, and the test that fails without it.
 
 from __future__ import annotations
 
-from mlx_hub.engine.patches import mlx_lm, mlx_openai_server, mlx_vlm, mlx_whisper
+from mlx_hub.engine.patches import mlx_lm, mlx_openai_server, mlx_vlm, mlx_whisper, upstream_vlm_batch
 
 # Before anything imports upstream's batch scheduler (handler imports come through here).
 mlx_lm.install_import_hook()
@@ -28,6 +28,8 @@ PROOFS: dict[str, str] = {
     "persistent_prompt_cache": "tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart[lm]",
     "queue_timeout_bounds_waiting": "tests/test_engine.py::test_queue_timeout_bounds_waiting_not_generating",
     "watch_generation_steps": "tests/test_stops.py::test_messages_stop_sequences_end_the_generation[batched]",
+    "vlm_batch_per_request_sampling": "tests/test_vlm_batching.py::test_each_request_samples_as_it_asked",
+    "vlm_batch_failure_frees_its_sequences": "tests/test_vlm_batching.py::test_a_failed_batch_step_frees_its_sequences",
 }
 
 
@@ -36,3 +38,4 @@ def apply() -> None:
     mlx_vlm.apply()
     mlx_whisper.apply()
     mlx_openai_server.apply()
+    upstream_vlm_batch.apply()  # after vlm_batching_capability has judged the installed mlx-vlm

@@ -20,10 +20,12 @@ Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
   through the chat path, and count_tokens renders a prompt as the handler would,
   with upstream's private ``_prepare_*`` methods. Proof: tests/test_peer_apis.py::
   test_completions_plain_stream_and_several_prompts and ::test_chat_messages_and_completions_answer_the_same.
-- ``watch_generation_steps``: ``BatchScheduler.submit_stream`` and ``InferenceWorker.submit_stream``
-  hand their generation steps to ``engine.generation_watch``, so a route learns why its
-  generation ended (a stop sequence upstream matched on tokens) and what it cost when the
-  route ended it. Proof: tests/test_stops.py (usage 0 and ``end_turn`` without it).
+- ``watch_generation_steps``: ``BatchScheduler.submit_stream``, ``InferenceWorker.submit_stream``
+  and ``VLMBatchScheduler.submit_stream`` (batched multimodal) hand their generation steps to
+  ``engine.generation_watch``, so a route learns why its generation ended (a stop sequence
+  upstream matched on tokens) and what it cost when the route ended it. Proof:
+  tests/test_stops.py (usage 0 and ``end_turn`` without it); for multimodal,
+  tests/test_vlm_batching.py::test_a_stop_sequence_ends_a_batched_image_reply.
 - ``queue_timeout_bounds_waiting``: 1.8.1's ``InferenceWorker.submit`` (every request served
   one at a time and not streamed) wraps the whole generation in ``asyncio.wait_for`` with the
   queue timeout, so a generation longer than ``queue_timeout`` died with 500 "Inference timed
@@ -75,6 +77,7 @@ def watch_generation_steps() -> None:
     for module_name, class_name in (
         ("app.core.batch_scheduler", "BatchScheduler"),
         ("app.core.inference_worker", "InferenceWorker"),
+        ("app.core.vlm_batch_scheduler", "VLMBatchScheduler"),
     ):
         cls = getattr(sys.modules.get(module_name), class_name, None)
         original = getattr(cls, "submit_stream", None)
