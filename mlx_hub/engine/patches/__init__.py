@@ -8,7 +8,7 @@ wrong without it, and the test that fails without it.
 
 from __future__ import annotations
 
-from mlx_hub.engine.patches import mlx_openai_server, mlx_vlm, mlx_whisper
+from mlx_hub.engine.patches import mlx_lm, mlx_openai_server, mlx_vlm, mlx_whisper
 
 #: Each patch (as ``MLX_HUB_DISABLE_PATCHES`` names it) and the test that fails without it.
 #: ``make proofs`` runs each test with its patch switched off and expects the failure.
@@ -23,11 +23,15 @@ PROOFS: dict[str, str] = {
     "accept_raw_prompts": "tests/test_peer_apis.py::test_completions_plain_stream_and_several_prompts",
     "persistent_prompt_cache": "tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart[lm]",
     "watch_generation_steps": "tests/test_stops.py::test_messages_stop_sequences_end_the_generation[batched]",
+    "processors_follow_sequences": (
+        "tests/test_structured_answers.py::test_a_schema_after_a_plain_request_is_still_constrained[batched]"
+    ),
 }
 
 
 def apply() -> None:
     """Apply every patch whose library is imported by now; safe to call often."""
+    mlx_lm.apply()
     mlx_vlm.apply()
     mlx_whisper.apply()
     mlx_openai_server.apply()
