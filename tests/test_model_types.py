@@ -130,7 +130,7 @@ async def test_whisper_transcribes_streams_and_frees(
         text_reply = await client.audio.transcriptions.create(
             model="ears", file=audio, temperature=0.0, response_format="text"
         )
-    assert text_reply  # launch answers JSON for "text" too; the SDK hands it over as it came
+    assert text_reply == result.text  # plain text (launch answers the JSON object); tests/test_transcripts.py
     async with httpx.AsyncClient(timeout=120) as http:
         with speech.open("rb") as audio:
             streamed = await http.post(

@@ -30,10 +30,12 @@ from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
 from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
+from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
+from mlx_hub.web.transcripts import Transcripts
 from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
 
 if TYPE_CHECKING:
@@ -297,6 +299,8 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
 
     add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
     app.include_router(router)
+    app.add_middleware(LengthFinish, handler=lambda: slot.handler)  # inside the gate: once admitted
+    app.add_middleware(Transcripts, slot=slot)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
     app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])

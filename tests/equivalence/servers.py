@@ -31,12 +31,23 @@ VOLATILE = frozenset({"id", "created", "created_at", "system_fingerprint", "call
 #: model (README, "What differs on purpose"), so it may reuse more of a prompt than upstream;
 #: the tokens generated from it are the same and are compared.
 REUSE = frozenset({"cached_tokens"})
+#: Values that differ on purpose (README, "What differs on purpose"): upstream's chat route
+#: says "stop" for an answer cut at max_tokens, the hub says "length", as OpenAI does.
+SAME_AS = {("finish_reason", "length"): "stop"}
+
+
+def _normal(key: str, value: Any) -> Any:
+    if key in VOLATILE | REUSE:
+        return "<volatile>"
+    if isinstance(value, str) and (key, value) in SAME_AS:
+        return SAME_AS[(key, value)]
+    return normalize(value)
 
 
 def normalize(value: Any) -> Any:
     """A JSON document with ids and timestamps blanked, for comparing two servers' answers."""
     if isinstance(value, dict):
-        return {k: ("<volatile>" if k in VOLATILE | REUSE else normalize(v)) for k, v in value.items()}
+        return {k: _normal(k, v) for k, v in value.items()}
     if isinstance(value, list):
         return [normalize(v) for v in value]
     return value

@@ -1,21 +1,38 @@
-"""mlx-lm 0.32: the stop-sequence API upstream 1.8.1's batch scheduler was written against (``stop_sequences``).
+"""mlx-lm: what the hub changes on its objects, one item per release line.
 
-mlx-lm 0.32 replaced ``SequenceStateMachine`` with ``StopSequences`` (an
-Aho-Corasick automaton over token sequences), and ``BatchGenerator.insert`` /
-``insert_segments`` take ``stop_sequences=`` where 0.31 took ``state_machines=``.
-Upstream's ``app/core/batch_scheduler.py`` imports ``SequenceStateMachine`` at
-import time; on 0.32 that import fails, upstream sets ``BATCHING_AVAILABLE =
-False``, and every ``lm`` request silently falls back to one at a time.
+- ``stop_sequences`` (mlx-lm 0.32): the stop-sequence API upstream 1.8.1's batch scheduler was
+  written against. mlx-lm 0.32 replaced ``SequenceStateMachine`` with ``StopSequences`` (an
+  Aho-Corasick automaton over token sequences), and ``BatchGenerator.insert`` /
+  ``insert_segments`` take ``stop_sequences=`` where 0.31 took ``state_machines=``.
+  Upstream's ``app/core/batch_scheduler.py`` imports ``SequenceStateMachine`` at
+  import time; on 0.32 that import fails, upstream sets ``BATCHING_AVAILABLE =
+  False``, and every ``lm`` request silently falls back to one at a time.
 
-Upstream builds only machines of the form ``{"normal": [(tokens, None), ...]}``
-(stop on EOS or on a stop word's tokens), which is exactly a set of stop
-sequences. The adapter, installed in ``mlx_lm.generate`` before upstream's
-scheduler module is first imported, is a ``SequenceStateMachine`` that builds
-the equivalent ``StopSequences``, and the keyword renamed on the two insert
-methods. A machine with a transition to another state (which upstream never
-builds) is refused rather than approximated.
+  Upstream builds only machines of the form ``{"normal": [(tokens, None), ...]}``
+  (stop on EOS or on a stop word's tokens), which is exactly a set of stop
+  sequences. The adapter, installed in ``mlx_lm.generate`` before upstream's
+  scheduler module is first imported, is a ``SequenceStateMachine`` that builds
+  the equivalent ``StopSequences``, and the keyword renamed on the two insert
+  methods. A machine with a transition to another state (which upstream never
+  builds) is refused rather than approximated.
 
-Proof: tests/test_engine.py::test_lm_models_batch_on_the_installed_mlx_lm.
+  Proof: tests/test_engine.py::test_lm_models_batch_on_the_installed_mlx_lm.
+
+- ``processors_follow_sequences`` (mlx-lm 0.31): each sequence in a batch keeps its own sampler
+  and logits processors. mlx-lm 0.31.3's ``GenerationBatch.filter`` drops finished sequences from its
+  ``samplers`` and ``logits_processors`` lists only ``if any(...)`` of them is
+  set. A batch whose sequences all had none (every plain chat request) keeps
+  its old entries when they finish; the next sequence ``extend`` adds lands
+  after them, and ``_step`` reads entry ``e`` for the ``e``-th sequence: the
+  stale, empty one. So on upstream's batched path (mlx-openai-server 1.8's
+  default) a ``response_format: json_schema`` request that follows a plain
+  request is generated without its constraint (``{ Paris Paris ...``), and a
+  seeded or per-request sampler can be lost the same way. mlx-lm 0.32 filters
+  both lists unconditionally; this applies only where ``filter`` still has the
+  condition.
+
+  Proof: tests/test_structured_answers.py::test_a_schema_after_a_plain_request_is_still_constrained
+  (on mlx-lm 0.31.3).
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,6 +51,7 @@ from mlx_hub.engine.patches.switch import enabled
 log = logging.getLogger(__name__)
 
 SCHEDULER = "app.core.batch_scheduler"
+_LANES = ("samplers", "logits_processors")
 
 
 def stop_sequences() -> None:
@@ -91,3 +110,39 @@ def _version() -> str:
     from mlx_hub.engine.versions import package_version
 
     return package_version("mlx-lm") or "?"
+
+
+def processors_follow_sequences() -> None:
+    """Patch ``GenerationBatch.filter`` once mlx-lm's generate module is imported, where it needs it."""
+    batch = getattr(sys.modules.get("mlx_lm.generate"), "GenerationBatch", None)
+    original = getattr(batch, "filter", None)
+    if (
+        not enabled("processors_follow_sequences")
+        or original is None
+        or getattr(original, "_mlx_hub_follows", False)
+        or not _filters_lanes_conditionally(original)
+    ):
+        return
+
+    def filter(self: Any, keep: list[int]) -> None:
+        count = len(self.uids)
+        kept = {
+            lane: [getattr(self, lane)[i] for i in keep]
+            for lane in _LANES
+            if len(getattr(self, lane) or ()) == count
+        }
+        original(self, keep)
+        for lane, values in kept.items():
+            setattr(self, lane, values)
+
+    filter._mlx_hub_follows = True  # type: ignore[attr-defined]
+    batch.filter = filter
+
+
+def _filters_lanes_conditionally(method: Any) -> bool:
+    """Whether ``filter`` keeps the lanes as they are when none is set (mlx-lm 0.31's defect)."""
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return False
+    return "if any(self.logits_processors)" in source

@@ -26,6 +26,7 @@ ONLY_FOR: dict[str, tuple[str, str]] = {
     "thread_local_stream": ("mlx-vlm", "<0.5"),
     "vlm_batching_capability": ("mlx-vlm", "<0.5"),
     "stop_sequences": ("mlx-lm", ">=0.32"),
+    "processors_follow_sequences": ("mlx-lm", "<0.32"),
     "vlm_batch_per_request_sampling": ("mlx-vlm", ">=0.5"),
     "vlm_batch_failure_frees_its_sequences": ("mlx-vlm", ">=0.5"),
 }
