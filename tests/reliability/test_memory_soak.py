@@ -44,8 +44,10 @@ async def send(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str:
         if reply.status_code != 200:
             return refusal(reply.status_code, reply.headers, (await reply.aread()).decode())
         lines = [line async for line in reply.aiter_lines() if line.startswith("data: ")]
-    if any('"error"' in line for line in lines):
-        return f"stream error: {lines}"
+    errors = [json.loads(line[6:])["error"] for line in lines if '"error"' in line]
+    if errors:  # a stream that waited has its 200 already: the refusal comes as its error event
+        budget = errors[0].get("code") == "memory_budget_exceeded" and lines[-1] == "data: [DONE]"
+        return "503" if budget and len(errors) == 1 else f"stream error: {lines}"
     finishes = [
         c.get("finish_reason") for line in lines[:-1] for c in json.loads(line[6:]).get("choices") or []
     ]
