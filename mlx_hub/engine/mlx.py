@@ -21,18 +21,23 @@ Which thread does what, for every model:
   (``materialize``), so no lazy graph of the load thread is left for others.
 - **Run**: upstream's own threads. Each handler's ``InferenceWorker`` thread
   (one request at a time, embeddings, whisper) and its batch scheduler thread
-  (continuous batching) make their own thread-local stream and evaluate
-  everything under it. The event loop thread never evaluates an array; it only
-  reads memory counters.
+  (``BatchScheduler`` for lm, ``VLMBatchScheduler`` for multimodal on mlx-vlm
+  0.7) make their own thread-local stream and evaluate everything under it;
+  mlx-lm 0.32 and mlx-vlm 0.7 take that stream as an argument, and 0.31/0.4's
+  module-level streams are made per thread (patches/). The cache plan's
+  one-token probe (cache_plan.py) runs on the build thread, before any of
+  these start. The event loop thread never evaluates an array; it only reads
+  memory counters.
 - **Free**: on the loop thread, ``handler.cleanup()`` stops and joins those
   threads first; then the hub drops its references and ``free_memory`` runs
   ``gc.collect()`` and ``mx.clear_cache()``, neither of which uses a stream.
 
 Library state that would break this is adapted at run time in patches/, one
-module per library (site-packages stay as installed): mlx-vlm's import-time
+module per library (site-packages stay as installed): mlx-vlm 0.4's import-time
 ``generation_stream`` (made thread-local), mlx_whisper's process-wide
 ``ModelHolder`` (one model per folder, loaded by the hub's load and freed by its
 unload), and upstream's VLM batching switch on an mlx-vlm too old for its scheduler.
+Patches written for one release line apply only there (patches/switch.ONLY_FOR).
 """
 
 from __future__ import annotations
