@@ -132,22 +132,27 @@ class Transcripts:
         self.app = app
         self.slot = slot
 
+    def _ours(self, scope: Scope) -> bool:
+        """A transcription upload to a whisper handler (its own method: no local keeps the handler)."""
+        return (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].rstrip("/") == PATH
+            and header(scope, b"content-type").startswith("multipart/form-data")
+            and hasattr(self.slot.handler, "_prepare_transcription_request")
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.slot.handler if scope["type"] == "http" else None
-        if (
-            handler is None
-            or scope["method"] != "POST"
-            or scope["path"].rstrip("/") != PATH
-            or not header(scope, b"content-type").startswith("multipart/form-data")
-            or not hasattr(handler, "_prepare_transcription_request")
-        ):
+        # No local here may hold the handler: a request cut by stop-model ends in an exception
+        # whose traceback keeps this frame, and with it the weights, as long as the record lives.
+        if not self._ours(scope):
             await self.app(scope, receive, send)
             return
         body, gone = await read_body(receive)
         if gone:
             return
         async with Request(scope, replay(body, receive)).form() as form:
-            response = await self._answer(handler, dict(form))
+            response = await self._answer(self.slot.handler, dict(form))
         if response is None:
             await self.app(scope, replay(body, receive), send)
         else:
