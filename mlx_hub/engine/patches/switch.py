@@ -26,6 +26,7 @@ ONLY_FOR: dict[str, tuple[str, str]] = {
     "thread_local_stream": ("mlx-vlm", "<0.5"),
     "vlm_batching_capability": ("mlx-vlm", "<0.5"),
     "stop_sequences": ("mlx-lm", ">=0.32"),
+    "vlm_last_step_usage": ("mlx-openai-server", "<=1.8.1"),
 }
 
 
