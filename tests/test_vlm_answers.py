@@ -30,6 +30,12 @@ async def test_an_empty_answer_is_an_answer(make_hub, hub_config, mute_vlm: Path
     async with httpx.AsyncClient(timeout=120) as client:
         streamed = await client.post(url, json=image_chat("mute", mute_vlm, stream=True, temperature=0.0))
         plain = await client.post(url, json=image_chat("mute", mute_vlm, temperature=0.0))
+        image = image_chat("mute", mute_vlm)["messages"][0]["content"][1]["image_url"]["url"]
+        content = [{"type": "input_text", "text": "Hi"}, {"type": "input_image", "image_url": image}]
+        response = await client.post(
+            base_url(hub, "mute") + "/responses",
+            json={"model": "mute", "input": [{"role": "user", "content": content}], "max_output_tokens": 6},
+        )
     assert plain.status_code == 200, plain.text
     (choice,) = plain.json()["choices"]
     assert choice["message"]["content"] == "" and choice["finish_reason"] == "stop"
@@ -38,3 +44,5 @@ async def test_an_empty_answer_is_an_answer(make_hub, hub_config, mute_vlm: Path
     assert _usage(plain.json()) == _usage(last)
     prompt_tokens, completion_tokens, _ = _usage(plain.json())
     assert prompt_tokens > 10 and completion_tokens == 1  # the image's tokens; the end-of-turn token
+    assert response.status_code == 200, response.text  # the Responses API takes the same path
+    assert response.json()["output"] == [] and response.json()["usage"]["output_tokens"] == 1
