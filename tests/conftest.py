@@ -139,6 +139,25 @@ def tiny_vlm(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mute_vlm(models_dir: Path, tiny_vlm: Path) -> Path:
+    """``tiny_vlm`` with every token an end of turn: each answer is empty, its first token ends it.
+
+    A random model ends its turn at once only by chance, and upstream's multimodal
+    handler ignores ``logit_bias``; the model's own ``eos_token_id`` list does it every time.
+    """
+    import json
+    import shutil
+
+    path = models_dir / "tiny-llava-mute"
+    if not path.exists():
+        shutil.copytree(tiny_vlm, path)
+        config = json.loads((path / "config.json").read_text())
+        config["eos_token_id"] = list(range(config["text_config"]["vocab_size"]))
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_whisper(models_dir: Path) -> Path:
     from mlx_hub.testing.tinymodel import make_whisper_model
 

@@ -57,10 +57,18 @@ def cases(
     kv_llama: Path,
     tiny_embedder: Path,
     tiny_whisper: Path,
+    tiny_vlm: Path,
+    mute_vlm: Path,
     harmony_model: Path,
     models_dir: Path,
 ) -> dict[str, dict[str, Any]]:
-    """Served name -> the options both sides get (upstream's field names, which hub.yaml shares)."""
+    """Served name -> the options both sides get (upstream's field names, which hub.yaml shares).
+
+    ``see-batched`` only where the installed mlx-vlm can batch: on mlx-vlm 0.4
+    upstream's batched multimodal request hangs (patches ``vlm_batching_capability``).
+    """
+    from mlx_hub.engine.patches import switch
+
     template = models_dir / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
     harmony_template = models_dir / "harmony.jinja"
@@ -87,6 +95,13 @@ def cases(
         "kvq": {"model_path": str(kv_llama), "kv_bits": 8, "kv_group_size": 32},
         "embed": {"model_path": str(tiny_embedder), "model_type": "embeddings"},
         "ears": {"model_path": str(tiny_whisper), "model_type": "whisper"},
+        "see": {"model_path": str(tiny_vlm), "model_type": "multimodal", "disable_batching": True},
+        **(
+            {}
+            if switch.needed_here("vlm_batching_capability")
+            else {"see-batched": {"model_path": str(tiny_vlm), "model_type": "multimodal"}}
+        ),
+        "mute": {"model_path": str(mute_vlm), "model_type": "multimodal", "disable_batching": True},
         FLAG_CASE: {"model_path": llama, **FLAG_FIELDS},
     }
 

@@ -31,6 +31,11 @@ Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
   queue timeout, so a generation longer than ``queue_timeout`` died with 500 "Inference timed
   out". The timeout now bounds the wait for the worker only. Proof: tests/test_engine.py::
   test_queue_timeout_bounds_waiting_not_generating.
+- ``vlm_last_step_usage``: 1.8.1's ``MLX_VLM.__call__`` (a multimodal model served one at a
+  time, not streamed) takes its usage from the last step that carried text; an answer with no
+  text (the model ends its turn at once) has none, and the request died with 500 "'NoneType'
+  object has no attribute 'peak_memory'". The last step stands in, as the streamed and batched
+  paths already have it. Proof: tests/test_vlm_answers.py::test_an_empty_answer_is_an_answer[off].
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def apply() -> None:
         ("batch_failure_frees_its_sequences", batch_failure_frees_its_sequences),
         ("watch_generation_steps", watch_generation_steps),
         ("queue_timeout_bounds_waiting", queue_timeout_bounds_waiting),
+        ("vlm_last_step_usage", vlm_last_step_usage),
     ):
         if enabled(name):
             patch()
@@ -138,6 +144,52 @@ def queue_timeout_bounds_waiting() -> None:
 
     submit._mlx_hub_waits_only = True  # type: ignore[attr-defined]
     worker.submit = submit
+
+
+def vlm_last_step_usage() -> None:
+    """A multimodal answer without text, served one at a time and not streamed, is an answer, not a 500.
+
+    Upstream's non-streamed ``MLX_VLM.__call__`` joins the steps of its own
+    streamed call and reads the usage off the last step with text. The
+    replacement takes the same steps (upstream's call with ``stream=True``) and
+    joins them the same way; only where no step had text does the last step
+    give the counts (its prompt tokens, and the end-of-turn token mlx-vlm counts).
+    """
+    module = sys.modules.get("app.models.mlx_vlm")
+    model_class = getattr(module, "MLX_VLM", None)
+    response_class = getattr(module, "CompletionResponse", None)
+    if model_class is None or response_class is None:
+        return
+    original = model_class.__call__
+    if getattr(original, "_mlx_hub_last_step", False):
+        return
+
+    def __call__(self: Any, prompt: str, stream: bool = False, **kwargs: Any) -> Any:
+        steps = original(self, prompt, stream=True, **kwargs)
+        if stream:
+            return steps
+        text, tokens, final, last = "", [], None, None
+        for step in steps:
+            last = step or last
+            if step and step.text:
+                text += step.text
+                tokens.append(step.token)
+                final = step
+        final = final or last
+        if final is None:  # mlx-vlm yields a step even for an empty answer; this one yielded nothing
+            raise RuntimeError("the model produced no generation step")
+        return response_class(
+            text=text,
+            tokens=tokens,
+            peak_memory=final.peak_memory,
+            generation_tps=final.generation_tps,
+            prompt_tps=final.prompt_tps,
+            prompt_tokens=final.prompt_tokens,
+            generation_tokens=final.generation_tokens,
+        )
+
+    __call__._mlx_hub_last_step = True  # type: ignore[attr-defined]
+    model_class.__call__ = __call__
 
 
 def vlm_batching_capability() -> None:

@@ -29,6 +29,7 @@ ONLY_FOR: dict[str, tuple[str, str]] = {
     "processors_follow_sequences": ("mlx-lm", "<0.32"),
     "vlm_batch_per_request_sampling": ("mlx-vlm", ">=0.5"),
     "vlm_batch_failure_frees_its_sequences": ("mlx-vlm", ">=0.5"),
+    "vlm_last_step_usage": ("mlx-openai-server", "<=1.8.1"),
 }
 
 
