@@ -372,6 +372,42 @@ VLM_CHAT_TEMPLATE = (
 IMAGE_SIZE = 28  # pixels a side: 2 x 2 patches of 14
 
 
+#: A vision tower over ``IMAGE_SIZE`` pixels: 2 x 2 patches of 14 (each VLM adds its model_type).
+TINY_VISION: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 14,
+}
+
+
+def image_processor(
+    kind: str, processor: str, *, mean: list[float], std: list[float], **rest: Any
+) -> dict[str, Any]:
+    """A preprocessor_config.json for a generated VLM: resize, rescale to [0, 1], normalize, RGB."""
+    return {
+        "image_processor_type": kind,
+        "processor_class": processor,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_convert_rgb": True,
+        **rest,
+    }
+
+
+def write_processor_files(work: Path, image: dict[str, Any], processor: dict[str, Any]) -> None:
+    """The three files mlx-vlm's processor loading reads beside a generated VLM's weights."""
+    (work / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    (work / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    (work / "chat_template.json").write_text(json.dumps({"chat_template": VLM_CHAT_TEMPLATE}))
+
+
 def make_vlm_model(
     path: str | os.PathLike[str], *, vocab_size: int = 512, seed: int = 0, shape: dict[str, Any] | None = None
 ) -> Path:
@@ -406,13 +442,8 @@ def make_vlm_model(
             image_token = json.loads((work / "tokenizer.json").read_text())["added_tokens"][-1]["id"]
             text["vocab_size"] = ids["vocab_size"]
             vision = {
+                **TINY_VISION,
                 "model_type": "clip_vision_model",
-                "num_hidden_layers": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_attention_heads": 2,
-                "image_size": IMAGE_SIZE,
-                "patch_size": 14,
                 "projection_dim": 32,
                 "layer_norm_eps": 1e-5,
             }
@@ -436,38 +467,23 @@ def make_vlm_model(
             model.set_dtype(mx.float16)
             _save(work, model, config)
             clip = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-            (work / "preprocessor_config.json").write_text(
-                json.dumps(
-                    {
-                        "image_processor_type": "CLIPImageProcessor",
-                        "processor_class": "LlavaProcessor",
-                        "do_resize": True,
-                        "size": {"shortest_edge": IMAGE_SIZE},
-                        "do_center_crop": True,
-                        "crop_size": clip,
-                        "do_rescale": True,
-                        "rescale_factor": 1 / 255,
-                        "do_normalize": True,
-                        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                        "image_std": [0.26862954, 0.26130258, 0.27577711],
-                        "do_convert_rgb": True,
-                    },
-                    indent=2,
-                )
+            image = image_processor(
+                "CLIPImageProcessor",
+                "LlavaProcessor",
+                mean=[0.48145466, 0.4578275, 0.40821073],
+                std=[0.26862954, 0.26130258, 0.27577711],
+                size={"shortest_edge": IMAGE_SIZE},
+                do_center_crop=True,
+                crop_size=clip,
             )
-            (work / "processor_config.json").write_text(
-                json.dumps(
-                    {
-                        "processor_class": "LlavaProcessor",
-                        "patch_size": 14,
-                        "vision_feature_select_strategy": "default",
-                        "image_token": "<image>",
-                        "num_additional_image_tokens": 1,
-                    },
-                    indent=2,
-                )
-            )
-            (work / "chat_template.json").write_text(json.dumps({"chat_template": VLM_CHAT_TEMPLATE}))
+            processor = {
+                "processor_class": "LlavaProcessor",
+                "patch_size": 14,
+                "vision_feature_select_strategy": "default",
+                "image_token": "<image>",
+                "num_additional_image_tokens": 1,
+            }
+            write_processor_files(work, image, processor)
     return Path(path)
 
 

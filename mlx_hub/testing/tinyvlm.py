@@ -23,10 +23,13 @@ from mlx_hub.testing.tinymodel import (
     IMAGE_SIZE,
     SPECIAL_TOKENS,
     TINY_SHAPE,
+    TINY_VISION,
     VLM_CHAT_TEMPLATE,
     _building,
     _save,
     _write_tokenizer,
+    image_processor,
+    write_processor_files,
 )
 
 
@@ -47,37 +50,22 @@ VLM_ARCHS: dict[str, VLMArch] = {
     "llava_onevision": VLMArch("llava_onevision", "LlavaOnevisionForConditionalGeneration", "0.7"),
 }
 
-#: A SigLIP tower over ``IMAGE_SIZE`` pixels: 2 x 2 patches of 14.
-_VISION = {
-    "model_type": "siglip_vision_model",
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 2,
-    "image_size": IMAGE_SIZE,
-    "patch_size": 14,
-    "layer_norm_eps": 1e-6,
-}
+#: A SigLIP tower over ``IMAGE_SIZE`` pixels.
+_VISION = {**TINY_VISION, "model_type": "siglip_vision_model", "layer_norm_eps": 1e-6}
 
 
 def _processor_files(work: Path) -> None:
     """The PIL image processor's config (one tile size, no AnyRes upscaling) and the processor's."""
     tile = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    image = {
-        "image_processor_type": "LlavaOnevisionImageProcessor",
-        "processor_class": "LlavaOnevisionProcessor",
-        "do_resize": True,
-        "size": tile,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "do_pad": True,
-        "do_convert_rgb": True,
-        "image_grid_pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]],
-    }
-    (work / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    image = image_processor(
+        "LlavaOnevisionImageProcessor",
+        "LlavaOnevisionProcessor",
+        mean=[0.5, 0.5, 0.5],
+        std=[0.5, 0.5, 0.5],
+        size=tile,
+        do_pad=True,
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+    )
     processor = {
         "processor_class": "LlavaOnevisionProcessor",
         "num_image_tokens": (IMAGE_SIZE // 14) ** 2,
@@ -85,8 +73,7 @@ def _processor_files(work: Path) -> None:
         "image_token": "<image>",
         "video_token": "<video>",
     }
-    (work / "processor_config.json").write_text(json.dumps(processor, indent=2))
-    (work / "chat_template.json").write_text(json.dumps({"chat_template": VLM_CHAT_TEMPLATE}))
+    write_processor_files(work, image, processor)
 
 
 def make_new_vlm_model(
