@@ -137,3 +137,33 @@ async def test_a_loaded_hybrid_is_estimated_by_its_plan(make_hub, hub_config, mo
     assert need.kv_bytes < 0.5 * before_load.kv_bytes  # the config formula counts 4 attention layers, not 1
     assert await hub.unload("h") == "unloaded"
     assert "h" not in hub.engine.plans
+
+
+async def test_entries_sharing_a_model_share_its_measurement(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path
+) -> None:
+    """The probe is a decode step (most of a second for a 0.5B model on a CPU): a second entry of a
+    loaded model reuses the first's plan, so its load stays cheap; another cache size measures anew."""
+    from mlx_hub.engine import cache_plan
+    from mlx_hub.engine.mlx import MLXEngine
+
+    calls: list[int | None] = []
+    original = cache_plan.measure
+
+    def counted(model: object, make: object, max_kv_size: int | None) -> CachePlan | None:
+        calls.append(max_kv_size)
+        return original(model, make, max_kv_size)
+
+    monkeypatch.setattr(cache_plan, "measure", counted)
+    engine = MLXEngine()
+    names = [("a", 512), ("b", 512), ("c", 256)]
+    loaded = [
+        await engine.load(ModelConfig(name=n, model_path=str(tiny_llama), context_length=size))
+        for n, size in names
+    ]
+    try:
+        assert calls == [512, 256]
+        assert engine.plans["a"] is engine.plans["b"] and engine.plans["c"] is not engine.plans["a"]
+    finally:
+        for (name, _), item in zip(names, loaded, strict=True):
+            await engine.unload(item.handler, name)

@@ -54,7 +54,7 @@ from typing import Any
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import memory
 from mlx_hub.engine.base import EngineError, Loaded
-from mlx_hub.engine.cache_plan import CachePlan, handler_plan
+from mlx_hub.engine.cache_plan import CachePlan, PlanMemo
 from mlx_hub.engine.handlers import (
     batches,
     build_handler,
@@ -85,6 +85,7 @@ class MLXEngine:
         self.whispers = WhisperWeights()
         self.counter = PromptCounter()
         self.plans: dict[str, CachePlan] = {}  # per loaded entry: what its model's caches hold
+        self.plan_memo = PlanMemo()  # entries sharing a model share its measurement
 
     # ------------------------------------------------------------ load / unload
 
@@ -139,7 +140,7 @@ class MLXEngine:
             with self.weights.holding(entry.name):
                 box["handler"] = build_handler(entry, self.whispers)
             if entry.model_type in ("lm", "multimodal"):  # on the load thread, evaluated before it ends
-                box["plan"] = handler_plan(box["handler"], entry.context_length)
+                box["plan"] = self.plan_memo.handler_plan(box["handler"], entry.context_length)
 
         self.plans.pop(entry.name, None)
         await asyncio.to_thread(build)
