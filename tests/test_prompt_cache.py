@@ -78,6 +78,8 @@ def stored_classes(hub: Any) -> set[str]:
 
     names = set()
     for path in hub.prompt_store.root.rglob("*.safetensors"):
+        if path.name.startswith("."):  # a payload still being written (published by rename)
+            continue
         _, metadata = mx.load(str(path), return_metadata=True)
         names |= set(entry_layout(metadata)[1])
     return names
