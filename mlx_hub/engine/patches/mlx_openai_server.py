@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -58,6 +59,8 @@ from mlx_hub.engine.versions import package_version
 from mlx_hub.engine.weights import same_companion, sharing_load, sharing_pair_load, vlm_processor
 
 log = logging.getLogger(__name__)
+
+VLM_SCHEDULER = "app.core.vlm_batch_scheduler"
 
 
 def apply() -> None:
@@ -205,8 +208,7 @@ def vlm_batching_capability() -> None:
     handler_module = sys.modules.get("app.handler.mlx_vlm")
     if handler_module is None or not getattr(handler_module, "VLM_BATCHING_AVAILABLE", False):
         return
-    generator = getattr(sys.modules.get("app.core.vlm_batch_scheduler"), "BatchGenerator", None)
-    if generator is not None and "prompt_kwargs" in inspect.signature(generator.insert).parameters:
+    if vlm_generator_batches():
         return
     handler_module.VLM_BATCHING_AVAILABLE = False
     log.warning(
@@ -214,6 +216,13 @@ def vlm_batching_capability() -> None:
         "multimodal requests are served one at a time",
         package_version("mlx-vlm") or "?",
     )
+
+
+def vlm_generator_batches() -> bool:
+    """Whether the installed mlx-vlm's ``BatchGenerator`` takes what upstream's VLM scheduler hands it
+    (``insert(prompt_kwargs=...)``, from mlx-vlm 0.5)."""
+    generator = getattr(sys.modules.get(VLM_SCHEDULER), "BatchGenerator", None)
+    return generator is not None and "prompt_kwargs" in inspect.signature(generator.insert).parameters
 
 
 def share_weights() -> None:
@@ -251,24 +260,40 @@ def batch_failure_frees_its_sequences() -> None:
     are removed from the generator first (on the scheduler's own thread, where
     ``_fail_all_active`` runs), as upstream itself does for cancelled requests.
     """
-    module = sys.modules.get("app.core.batch_scheduler")
-    scheduler = getattr(module, "BatchScheduler", None)
-    if scheduler is None or getattr(scheduler._fail_all_active, "_mlx_hub_frees", False):
-        return
-    original = scheduler._fail_all_active
+    scheduler = getattr(sys.modules.get("app.core.batch_scheduler"), "BatchScheduler", None)
+    if scheduler is not None:
+        free_before_failing(scheduler, _remove_together)
 
+
+def _remove_together(scheduler: Any, generator: Any, uids: list[int]) -> None:
+    """mlx-lm's ``BatchGenerator.remove`` takes the failed uids at once."""
+    try:
+        generator.remove(uids)
+    except Exception:  # the requests still fail; only the memory stays until the generator ends
+        log.exception("could not drop the failed batch's sequences")
+
+
+def free_before_failing(scheduler: type, drop: Callable[[Any, Any, list[int]], None]) -> None:
+    """Wrap a scheduler's ``_fail_all_active`` so its active sequences leave the generator first (idempotent).
+
+    Upstream's lm and VLM schedulers both fail a failed step's requests and leave
+    their sequences decoding; ``drop(scheduler, generator, uids)`` removes them the
+    way that library's generator can, on the scheduler's own thread.
+    """
+    original = scheduler._fail_all_active
+    if getattr(original, "_mlx_hub_frees", False):
+        return
+
+    @functools.wraps(original)
     def fail_all_active(self: Any, exc: BaseException) -> None:
         generator = getattr(self, "_batch_generator", None)
         uids = list(getattr(self, "_active", {}))
         if generator is not None and uids:
-            try:
-                generator.remove(uids)
-            except Exception:  # the requests still fail; only the memory stays until the generator ends
-                log.exception("could not drop the failed batch's sequences")
+            drop(self, generator, uids)
         original(self, exc)
 
     fail_all_active._mlx_hub_frees = True  # type: ignore[attr-defined]
-    scheduler._fail_all_active = fail_all_active
+    scheduler._fail_all_active = fail_all_active  # type: ignore[attr-defined]
 
 
 def serve_like_launch(handler: Any) -> None:

@@ -40,11 +40,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mlx_hub.engine.patches.mlx_openai_server import VLM_SCHEDULER, free_before_failing, vlm_generator_batches
 from mlx_hub.engine.patches.switch import enabled
 
 log = logging.getLogger(__name__)
-
-SCHEDULER_MODULE = "app.core.vlm_batch_scheduler"
 
 
 def apply() -> None:
@@ -55,21 +54,19 @@ def apply() -> None:
     if enabled("vlm_batch_per_request_sampling"):
         per_request_sampling(scheduler)
     if enabled("vlm_batch_failure_frees_its_sequences"):
-        failure_frees_its_sequences(scheduler)
+        free_before_failing(scheduler, _drop_sequences)
 
 
 def _batching_scheduler() -> type | None:
     """``VLMBatchScheduler`` when its ``BatchGenerator`` is one it can drive, else None."""
-    module = sys.modules.get(SCHEDULER_MODULE)
-    generator = getattr(module, "BatchGenerator", None)
-    if generator is None or "prompt_kwargs" not in inspect.signature(generator.insert).parameters:
+    if not vlm_generator_batches():
         return None  # mlx-vlm 0.4: vlm_batching_capability sends requests one at a time
-    return getattr(module, "VLMBatchScheduler", None)
+    return getattr(sys.modules[VLM_SCHEDULER], "VLMBatchScheduler", None)
 
 
 def per_request_sampling(scheduler: type) -> None:
     """Greedy generator, and each request's sampler as its own last logits processor."""
-    generator = sys.modules[SCHEDULER_MODULE].BatchGenerator
+    generator = sys.modules[VLM_SCHEDULER].BatchGenerator
     if "samplers" in inspect.signature(generator.insert).parameters:
         return  # an mlx-vlm that samples each sequence with its own sampler
     if getattr(scheduler, "_mlx_hub_per_request_sampling", False):
@@ -110,25 +107,8 @@ def sampled_token_only(sampler: Callable[[Any], Any]) -> Callable[[Any, Any], An
     return sample_this_row
 
 
-def failure_frees_its_sequences(scheduler: type) -> None:
-    """Remove a failed step's sequences from the generator before upstream fails their requests."""
-    if getattr(scheduler, "_mlx_hub_failure_frees", False):
-        return
-    original = scheduler._fail_all_active
-
-    @functools.wraps(original)
-    def fail_all_active(self: Any, exc: BaseException) -> None:
-        generator = getattr(self, "_batch_generator", None)
-        if generator is not None:
-            _drop_sequences(self, generator, list(getattr(self, "_active", {})))
-        original(self, exc)
-
-    scheduler._fail_all_active = fail_all_active  # type: ignore[attr-defined]
-    scheduler._mlx_hub_failure_frees = True  # type: ignore[attr-defined]
-
-
 def _drop_sequences(scheduler: Any, generator: Any, uids: list[int]) -> None:
-    """mlx-vlm's ``remove`` takes one uid; a generator that cannot remove them is replaced whole."""
+    """mlx-vlm's ``remove`` takes one uid at a time; a generator that cannot remove them is replaced whole."""
     try:
         for uid in uids:
             generator.remove(uid)
