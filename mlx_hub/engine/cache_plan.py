@@ -33,8 +33,15 @@ STEP = 256
 GROW, WINDOW, STATE = "grow", "window", "state"
 
 
-def _blocks(tokens: int) -> int:
+def kv_blocks(tokens: int) -> int:
+    """``tokens`` rounded up to whole blocks: what a growing cache has allocated for them."""
     return -(-tokens // STEP) * STEP
+
+
+def quantized_bytes(dim: int, bits: int, group_size: int, dtype_bytes: int) -> int:
+    """One head's K (or V) of one token once mlx-lm quantizes the cache (``kv_bits``): packed
+    values plus a scale and a bias per group."""
+    return dim * bits // 8 + 2 * (dim // group_size) * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -51,13 +58,10 @@ class LayerCache:
     dtype_bytes: int = 2
 
     def quantized_token_bytes(self, bits: int, group_size: int) -> int:
-        """K and V of one token once mlx-lm quantizes the cache (``kv_bits``): packed values plus a
-        scale and a bias per group."""
-
-        def one(dim: int) -> int:
-            return dim * bits // 8 + 2 * (dim // group_size) * self.dtype_bytes
-
-        return self.kv_heads * (one(self.k_dim) + one(self.v_dim))
+        """K and V of one token once mlx-lm quantizes the cache (``kv_bits``)."""
+        return self.kv_heads * sum(
+            quantized_bytes(d, bits, group_size, self.dtype_bytes) for d in (self.k_dim, self.v_dim)
+        )
 
     def held(self, prompt: int, reach: int, prefill_step: int) -> int:
         """Tokens a GROW or WINDOW cache holds at its largest over a request.
@@ -67,11 +71,10 @@ class LayerCache:
         concatenates a whole chunk onto what it keeps (up to ``window - 1 + chunk``).
         """
         if self.kind == GROW:
-            return _blocks(reach)
-        decoding = min(_blocks(reach), self.window)
-        prefilled = (
-            prompt - 1
-        )  # mlx-lm prefills all but the last prompt token, which the first decode step takes
+            return kv_blocks(reach)
+        decoding = min(kv_blocks(reach), self.window)
+        # mlx-lm prefills all but the last prompt token, which the first decode step takes.
+        prefilled = prompt - 1
         prefilling = (
             min(prefilled, self.window - 1 + min(prefilled, prefill_step)) if prompt > self.window else 0
         )

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine.cache_plan import CachePlan
+from mlx_hub.engine.cache_plan import STEP, CachePlan, kv_blocks, quantized_bytes
 from mlx_hub.engine.model_files import config_json, model_folder, native_context_length
 
 log = logging.getLogger(__name__)
 
-#: The KV cache grows in blocks of this many tokens (mlx-lm's ``KVCache.step``).
-KV_STEP = 256
+#: The KV cache grows in blocks of this many tokens (mlx-lm's ``KVCache.step``; cache_plan's ``STEP``).
+KV_STEP = STEP
 #: mlx-lm's ``generate_step`` prefills in chunks of this many tokens (upstream passes no other).
 PREFILL_STEP = 2048
 #: Working bytes per prompt token in a chunk, in units of the activation dtype: about 20
@@ -66,9 +66,11 @@ class KVShape:
         """K and V of one token in one layer."""
         if self.kv_bits is None:
             return 2 * self.kv_heads * self.head_dim * self.dtype_bytes
-        packed = self.head_dim * self.kv_bits // 8
-        scales = 2 * (self.head_dim // self.kv_group_size) * self.dtype_bytes  # scale and bias per group
-        return 2 * self.kv_heads * (packed + scales)
+        return (
+            2
+            * self.kv_heads
+            * quantized_bytes(self.head_dim, self.kv_bits, self.kv_group_size, self.dtype_bytes)
+        )
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,6 @@ def kv_shape(entry: ModelConfig, plan: CachePlan | None = None) -> KVShape | Non
     )
 
 
-def _blocks(tokens: int) -> int:
-    return -(-tokens // KV_STEP) * KV_STEP
-
-
 def _windows(shape: KVShape) -> tuple[int | None, ...]:
     """The attention layers' windows (None: full attention); the plan's once the model is loaded."""
     return shape.windows if shape.plan is None else shape.plan.windows
@@ -172,7 +170,9 @@ def _kv(shape: KVShape, prompt_tokens: int, reach: int) -> int:
             kv_group_size=shape.kv_group_size,
         )
     per_token = shape.kv_bytes_per_token()
-    return sum(per_token * (_blocks(reach) if w is None else min(_blocks(reach), w)) for w in shape.windows)
+    return sum(
+        per_token * (kv_blocks(reach) if w is None else min(kv_blocks(reach), w)) for w in shape.windows
+    )
 
 
 def request_need(shape: KVShape | None, prompt_tokens: int, max_tokens: int) -> RequestNeed:
