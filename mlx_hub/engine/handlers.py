@@ -111,14 +111,12 @@ def multimodal_one_at_a_time() -> str | None:
     it off on mlx-vlm 0.4; patches.upstream_vlm_batch makes it right on 0.7).
     """
     try:
-        handler_class(
-            "multimodal"
-        )  # imports upstream's handler (loaded already once a model is) and patches it
+        # Imports upstream's handler (already imported once a model is loaded) and patches it.
+        handler_class("multimodal")
     except EngineError as exc:
         return str(exc)
-    if not getattr(
-        sys.modules["app.handler.mlx_vlm"], "VLM_BATCHING_AVAILABLE", False
-    ):  # 1.6.x has no switch
+    # 1.6.x has no switch: no batching there.
+    if not getattr(sys.modules["app.handler.mlx_vlm"], "VLM_BATCHING_AVAILABLE", False):
         return f"mlx-vlm {package_version('mlx-vlm') or '?'} lacks what upstream's VLM batch scheduler needs"
     return None
 

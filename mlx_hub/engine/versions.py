@@ -18,6 +18,13 @@ def upstream_version() -> str | None:
     return package_version("mlx-openai-server")
 
 
+def release_in(version: str | None, releases: str) -> bool:
+    """Whether ``version`` (None: not installed) is one of ``releases``, a PEP 440 specifier such as ``<0.5``."""
+    from packaging.specifiers import SpecifierSet
+
+    return version is not None and SpecifierSet(releases).contains(version, prereleases=True)
+
+
 #: The library combinations the hub's suite runs on (README: "Tested versions"): the newest
 #: stack it declares, and upstream's own pins for users who keep them (the compat run).
 TESTED_STACKS: tuple[dict[str, str], ...] = (
@@ -38,17 +45,8 @@ def untested_stack(installed: dict[str, str | None] | None = None) -> str | None
     The hub runs regardless: a newer mlx-lm usually works, and refusing it would
     leave a user with nothing. The warning says what to report if it does not.
     """
-    from packaging.specifiers import SpecifierSet
-
     installed = installed_stack() if installed is None else installed
-
-    def matches(stack: dict[str, str]) -> bool:
-        return all(
-            installed.get(p) is not None and SpecifierSet(spec).contains(installed[p], prereleases=True)
-            for p, spec in stack.items()
-        )
-
-    if any(matches(stack) for stack in TESTED_STACKS):
+    if any(all(release_in(installed.get(p), spec) for p, spec in stack.items()) for stack in TESTED_STACKS):
         return None
     have = ", ".join(f"{p} {v or 'missing'}" for p, v in installed.items())
     tested = "; ".join(", ".join(f"{p}{s}" for p, s in stack.items()) for stack in TESTED_STACKS)

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlx_hub.engine.patches.switch import enabled
+from mlx_hub.engine.versions import package_version
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ def stop_sequences() -> None:
     ) -> Any:
         moves = transitions.get(initial, [])
         if any(target is not None for _, target in moves) or set(transitions) - {initial}:
-            raise ValueError(f"mlx-lm {_version()} has stop sequences only; cannot build {transitions!r}")
+            raise ValueError(
+                f"mlx-lm {package_version('mlx-lm') or '?'} has stop sequences only; cannot build {transitions!r}"
+            )
         return stop_type([list(tokens) for tokens, _ in moves] or None)
 
     generate.SequenceStateMachine = state_machine
@@ -104,12 +107,6 @@ def install_import_hook() -> None:
         return
     if not any(isinstance(finder, _BeforeScheduler) for finder in sys.meta_path):
         sys.meta_path.insert(0, _BeforeScheduler())
-
-
-def _version() -> str:
-    from mlx_hub.engine.versions import package_version
-
-    return package_version("mlx-lm") or "?"
 
 
 def processors_follow_sequences() -> None:

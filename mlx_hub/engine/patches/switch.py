@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 
-from mlx_hub.engine.versions import package_version
+from mlx_hub.engine.versions import package_version, release_in
 
 DISABLE_ENV = "MLX_HUB_DISABLE_PATCHES"
 
@@ -38,11 +38,8 @@ def needed_here(name: str) -> bool:
     """Whether the installed release of the library ``name`` patches is one it was written for."""
     if name not in ONLY_FOR:
         return True
-    from packaging.specifiers import SpecifierSet
-
     package, releases = ONLY_FOR[name]
-    installed = package_version(package)
-    return installed is not None and SpecifierSet(releases).contains(installed, prereleases=True)
+    return release_in(package_version(package), releases)
 
 
 def switched_off(name: str) -> bool:
