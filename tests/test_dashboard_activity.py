@@ -17,7 +17,7 @@ from mlx_hub.testing.tinymodel import text_only_logit_bias
 from .helpers import LiveController, free_port
 from .test_dashboard import browser_needed, page  # noqa: F401 (the fixture)
 
-SCREENSHOT = os.environ.get("MLX_HUB_SCREENSHOT")  # set to docs/dashboard.png to refresh the README's picture
+SCREENSHOT = os.environ.get("MLX_HUB_SCREENSHOT")  # docs/dashboard.png: redraw docs/dashboard.md's picture
 
 
 @pytest.fixture

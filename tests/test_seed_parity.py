@@ -2,7 +2,7 @@
 real daemons, generated models and a generated Hugging Face cache.
 
 One section per tool (the reference Create-hub, mlx-server-orch, mlxctl), one test per item
-of the issue that listed them; the README's "Coming from ..." tables map the same verbs.
+of the issue that listed them; docs/migrating.md's "From mlxctl, ..." tables map the same verbs.
 """
 
 from __future__ import annotations

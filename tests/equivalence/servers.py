@@ -28,10 +28,10 @@ BIN = Path(sys.executable).parent
 #: Keys whose values differ on every call by design: ids and clocks.
 VOLATILE = frozenset({"id", "created", "created_at", "system_fingerprint", "call_id", "item_id"})
 #: Keys that differ on purpose: the hub's prompt caches persist and are shared by entries of one
-#: model (README, "What differs on purpose"), so it may reuse more of a prompt than upstream;
+#: model (docs/migrating.md, "What differs on purpose"), so it may reuse more of a prompt than upstream;
 #: the tokens generated from it are the same and are compared.
 REUSE = frozenset({"cached_tokens"})
-#: Values that differ on purpose (README, "What differs on purpose"): upstream's chat route
+#: Values that differ on purpose (docs/migrating.md, "What differs on purpose"): upstream's chat route
 #: says "stop" for an answer cut at max_tokens, the hub says "length", as OpenAI does.
 SAME_AS = {("finish_reason", "length"): "stop"}
 

@@ -82,7 +82,7 @@ def seen(pair: Pair, served: str, body: dict[str, Any]) -> Any:
 
     On mlx-vlm 0.4 (upstream's pins) ``launch`` cannot generate on its worker thread
     and answers "There is no Stream(cpu, 0) in current thread" (an intended difference,
-    README; patches ``thread_local_stream``); there the hub's answer stands alone.
+    docs/migrating.md; patches ``thread_local_stream``); there the hub's answer stands alone.
     """
     upstream, hub = pair.send(served, "/v1/chat/completions", body)
     if switch.needed_here("thread_local_stream"):
@@ -113,7 +113,7 @@ def test_an_empty_multimodal_answer(pair: Pair, cases: dict[str, Any]) -> None:
     """The model ends its turn at once (every token is its end of turn), served one at a time.
 
     Streamed, both sides answer alike. Not streamed, upstream 1.8.1 answers 500
-    where the hub answers as the stream did: an intended difference (README,
+    where the hub answers as the stream did: an intended difference (docs/migrating.md,
     patches ``vlm_last_step_usage``).
     """
     body = image_chat("mute", Path(cases["mute"]["model_path"]), temperature=0.0)
@@ -153,7 +153,7 @@ def test_transcriptions(pair: Pair, speech: Path, response_format: str | None) -
 
 @pytest.mark.parametrize("response_format", ["text", "srt", "vtt", "verbose_json"])
 def test_transcription_formats_differ_on_purpose(pair: Pair, speech: Path, response_format: str) -> None:
-    """An intended difference (README): upstream 1.8.1 answers ``text`` with the JSON object and
+    """An intended difference (docs/migrating.md): upstream 1.8.1 answers ``text`` with the JSON object and
     refuses the other three with 422; the hub answers each as OpenAI does (tests/test_transcripts.py)."""
     audio = {"file": ("tone.wav", speech.read_bytes(), "audio/wav")}
     form = {"model": "ears", "temperature": "0", "response_format": response_format}
@@ -282,7 +282,7 @@ def test_errors(pair: Pair, cases: dict[str, Any]) -> None:
     assert missing["status"] == 422
     wrong = same(pair, FLAG_CASE, "/v1/chat/completions", chat(FLAG_CASE, cases, model="elsewhere"))
     assert wrong["status"] == 404 and wrong["body"]["detail"]["error"]["type"] == "model_not_found"
-    # Intended difference (README): upstream names its subprocess proxy's class, the hub the handler's.
+    # Intended difference (docs/migrating.md): upstream names its subprocess proxy's class, the hub the handler's.
     upstream, hub = pair.send("embed", "/v1/chat/completions", chat("chat", cases, model="embed"))
     message = upstream["body"]["error"]["message"].replace("HandlerProcessProxy", "MLXEmbeddingsHandler")
     upstream["body"]["error"]["message"] = message
