@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from mlx_hub.config.distributed import DistributedConfig
 from mlx_hub.config.schema import GroupConfig, HubConfig, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ CONFIG_SECTIONS: dict[type[BaseModel], str] = {
     HubConfig: "Hub level",
     ModelConfig: "Model entry",
     GroupConfig: "Group entry",
+    DistributedConfig: "Distributed",
 }
 
 #: Top-level folders whose paths the docs name in backticks (`mlx_hub/core/slot.py`, `tests/reliability/`).

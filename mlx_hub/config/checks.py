@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_hub.config.aliases import alias_clashes
+from mlx_hub.config.distributed import DistributedConfig, sharded_refusals
 from mlx_hub.config.schema import GroupConfig, HubConfig, ModelConfig
 
 
@@ -40,6 +41,8 @@ class Where:
 
 
 def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    if len(loc) >= 4 and loc[0] == "models" and loc[2] == "distributed":
+        return list(DistributedConfig.model_fields)
     if len(loc) >= 3 and loc[0] == "models":
         return list(ModelConfig.model_fields)
     if len(loc) >= 3 and loc[0] == "groups":
@@ -78,6 +81,7 @@ def cross_checks(
         *_group_references(cfg, where),
         *_ports(cfg, where),
         *_group_triggers(cfg, where),
+        *_sharded_options(cfg, where),
     ]
 
 
@@ -194,4 +198,14 @@ def _choice_problems(cfg: HubConfig, where: Where, choices: Mapping[str, frozens
                     ("models", i, field), f"unknown name {value!r}; valid names: {', '.join(sorted(valid))}"
                 )
             )
+    return problems
+
+
+def _sharded_options(cfg: HubConfig, where: Where) -> list[str]:
+    """Options a sharded entry cannot honour, refused now rather than at its first request."""
+    problems = []
+    for i, model in enumerate(cfg.models):
+        if model.distributed is not None:
+            for field, why in sharded_refusals(model):
+                problems.append(where.line(("models", i, field), f"cannot be used with distributed: {why}"))
     return problems

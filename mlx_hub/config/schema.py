@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlx_hub.config.aliases import check_alias
+from mlx_hub.config.distributed import DistributedConfig
 from mlx_hub.config.sizes import disk_bytes, is_budget_word, memory_bytes
 
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
@@ -129,6 +130,8 @@ class ModelConfig(_Strict):
     # mlxctl's registry has them; the LiteLLM export writes them too.
     request_params: dict[str, Any] | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None  # what the LiteLLM export advertises
+    # One model over several processes or machines (config/distributed.py, engine/sharded/).
+    distributed: DistributedConfig | None = None
 
     _check_name = field_validator("name", "group")(lambda v: None if v is None else _check_slug(v))
     _level = field_validator("log_level", mode="before")(_normalize_level)

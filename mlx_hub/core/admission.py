@@ -149,7 +149,7 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
                 raise ModelLoadError(f"model '{slot.name}' {slot.held_back}", model=slot.name)
             if state is MemoryState.UNLOADING:
                 await hub.wait_change()
-            elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled:
+            elif state is MemoryState.LOADING or pending or slot.entry.jit_enabled or _relaunches(slot):
                 if not pending:
                     slot.load_for_requests = True  # a client that leaves may take it back
                 await asyncio.shield(load_task(hub, slot))
@@ -170,6 +170,11 @@ async def acquire(hub: AdmissionHost, slot: ModelSlot, body: dict[str, Any] | No
         slot.waiting -= 1
         if left:
             drop_unwanted_load(slot)
+
+
+def _relaunches(slot: ModelSlot) -> bool:
+    """A sharded model whose group failed is launched again by the next request, JIT or not."""
+    return slot.memory_state is MemoryState.FAILED and slot.entry.distributed is not None
 
 
 def drop_unwanted_load(slot: ModelSlot) -> None:
@@ -326,9 +331,27 @@ async def _load_flow(hub: AdmissionHost, slot: ModelSlot) -> None:
         log.error("model '%s' failed to load: %s", slot.name, exc)
         raise ModelLoadError(f"model '{slot.name}' failed to load: {exc}", model=slot.name) from None
     hub.metrics.loaded(slot.name, loaded.load_seconds)
+    if loaded.ended is not None:
+        hub.spawn(_fail_when_ended(hub, slot, loaded.ended), f"watch:{slot.name}")
     log.info(
         "model '%s' loaded in %.2f s (%.1f MB)", slot.name, loaded.load_seconds, loaded.memory_bytes / 1e6
     )
+
+
+async def _fail_when_ended(hub: AdmissionHost, slot: ModelSlot, ended: asyncio.Future[str | None]) -> None:
+    """A model whose serving processes ended on their own: free it and show it failed, with why.
+
+    Its requests in flight have already lost their connection; the next request
+    (or ``start-model``/``load-model``) launches it again.
+    """
+    reason = await ended
+    if reason is None:
+        return  # the hub unloaded it
+    log.error("%s", reason)
+    if slot.memory_state is MemoryState.LOADED:
+        await unload_slot(hub, slot, "its processes ended", patient=False)
+    if slot.memory_state is MemoryState.UNLOADED:
+        slot.move_memory(MemoryState.FAILED, reason)
 
 
 async def unload_slot(

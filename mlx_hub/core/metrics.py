@@ -70,6 +70,7 @@ class _StateCollector:
             reserved.add_metric([name], float(meta.kv_reserved_bytes))
             peak.add_metric([name], float(meta.memory_peak_bytes))
         yield from (running, loaded, state, memory, in_flight, waiting, reserved, peak)
+        yield _rank_memory(status)
         active = GaugeMetricFamily("mlx_hub_mlx_active_memory_bytes", "MLX active memory of the hub process")
         active.add_metric([], float(status.memory.active_bytes))
         yield active
@@ -94,6 +95,20 @@ class _StateCollector:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
             budget.add_metric([], float(status.memory.budget_bytes))
             yield budget
+
+
+def _rank_memory(status: HubStatus) -> GaugeMetricFamily:
+    """Each sharded model's ranks: the MLX active memory each reports, on whichever host it runs."""
+    ranks = GaugeMetricFamily(
+        "mlx_hub_rank_memory_bytes",
+        "MLX active memory of each rank of a sharded model",
+        labels=["model", "rank", "host"],
+    )
+    for row in status.models:
+        for rank in row.metadata.ranks or []:
+            if rank.get("memory_bytes") is not None:
+                ranks.add_metric([row.id, str(rank["rank"]), str(rank["host"])], float(rank["memory_bytes"]))  # type: ignore[arg-type]
+    return ranks
 
 
 def _prompt_cache_metrics(status: HubStatus) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -417,8 +417,16 @@ class ModelSlot:
                 else (-1 if keep_alive == float("inf") else keep_alive),
                 started_at=self.port_changed_at if running else None,
                 log_file=log_file,
+                ranks=self.ranks(),
             ),
         )
+
+    def ranks(self) -> list[dict[str, object]] | None:
+        """A sharded model's ranks as its group reports them; [] while none runs; None if not sharded."""
+        if self.entry.distributed is None:
+            return None
+        report = getattr(self.handler, "ranks_status", None)
+        return report() if report is not None else []
 
     # ------------------------------------------------------------------- port
 

@@ -53,6 +53,8 @@ class ModelMetadata(_Document):
     keep_alive_seconds: float | None  # -1: kept forever
     started_at: float | None
     log_file: str | None
+    # A sharded model's ranks: one {rank, host, pid, state, memory_bytes} each (None: not sharded).
+    ranks: list[dict[str, object]] | None = None
     # Its prompt caches kept on disk (prompt_cache_path): lookups since the hub started, and bytes now.
     prompt_cache_hits: int = 0
     prompt_cache_misses: int = 0

@@ -32,6 +32,10 @@ class Loaded:
     memory_bytes: int  # what the load added to MLX's active memory
     load_seconds: float
     created_bytes: int = 0  # of that, the weights copies this load read first (weights.py shares them)
+    # A model served by other processes (a sharded model's ranks) can end on its own: this
+    # resolves with the reason when it does (None when the hub ended it), and the hub then
+    # marks the model failed.
+    ended: asyncio.Future[str | None] | None = None
 
 
 #: Text of the errors MLX raises when an allocation fails (CPU ``[malloc]``, Metal ``[metal::malloc]``).

@@ -70,6 +70,7 @@ from mlx_hub.engine.patches.mlx_openai_server import bound_prompt_cache
 from mlx_hub.engine.prompt_identity import Identity, entry_identity
 from mlx_hub.engine.prompt_store import PromptStore
 from mlx_hub.engine.reservation import PromptCounter, RequestNeed, estimate_request
+from mlx_hub.engine.sharded import engine as sharded
 from mlx_hub.engine.versions import upstream_version
 from mlx_hub.engine.weights import SharedWeights, WeightRegistry
 from mlx_hub.engine.whisper import WhisperWeights
@@ -101,6 +102,8 @@ class MLXEngine:
         would blur, and on a machine's few cores two loads at once finish no sooner.
         """
         _check_local_path(entry)
+        if entry.distributed is not None:  # its ranks are other processes: nothing loads here
+            return await sharded.load(entry)
         # The first import of a handler module pulls in mlx-lm and transformers
         # (seconds); in a thread it does not stall every other port on the loop.
         await asyncio.to_thread(handler_class, entry.model_type)
@@ -152,6 +155,9 @@ class MLXEngine:
     async def unload(self, handler: Any, name: str) -> None:
         """Stop the handler's workers and release its weights; the caller drops its references, then
         ``free_memory``."""
+        if sharded.is_group(handler):
+            await handler.stop()  # every rank ends, on every host
+            return
         cleanup = getattr(handler, "cleanup", None)
         try:
             if cleanup is not None:
@@ -176,6 +182,8 @@ class MLXEngine:
         replaces it with the measured figure once the model has loaded. Weights
         another entry of this engine already holds add nothing (weights.py shares them).
         """
+        if entry.distributed is not None:
+            return sharded.estimate(entry)
         total = 0
         for path in (entry.model_path, entry.draft_model_path):
             folder = model_folder(path) if path else None
@@ -186,6 +194,8 @@ class MLXEngine:
     def estimate_request(self, entry: ModelConfig, body: dict[str, Any] | None) -> RequestNeed:
         """One request's KV and prefill need, its prompt counted with this engine's tokenizer copies,
         its caches as the loaded model makes them (cache_plan.py) once it is loaded."""
+        if entry.distributed is not None:  # its KV lives in the ranks, measured there
+            return RequestNeed(0, 0, 0, 0, 0)
         return estimate_request(entry, body, self.counter, self.plans.get(entry.name))
 
     def shared(self, name: str) -> list[SharedWeights]:

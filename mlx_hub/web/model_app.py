@@ -33,6 +33,7 @@ from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_lengt
 from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
+from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
 from mlx_hub.web.transcripts import Transcripts
@@ -297,10 +298,13 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
             return unknown_model(model_id, slot.entry.served_name)
         return model_card(slot, slot.entry.served_name, "local")
 
-    add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
-    app.include_router(router)
-    app.add_middleware(LengthFinish, handler=lambda: slot.handler)  # inside the gate: once admitted
-    app.add_middleware(Transcripts, slot=slot)
+    if slot.entry.distributed is not None:
+        add_rank_routes(app, slot)  # its ranks serve it: forwarded to rank 0 (web/rank_proxy.py)
+    else:
+        add_peer_routes(app, slot)  # Anthropic Messages and /v1/completions, which upstream lacks
+        app.include_router(router)
+        app.add_middleware(LengthFinish, handler=lambda: slot.handler)  # inside the gate: once admitted
+        app.add_middleware(Transcripts, slot=slot)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
     app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])

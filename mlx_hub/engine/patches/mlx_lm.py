@@ -33,6 +33,16 @@
 
   Proof: tests/test_structured_answers.py::test_a_schema_after_a_plain_request_is_still_constrained
   (on mlx-lm 0.31.3).
+
+- ``rank_steps`` (mlx-lm 0.32, in a sharded model's rank processes only): ``mlx_lm.server.run``
+  serves with a ``ResponseGenerator`` that counts its loop's steps. In a distributed group every
+  rank shares each request (or the absence of one) with an ``all_sum`` once per loop, idle or
+  not, so a count that stops moving is a rank stuck in a collective (a dead or stopped peer, or
+  the ring deadlock of mlx#4475). mlx-lm has no such signal; without it the hub cannot tell a
+  stalled group from a busy one, and a request in flight would hang. The count and the rank's
+  memory are printed on the rank's stdout (engine/sharded/rank.py), where the hub reads them.
+
+  Proof: tests/test_sharded.py::test_a_stopped_rank_fails_the_group_with_its_name.
 """
 
 from __future__ import annotations
@@ -143,3 +153,36 @@ def _filters_lanes_conditionally(method: Any) -> bool:
     except (OSError, TypeError):
         return False
     return "if any(self.logits_processors)" in source
+
+
+def rank_steps(report: Any, step: Any) -> bool:
+    """Make ``mlx_lm.server.run`` serve with a generator that calls ``step(got_request)`` once per loop.
+
+    ``report(provider, generator)`` then runs on a thread of its own from the start of serving
+    until the process ends. False (and nothing changed) where the patch is switched off.
+    """
+    if not enabled("rank_steps"):
+        return False
+    server = importlib.import_module("mlx_lm.server")
+
+    class CountingGenerator(server.ResponseGenerator):  # type: ignore[misc, name-defined]
+        def _next_request(self, timeout: float | None = None) -> Any:
+            request = super()._next_request(timeout)
+            step(request is not None)
+            return request
+
+    def run(host: str, port: int, provider: Any, **kwargs: Any) -> None:
+        import threading
+
+        import mlx.core as mx
+
+        group = mx.distributed.init()
+        generator = CountingGenerator(provider, server.LRUPromptCache(provider.cli_args.prompt_cache_size))
+        threading.Thread(target=report, args=(provider, generator), daemon=True, name="rank-report").start()
+        if group.rank() == 0:
+            server._run_http_server(host, port, generator, **kwargs)
+        else:
+            generator.join()
+
+    server.run = run
+    return True
