@@ -11,6 +11,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,12 @@ import httpx
 import pytest
 
 from mlx_hub.config import ConfigError, load_config
+from mlx_hub.engine.sharded.group import SSH_ENV
 from mlx_hub.engine.sharded.rank import FAULT_ENV
 
 from .helpers import meta
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -182,3 +188,92 @@ async def test_a_stopped_rank_fails_the_group_with_its_name(
     assert "no progress" in answer.text and "rank" in answer.text
     row = await _wait_failed(live, "sharded", 30)
     assert "no progress for 4 s" in row["memory_last_error"]
+
+
+FAKE_SSH = Path(__file__).with_name("fake_ssh.sh")
+
+
+def _hostfile(tmp_path: Path, second: str) -> str:
+    """Rank 0 here; rank 1 on ``second``, reached through ssh (the stand-in runs it here too)."""
+    path = tmp_path / "hosts.json"
+    path.write_text(
+        json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": second, "ips": ["127.0.0.1"]}])
+    )
+    return str(path)
+
+
+async def test_a_rank_on_another_host_runs_through_ssh_and_ends_with_its_model(
+    llama: Path, hub_config: Any, start: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SSH_ENV, str(FAKE_SSH))
+    entry = {"name": "sharded", "model_path": str(llama), "jit_enabled": True}
+    entry["distributed"] = {"hostfile": _hostfile(tmp_path, "studio-2.test")}
+    live = await start(hub_config([entry], prompt_cache_disk_size=0))
+    async with httpx.AsyncClient(timeout=300) as client:
+        assert await _chat(client, live.url, "sharded")
+    ranks = meta(live.hub, "sharded")["ranks"]
+    assert [(r["host"], r["local"]) for r in ranks] == [("127.0.0.1", True), ("studio-2.test", False)]
+    assert ranks[1]["memory_bytes"] > 0  # reported over the ssh session's stdout
+    own = live.hub.slots["sharded"].memory_bytes
+    assert (
+        0 < own < ranks[0]["memory_bytes"] + ranks[1]["memory_bytes"]
+    )  # the budget counts this machine's rank
+    await live.hub.unload("sharded")
+    assert not any(_alive(r["pid"]) for r in ranks), "a rank outlived unload-model"
+
+
+async def test_a_host_that_cannot_be_reached_fails_the_load_by_name(
+    llama: Path, hub_config: Any, start: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SSH_ENV, str(FAKE_SSH))
+    monkeypatch.setenv("FAKE_SSH_DOWN", "studio-2.test")
+    entry = {"name": "sharded", "model_path": str(llama), "jit_enabled": True}
+    entry["distributed"] = {"hostfile": _hostfile(tmp_path, "studio-2.test")}
+    other = {"name": "plain", "model_path": str(llama), "jit_enabled": True}
+    live = await start(hub_config([entry, other], prompt_cache_disk_size=0))
+    async with httpx.AsyncClient(timeout=300) as client:
+        body = {"model": "sharded", "messages": CHAT, "max_tokens": 4}
+        answer = await client.post(live.url + "/v1/chat/completions", json=body)
+        assert answer.status_code >= 500
+        assert "rank 1 on studio-2.test" in answer.text and "Connection refused" in answer.text
+        assert await _chat(client, live.url, "plain")  # the other models keep serving
+    assert meta(live.hub, "sharded")["memory_state"] == "failed"
+
+
+def test_no_rank_outlives_a_hub_that_is_killed(llama: Path, hub_config: Any, tmp_path: Path) -> None:
+    """A crash of the hub (SIGKILL: no shutdown runs) leaves no rank behind: each follows its hub."""
+    doc = hub_config([{"name": "sharded", "model_path": str(llama), "distributed": LOCAL_PAIR}])
+    doc["prompt_cache_disk_size"] = 0
+    script = tmp_path / "hub.py"
+    script.write_text(
+        "import asyncio, json\n"
+        "from mlx_hub import Hub\n"
+        f"DOC = {doc!r}\n"
+        "async def main():\n"
+        "    async with Hub.from_config(DOC) as hub:\n"
+        "        await hub.load('sharded')\n"
+        "        pids = [r['pid'] for r in hub.slots['sharded'].ranks()]\n"
+        "        print('RANKS', json.dumps(pids), flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    hub = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        assert hub.stdout is not None
+        while not line.startswith("RANKS"):
+            line = hub.stdout.readline()
+            assert line or hub.poll() is None, "the hub ended before its ranks loaded"
+        pids = json.loads(line.split(" ", 1)[1])
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        hub.kill()
+        hub.wait(30)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "a rank outlived its hub"
