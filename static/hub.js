@@ -217,7 +217,15 @@ function memoryCell(m) {
   }
   if (details.length) cell.append(el("div", { className: "sub" }, details.join(" · ")));
   if (m.memory_state === "failed" && m.memory_last_error) cell.append(el("div", { className: "err" }, m.memory_last_error));
+  for (const r of m.ranks || []) cell.append(rankLine(r));
   return cell;
+}
+
+// A sharded model's ranks, one line each under its memory: where it runs, its process, what it holds.
+function rankLine(r) {
+  const where = r.local ? r.host : `${r.host} (remote)`;
+  const memory = r.memory_bytes === null || r.memory_bytes === undefined ? "" : ` · ${megabytes(r.memory_bytes)}`;
+  return el("div", { className: "sub rank" }, `rank ${r.rank} · ${where} · PID ${r.pid ?? "—"} · ${r.state}${memory}`);
 }
 
 function actionsCell(name, m) {

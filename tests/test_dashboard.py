@@ -231,6 +231,46 @@ async def test_names_and_transitions_render_safely(page: Any, live: LiveControll
         assert await buttons.nth(i).is_disabled()
 
 
+@browser_needed
+async def test_a_sharded_model_shows_its_ranks(page: Any, live: LiveController) -> None:
+    """Each rank is a line under the model's memory: rank, host, pid, state, memory (status as tests/test_sharded.py
+    sees a real group report it; a host name is text, never markup)."""
+    status = live.hub.status()
+    row = status["models"][0]
+    ranks = [
+        {
+            "rank": 0,
+            "host": "127.0.0.1",
+            "pid": 4242,
+            "state": "loaded",
+            "memory_bytes": 52_000_000,
+            "local": True,
+        },
+        {
+            "rank": 1,
+            "host": INJECTED,
+            "pid": 777,
+            "state": "loaded",
+            "memory_bytes": 51_000_000,
+            "local": False,
+        },
+    ]
+    row["metadata"] = {**row["metadata"], "memory_state": "loaded", "ranks": ranks}
+
+    async def fake_status(route: Any) -> None:
+        await route.fulfill(status=200, content_type="application/json", body=json.dumps(status))
+
+    await page.route("**/hub/status", fake_status)
+    await page.route("**/hub/events", lambda route: route.abort())
+    await page.goto(f"{live.url}/hub/")
+    lines = page.locator(f'tr[data-model="{row["id"]}"] .rank')
+    await lines.first.wait_for()
+    assert await lines.count() == 2
+    assert await lines.nth(0).inner_text() == "rank 0 · 127.0.0.1 · PID 4242 · loaded · 52.0 MB"
+    assert f"rank 1 · {INJECTED} (remote) · PID 777" in await lines.nth(1).inner_text()
+    assert await page.evaluate("window.__xss") is None
+
+
 def test_wheel_ships_the_dashboard(tmp_path: Path) -> None:
     """Build the wheel, install it alone, and load the page from the installed copy."""
     repo = Path(__file__).resolve().parents[1]
