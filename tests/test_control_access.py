@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from mlx_hub.testing.fake_engine import fake
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.web.local_control import is_local_client
 
-from .helpers import free_port, free_range, hello, meta
+from .helpers import free_port, free_range, hello, meta, own_address
 from .test_cli import ENV, kill_leftover_daemon, rows
 
 Make = Callable[..., Any]
@@ -77,20 +76,9 @@ def test_what_counts_as_this_machine(client: Any, server: Any, local: bool) -> N
     assert is_local_client({"type": "http", "client": client, "server": server}) is local
 
 
-def _own_address() -> str | None:
-    """A non-loopback address of this machine, where it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.200", 9))  # no packet is sent; this only picks the route's source
-            address = probe.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
-
-
 async def test_a_real_connection_from_this_machines_lan_address_may_control(fast: Make) -> None:
     """A real socket: the controller on every address, reached through the LAN address, counts as local."""
-    address = _own_address()
+    address = own_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     from mlx_hub.core.server import AppServer

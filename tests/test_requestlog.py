@@ -159,7 +159,7 @@ async def test_the_gate_records_every_request(fast: Make, tmp_path: Path) -> Non
         bad = await http.post("/v1/chat/completions", json=hello("a", 4, keep_alive="soon"))
         assert bad.status_code == 400
     app = build_controller_app(hub, request_shutdown=lambda: None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         streamed = await http.post("/v1/chat/completions", json=hello("j", 4, stream=True))
         assert "answer" in streamed.text
         listed = (await http.get("/hub/requests")).json()["data"]
