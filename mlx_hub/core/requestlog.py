@@ -35,6 +35,7 @@ SCHEMA_VERSION = 1
 BODY_LIMIT = 64 * 1024  # characters of a request or answer kept with request_log_bodies
 PRUNE_EVERY = 500  # rows written between prunes (and at open)
 QUEUE_LIMIT = 10_000  # records waiting for the writer; beyond this they are dropped and counted
+PAGE_LIMIT = 1000  # rows one /hub/requests answer holds at most; more come page by page (``before``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
