@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.fsutil import private_dir, private_file
+
 log = logging.getLogger("mlx_hub.requests")
 
 DB_NAME = "requests.db"
@@ -114,6 +116,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
     else:
+        # Prompts and answers: owner-only. SQLite gives the -wal and -shm files the same mode.
+        private_file(path)
         conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commit, never the file
@@ -231,7 +235,7 @@ class RequestLog:
         if not self.enabled or self._thread is not None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             conn = self._open_connection()
         except (sqlite3.Error, OSError) as exc:
             log.error("request log %s cannot be used (%s); requests are not logged", self.path, exc)
