@@ -19,11 +19,11 @@ hub behind one.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .hosts import is_loopback
 from .responses import error_json
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -43,12 +43,7 @@ def is_local_client(scope: Scope) -> bool:
     server = scope.get("server")
     if server and str(server[0]) == host:
         return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return is_loopback(host)
 
 
 def changes_state(scope: Scope) -> bool:
