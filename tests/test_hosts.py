@@ -98,6 +98,7 @@ async def test_the_names_the_hub_is_served_under_are_accepted(fast: Make) -> Non
         "[::1]:{port}",
         "[::1]",
         "localhost.",
+        "0.0.0.0:{port}",
         "mac-studio.local:{port}",
         "chat.proxy.test",
         socket.gethostname(),

@@ -28,8 +28,8 @@ from mlx_hub.config.hostnames import normal_name
 from mlx_hub.web.asgi import header
 from mlx_hub.web.responses import error_json
 
-#: Listen addresses that are every interface, not a name a client uses.
-ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+#: Always this machine: the unspecified addresses reach it too (``curl http://0.0.0.0:8000``).
+THIS_MACHINE = frozenset({"localhost", "0.0.0.0", "::"})
 
 _machine_names: frozenset[str] | None = None  # this machine's names and addresses, looked up once
 
@@ -105,14 +105,14 @@ class AllowedHosts:
     @classmethod
     def of(cls, hosts: Iterable[str]) -> AllowedHosts:
         """From the configured ``host`` values and ``allowed_hosts`` entries."""
-        names, suffixes = {"localhost"}, []
+        names, suffixes = set(THIS_MACHINE), []
         for host in hosts:
             name = normal_name(host)
             if name == "*":
                 return cls(frozenset(names), (), anything=True)
             if name.startswith("*."):
                 suffixes.append(name[1:])
-            elif name not in ANY_ADDRESS:
+            elif name:
                 names.add(name)
         return cls(frozenset(names), tuple(suffixes))
 
