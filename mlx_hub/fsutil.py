@@ -1,4 +1,8 @@
-"""Atomic state files: a crash or a full disk never leaves a half-written one."""
+"""Atomic state files: a crash or a full disk never leaves a half-written one.
+
+And private ones: logs and the request log can hold prompts and answers, so
+they are the owner's alone (files 0600, the folders the hub makes 0700).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,39 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_opener(path: str | os.PathLike[str], flags: int) -> int:
+    """``open(..., opener=private_opener)``: a new file is created 0600, an existing one loses group/other access.
+
+    Tightening an existing file covers logs an older hub wrote readable to all.
+    """
+    fd = os.open(path, flags, PRIVATE_FILE)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, PRIVATE_FILE)
+    except PermissionError:
+        pass  # someone else's file: left as it is
+    return fd
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """Make sure ``path`` exists, owner-only (for files another library opens, such as SQLite's)."""
+    os.close(private_opener(path, os.O_RDWR | os.O_CREAT))
+    return Path(path)
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its parents) as needed; the folder made for it is 0700.
+
+    A folder that exists keeps its mode: it may be the user's own, shared on purpose.
+    """
+    folder = Path(path)
+    folder.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return folder
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

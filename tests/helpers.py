@@ -18,6 +18,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def own_address() -> str | None:
+    """A non-loopback IPv4 address of this machine, where it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.200", 9))  # no packet is sent; this only picks the route's source
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def free_range(width: int = 8) -> int:
     """A starting port with ``width`` free ports above it (checked, not guaranteed)."""
     for _ in range(50):

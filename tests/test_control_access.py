@@ -1,9 +1,8 @@
-"""Who may control the hub: the CLI with keys, and only this machine while there are none."""
+"""Who may control the hub and read its request log: the CLI with keys, only this machine without."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from mlx_hub.testing.fake_engine import fake
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.web.local_control import is_local_client
 
-from .helpers import free_port, free_range, hello, meta
+from .helpers import free_port, free_range, hello, meta, own_address
 from .test_cli import ENV, kill_leftover_daemon, rows
 
 Make = Callable[..., Any]
@@ -51,11 +50,41 @@ async def test_without_keys_only_this_machine_may_change_state(fast: Make) -> No
         assert (await http.post("/hub/models/m/load")).json()["status"] == "loaded"
 
 
+async def test_without_keys_only_this_machine_may_read_prompts(fast: Make) -> None:
+    """The request log, the logs and the event stream can hold what was asked and answered."""
+    hub = await fast([fake("m")], request_log_bodies=True)
+    async with remote(hub) as http:
+        assert (await http.post("/v1/chat/completions", json=hello("m", 4))).status_code == 200
+        assert (await http.get("/hub/history")).status_code == 200  # other reads stay open
+        assert (await http.get("/hub/status")).status_code == 200
+        private = (
+            "/hub/requests",
+            "/hub/requests/",
+            "/hub/logs",
+            "/hub/logs?model=m&follow=1",
+            "/hub/events",
+        )
+        for path in private:  # the streams last: refused, they end; served, they would not
+            answer = await http.get(path)
+            assert answer.status_code == 403, path
+            error = answer.json()["error"]
+            assert error["code"] == "api_keys_required" and "192.0.2.77" in error["message"], path
+            assert "api_keys" in error["message"] and "prompts" in error["message"], path
+    async with remote(hub, "127.0.0.1") as http:  # this machine reads them, prompts and all
+        (row,) = (await http.get("/hub/requests")).json()["data"]
+        assert (await http.get("/hub/logs")).status_code == 200
+    assert '"Hello"' in row["request_body"]
+
+
 async def test_with_keys_the_key_decides_wherever_the_client_is(fast: Make) -> None:
     hub = await fast([fake("m")], api_keys=["sekret"])
+    key = {"Authorization": "Bearer sekret"}
     async with remote(hub) as http:
         assert (await http.post("/hub/models/m/unload")).status_code == 401
-        keyed = await http.post("/hub/models/m/unload", headers={"Authorization": "Bearer sekret"})
+        keyed = await http.post("/hub/models/m/unload", headers=key)
+        assert (await http.get("/hub/requests")).status_code == 401
+        assert (await http.get("/hub/requests", headers=key)).status_code == 200
+        assert (await http.get("/hub/logs", headers=key)).status_code == 200
     assert keyed.status_code == 200 and keyed.json()["status"] == "unloaded"
 
 
@@ -77,20 +106,9 @@ def test_what_counts_as_this_machine(client: Any, server: Any, local: bool) -> N
     assert is_local_client({"type": "http", "client": client, "server": server}) is local
 
 
-def _own_address() -> str | None:
-    """A non-loopback address of this machine, where it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.200", 9))  # no packet is sent; this only picks the route's source
-            address = probe.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
-
-
 async def test_a_real_connection_from_this_machines_lan_address_may_control(fast: Make) -> None:
     """A real socket: the controller on every address, reached through the LAN address, counts as local."""
-    address = _own_address()
+    address = own_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     from mlx_hub.core.server import AppServer

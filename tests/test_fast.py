@@ -21,7 +21,7 @@ Make = Callable[..., Any]
 
 def controller(hub: Hub) -> httpx.AsyncClient:
     app = build_controller_app(hub, request_shutdown=lambda: None)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
 
 
 async def test_jit_loads_once_for_concurrent_requests(fast: Make) -> None:

@@ -216,7 +216,7 @@ async def test_requests_reserve_and_show_in_status_and_metrics(fast: Make) -> No
         assert row["kv_reserved_bytes"] == 3000  # both batched requests count
         assert hub.status()["memory"]["reserved_bytes"] == 3000
         scrape = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=hub_controller(hub)),
-                                          base_url="http://h").get("/metrics")).text  # fmt: skip
+                                          base_url="http://127.0.0.1").get("/metrics")).text  # fmt: skip
         assert 'mlx_hub_model_kv_reserved_bytes{model="a"} 3000.0' in scrape
         assert "mlx_hub_memory_reserved_bytes 3000.0" in scrape and "mlx_hub_mlx_peak_memory_bytes" in scrape
         fe.unblock("a")

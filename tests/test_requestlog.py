@@ -159,7 +159,7 @@ async def test_the_gate_records_every_request(fast: Make, tmp_path: Path) -> Non
         bad = await http.post("/v1/chat/completions", json=hello("a", 4, keep_alive="soon"))
         assert bad.status_code == 400
     app = build_controller_app(hub, request_shutdown=lambda: None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         streamed = await http.post("/v1/chat/completions", json=hello("j", 4, stream=True))
         assert "answer" in streamed.text
         listed = (await http.get("/hub/requests")).json()["data"]
@@ -176,6 +176,37 @@ async def test_the_gate_records_every_request(fast: Make, tmp_path: Path) -> Non
     assert all(r["api"] == "openai" and r["route"] == "/v1/chat/completions" for r in listed)
     assert [r["model"] for r in only_j] == ["j"] and none_yet == []
     assert wrong.status_code == 400 and "15m, 2h or 7d" in wrong.json()["error"]["message"]
+
+
+async def test_the_request_log_is_served_a_page_at_a_time(fast: Make) -> None:
+    """At most 1000 rows an answer (each may hold 128 KB of bodies); the CLI pages through more."""
+    from mlx_hub.cli.client import HubClient
+
+    from .helpers import LiveController, free_port
+
+    hub = await fast([fake("a")])
+    for i in range(1205):
+        hub.activity.requests.write(record(completion_tokens=i))
+    assert hub.activity.requests.flush(30)
+    live = LiveController(hub, free_port())
+    await live.server.start()
+    try:
+        async with httpx.AsyncClient(base_url=live.url) as http:
+            too_many = await http.get("/hub/requests", params={"limit": 1001})
+            page = (await http.get("/hub/requests", params={"limit": 1000})).json()["data"]
+        with HubClient(live.url) as client:
+            rows = await asyncio.to_thread(client.requests, limit=1100)
+            few = await asyncio.to_thread(client.requests, limit=5, model="a")
+            every = await asyncio.to_thread(client.requests, limit=5000)
+    finally:
+        await live.server.stop()
+    assert too_many.status_code == 400
+    error = too_many.json()["error"]
+    assert error["code"] == "limit_too_large" and error["param"] == "limit" and "before=" in error["message"]
+    assert len(page) == 1000
+    assert [r["completion_tokens"] for r in rows] == list(range(1204, 104, -1))  # newest first, no repeats
+    assert [r["completion_tokens"] for r in few] == [1204, 1203, 1202, 1201, 1200]
+    assert len(every) == 1205
 
 
 async def test_a_client_that_leaves_is_marked_disconnected(fast: Make) -> None:

@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
+from mlx_hub.core.requestlog import PAGE_LIMIT
 from mlx_hub.core.status import HubStatus
 from mlx_hub.service.runtime import Runtime, clear_runtime, pid_alive, read_runtime
 
@@ -106,10 +107,18 @@ class HubClient:
     def shutdown(self) -> dict[str, Any]:
         return self._call("POST", "/hub/shutdown")
 
-    def requests(self, **params: Any) -> list[dict[str, Any]]:
-        """The request log, newest first (``/hub/requests``: model, since, before, limit)."""
+    def requests(self, *, limit: int = 100, **params: Any) -> list[dict[str, Any]]:
+        """The request log, newest first (``/hub/requests``: model, since, before), page by page up to ``limit``."""
         query = {k: v for k, v in params.items() if v is not None}
-        return self._call("GET", "/hub/requests", query)["data"]
+        rows: list[dict[str, Any]] = []
+        while len(rows) < limit:
+            page = min(limit - len(rows), PAGE_LIMIT)
+            data = self._call("GET", "/hub/requests", {**query, "limit": page})["data"]
+            rows.extend(data)
+            if len(data) < page:
+                break
+            query["before"] = data[-1]["id"]
+        return rows
 
     def prompt_caches(self) -> dict[str, Any]:
         return self._call("GET", "/hub/prompt-cache")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mlx_hub.config.aliases import check_alias
 from mlx_hub.config.distributed import DistributedConfig
+from mlx_hub.config.hostnames import check_host
 from mlx_hub.config.sizes import disk_bytes, is_budget_word, memory_bytes
 
 DEFAULT_HOME = Path("~/mlx-openai-server-hub")
@@ -250,6 +251,8 @@ class HubConfig(_Strict):
     offload_path: str | None = None  # backroom folder: base weights move here after a conversion
     max_memory: int | float | str | None = "auto"  # "auto": engine.working_set(); "none" or null: no budget
     api_keys: list[str] = Field(default_factory=list)
+    # More names the ports answer to (a LAN name, a reverse proxy's); see web/hosts.py
+    allowed_hosts: list[str] = Field(default_factory=list)
     loading_progress: bool = False  # streams that wait say so in the reasoning field (web/waiting.py)
     # The request log (<log_path>/requests.db): days kept (0 turns it off), a row cap, and whether
     # it keeps what was asked and answered (off: prompts stay out of a file that outlives them).
@@ -341,6 +344,8 @@ class HubConfig(_Strict):
         if any(not key.strip() for key in value):
             raise ValueError("api_keys must not contain empty keys")
         return value
+
+    _hosts = field_validator("allowed_hosts")(lambda value: [check_host(v) for v in value])
 
     @property
     def keys(self) -> frozenset[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import HubConfig, ModelConfig
+from mlx_hub.fsutil import private_dir, private_opener
 
 HUB_LOG = "hub.log"
 MAX_BYTES = 20 * 1024 * 1024
@@ -31,7 +32,20 @@ current_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("hub_
 _model_sinks: dict[str, int] = {}
 
 
-class _RotatingWithStdio(logging.handlers.RotatingFileHandler):
+class PrivateFile(logging.FileHandler):
+    """A log file (and, rotated, each new one) only its owner may read: logs can hold prompts."""
+
+    def _open(self) -> Any:
+        return open(  # noqa: SIM115 (logging keeps the stream open)
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=private_opener
+        )
+
+
+class PrivateWatchedFile(PrivateFile, logging.handlers.WatchedFileHandler):
+    """The supervisor's view of hub.log: reopened after the hub rotates it, owner-only like the rest."""
+
+
+class _RotatingWithStdio(PrivateFile, logging.handlers.RotatingFileHandler):
     """Rotates hub.log and, in the detached daemon, keeps stdout/stderr pointing at it.
 
     The daemon's stdout and stderr are hub.log (so a crash before logging is
@@ -60,9 +74,7 @@ def setup(config: HubConfig, *, console: bool, detached: bool = False) -> Path:
     rotation.
     """
     level = getattr(logging, config.log_level, logging.INFO)
-    log_dir = config.log_dir
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / HUB_LOG
+    path = private_dir(config.log_dir) / HUB_LOG
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -142,10 +154,11 @@ def attach_model(entry: ModelConfig, config: HubConfig) -> Path | None:
         from loguru import logger
     except ImportError:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     name = entry.name
     _model_sinks[name] = logger.add(
         str(path),
+        opener=private_opener,  # handed to open(): the file and each rotated one are owner-only
         level=entry.log_level or config.log_level,
         rotation=MAX_BYTES,
         retention=BACKUPS,

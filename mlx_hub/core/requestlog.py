@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.fsutil import private_dir, private_file
+
 log = logging.getLogger("mlx_hub.requests")
 
 DB_NAME = "requests.db"
@@ -35,6 +37,7 @@ SCHEMA_VERSION = 1
 BODY_LIMIT = 64 * 1024  # characters of a request or answer kept with request_log_bodies
 PRUNE_EVERY = 500  # rows written between prunes (and at open)
 QUEUE_LIMIT = 10_000  # records waiting for the writer; beyond this they are dropped and counted
+PAGE_LIMIT = 1000  # rows one /hub/requests answer holds at most; more come page by page (``before``)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -113,6 +116,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
     else:
+        # Prompts and answers: owner-only. SQLite gives the -wal and -shm files the same mode.
+        private_file(path)
         conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commit, never the file
@@ -230,7 +235,7 @@ class RequestLog:
         if not self.enabled or self._thread is not None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             conn = self._open_connection()
         except (sqlite3.Error, OSError) as exc:
             log.error("request log %s cannot be used (%s); requests are not logged", self.path, exc)

@@ -39,8 +39,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlx_hub.config import ConfigError, HubConfig, find_config, load_config
-from mlx_hub.core.logs import FORMAT, HUB_LOG
+from mlx_hub.core.logs import FORMAT, HUB_LOG, PrivateWatchedFile
 from mlx_hub.core.ports import PortError, listen_socket
+from mlx_hub.fsutil import private_dir, private_opener
 from mlx_hub.service.runtime import Runtime, clear_runtime, read_runtime, write_runtime
 from mlx_hub.service.supervision import (
     CHANNEL_ENV,
@@ -363,8 +364,7 @@ class Supervisor:
 
 def setup_logging(config: HubConfig, *, console: bool) -> None:
     """hub.log (reopened after the hub rotates it), and the terminal in the foreground."""
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    handler: logging.Handler = logging.handlers.WatchedFileHandler(config.log_dir / HUB_LOG, encoding="utf-8")
+    handler: logging.Handler = PrivateWatchedFile(private_dir(config.log_dir) / HUB_LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     if console:
@@ -390,8 +390,7 @@ def run(
 
 def spawn(config_path: Path, config: HubConfig, names: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """Start the supervisor (and through it the hub) detached: its own session, output to hub.log."""
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.log_dir / HUB_LOG, "ab") as hub_log:
+    with open(private_dir(config.log_dir) / HUB_LOG, "ab", opener=private_opener) as hub_log:
         return subprocess.Popen(
             [sys.executable, "-m", "mlx_hub.service.supervisor", "--config", str(config_path), *names],
             stdin=subprocess.DEVNULL,

@@ -162,4 +162,6 @@ def port(hub: Any, name: str) -> Any:
     """A client for one model's app, in-process."""
     import httpx
 
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://m")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=hub.slots[name].app), base_url="http://127.0.0.1"
+    )

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mlx_hub.core import logs, logtail
 from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.history import sample_of
-from mlx_hub.core.requestlog import parse_since, query
+from mlx_hub.core.requestlog import PAGE_LIMIT, parse_since, query
 from mlx_hub.web.responses import error_json
 
 if TYPE_CHECKING:
@@ -50,9 +50,15 @@ def _record_routes(router: APIRouter, hub: Hub) -> None:
         before: int | None = Query(
             None, ge=1, le=2**63 - 1, description="only rows with a smaller id: the next page"
         ),
-        limit: int = Query(100, ge=1, le=10_000),
+        limit: int = Query(100, ge=1, description=f"rows in this page, at most {PAGE_LIMIT}"),
     ) -> Response:
         """The request log, newest first: one row per finished request on any port or /v1."""
+        if limit > PAGE_LIMIT:  # rows may hold 128 KB of bodies each: one answer stays bounded
+            message = (
+                f"limit={limit} is more than {PAGE_LIMIT} rows; ask for the next page with "
+                "before=<the id of the last row received>"
+            )
+            return error_json(400, message, "invalid_request_error", "limit_too_large", param="limit")
         try:
             after = parse_since(since)
         except ValueError as exc:

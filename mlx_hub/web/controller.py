@@ -27,6 +27,7 @@ from mlx_hub.core.status import HubStatus
 from mlx_hub.version import __version__
 from mlx_hub.web.activity import activity_router
 from mlx_hub.web.dashboard import ASSETS, asset
+from mlx_hub.web.hosts import HostGuard
 from mlx_hub.web.local_control import LocalControlGuard
 from mlx_hub.web.openai_routes import OpenAIRoutes
 from mlx_hub.web.prompt_cache_routes import prompt_cache_router
@@ -112,14 +113,16 @@ def _open_path(path: str) -> bool:
 def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> ASGIApp:
     """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon.
 
-    Layers, outside in: API keys, this machine only for control without keys,
-    the cross-site check, ``/v1`` routing by model, then the control API below.
+    Layers, outside in: the Host check, API keys, this machine only for control
+    and the request log without keys, the cross-site check, ``/v1`` routing by
+    model, then the control API below.
     """
     app = _control_app(hub, request_shutdown)
     app.include_router(activity_router(hub))  # /hub/requests, /hub/events, /hub/history, /hub/logs
     routed = OpenAIRoutes(app, hub)
     local = LocalControlGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys)
-    return ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)
+    keyed = ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)
+    return HostGuard(keyed, hosts=lambda: (hub.config.host, *hub.config.allowed_hosts))
 
 
 def _control_app(hub: Hub, request_shutdown: Callable[[], None]) -> FastAPI:

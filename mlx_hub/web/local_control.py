@@ -7,9 +7,11 @@ but curl on another machine is not. So while no key is set, requests that
 change state (``/hub/*`` with a method other than GET, HEAD or OPTIONS) are
 accepted only from this machine: a loopback address, or the very address the
 client reached the hub on (a connection from one of our own addresses to
-another of them never leaves the host). Reads (status, metrics, the dashboard)
-and the inference routes keep the reference hub's open default. With keys, the
-key decides and this guard steps aside.
+another of them never leaves the host). So are the reads that show what was
+asked and answered: the request log (which keeps prompts and answers with
+``request_log_bodies``), the log files and the event stream. Other reads
+(status, metrics, history, the dashboard) and the inference routes keep the
+reference hub's open default. With keys, the key decides and this guard steps aside.
 
 A reverse proxy on this machine makes every client look local; put keys on a
 hub behind one.
@@ -17,14 +19,16 @@ hub behind one.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .hosts import is_loopback
 from .responses import error_json
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Reads that may show prompts and answers: the request log, the logs, the event stream.
+PRIVATE_READS = frozenset({"/hub/requests", "/hub/logs", "/hub/events"})
 
 
 def is_local_client(scope: Scope) -> bool:
@@ -39,12 +43,7 @@ def is_local_client(scope: Scope) -> bool:
     server = scope.get("server")
     if server and str(server[0]) == host:
         return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return is_loopback(host)
 
 
 def changes_state(scope: Scope) -> bool:
@@ -54,20 +53,33 @@ def changes_state(scope: Scope) -> bool:
     )
 
 
+def reads_private(scope: Scope) -> bool:
+    """A request for the request log, a log file or the event stream."""
+    return scope["type"] == "http" and (scope["path"].rstrip("/") or "/") in PRIVATE_READS
+
+
 class LocalControlGuard:
-    """403 for state-changing control requests from another machine while the hub has no API keys."""
+    """403 for control requests and private reads from another machine while the hub has no API keys."""
 
     def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]]):
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if changes_state(scope) and not self.keys() and not is_local_client(scope):
+        writes = changes_state(scope)
+        if (writes or reads_private(scope)) and not self.keys() and not is_local_client(scope):
             client = scope["client"][0]
+            what, may = (
+                ("control request", "start, stop, load, unload, reload or shut it down")
+                if writes
+                else (
+                    scope["path"],
+                    "read its request log, logs and events (they can hold prompts and answers)",
+                )
+            )
             message = (
-                f"control request from {client} refused: this hub has no api_keys, so only this machine "
-                "may start, stop, load, unload, reload or shut it down. Add api_keys to hub.yaml "
-                "(or set MLX_HUB_API_KEY) and send the key to control it from elsewhere"
+                f"{what} from {client} refused: this hub has no api_keys, so only this machine may {may}. "
+                "Add api_keys to hub.yaml (or set MLX_HUB_API_KEY) and send the key to do this from elsewhere"
             )
             await error_json(403, message, "permission_error", "api_keys_required")(scope, receive, send)
             return

@@ -31,6 +31,7 @@ from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
 from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
 from mlx_hub.web.finish import LengthFinish
+from mlx_hub.web.hosts import HostGuard
 from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.rank_proxy import add_rank_routes
@@ -308,4 +309,5 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
     app.add_middleware(LoadGate, hub=hub, slot=slot)
     app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(HostGuard, hosts=lambda: (hub.config.host, slot.host, *hub.config.allowed_hosts))
     return app
