@@ -8,6 +8,7 @@ hub changed the other's accounting.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from mlx_hub.core import admission
 from mlx_hub.engine.prompt_listing import describe
 
 from .helpers import hello, meta
+from .test_prompt_store import record_store_work
 
 
 async def test_two_hubs_keep_their_own_weights_counters_and_reservations(
@@ -59,7 +61,7 @@ async def test_two_hubs_keep_their_own_weights_counters_and_reservations(
 
 
 async def test_two_hubs_share_one_prompt_cache_folder_without_failing_each_other(
-    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path
+    make_hub, hub_config, tiny_llama: Path, tiny_qwen: Path, tmp_path: Path, monkeypatch
 ) -> None:
     folder = str(tmp_path / "shared-prompt-cache")  # as two configs on the default folder would
     one = {"name": "a", "model_path": str(tiny_llama), "default": True, "disable_batching": True}
@@ -85,6 +87,9 @@ async def test_two_hubs_share_one_prompt_cache_folder_without_failing_each_other
     row = next(r for r in describe(store)["identities"] if r["key"] == key)
     assert row["in_use"] and not row["known"]  # another live hub's: kept, with its description
     assert (Path(folder) / key / "identity.json").exists()
-    # The first hub is not failed by it: its next request misses, answers, and is cached again.
+    # The first hub is not failed by it: its next request misses, answers, and is cached again;
+    # the lookup that found the entry gone (on the event loop) left the index to the store's thread.
+    seen = record_store_work(monkeypatch)
     assert (await ask(first, "a")).status_code == 200
+    assert threading.current_thread().name not in {name for _, name in seen}
     assert first.prompt_store.entries(key)

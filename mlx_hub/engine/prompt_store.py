@@ -17,11 +17,11 @@ restart then re-prefills long prompts. This store keeps them instead, in
   checked after every write: least recently used entries go first, those of
   identities no live hub uses before all others.
 
-Several hubs may share the folder (prompt_locks.py): every index change happens
-under one ``fcntl`` lock, each hub leases the identities its hub.yaml and its
-loaded models use, so none deletes an identity another live hub uses, and each
-entry's writer owns its files until they are indexed, so no sweep or clear takes
-a write in progress. Every file is written through a temporary name, fsynced and
+Several hubs may share the folder (docs/prompt-cache.md): every index change
+happens under one ``fcntl`` lock (prompt_locks.py), each hub leases the
+identities its hub.yaml and its loaded models use (prompt_folders.py), so none
+deletes an identity another live hub uses, and each entry's writer owns its
+files until they are indexed, so no sweep or clear takes a write in progress. Every file is written through a temporary name, fsynced and
 renamed. A file that cannot be read now is skipped and kept; one that was read
 and is malformed is dropped alone, after one warning; the request it would have
 served runs cold. Uses of entries (hits) are noted in memory and written by a
@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class PromptStore:
         self._folders = Folders(self.root, self._lock, self._listeners)
         self._counters = Counters()
         self._figures = Figures()
+        self._removals: deque[tuple[str, list[str], Listener | None]] = deque()  # remove_soon's
         self._warned: set[str] = set()
         self.bytes_written = 0  # by this process, since it opened the store
 
@@ -247,6 +249,11 @@ class PromptStore:
             gone = self._drop(key, ids)
         self._listeners.forget(gone, origin=origin)
 
+    def remove_soon(self, key: str, ids: list[str], *, origin: Listener | None = None) -> None:
+        """``remove``, on the background thread: for entries whose payload is gone already (bookkeeping)."""
+        self._removals.append((key, list(ids), origin))
+        self._background.poke(urgent=True)
+
     def discard(self, key: str, entry_id: str, why: str) -> None:
         """An entry that was read and is not usable: one warning, then it is deleted."""
         self._warn_once(f"{key}/{entry_id}", f"{why}; deleting it, the request is served without it")
@@ -397,13 +404,16 @@ class PromptStore:
     # ------------------------------------------------------------- background
 
     def _flush(self, deadline: float | None) -> None:
-        """Write the uses noted in memory; with a ``deadline``, give up (and say so) once it passes."""
+        """Write the uses noted and drop the entries queued; with a ``deadline``, give up (and say so) then."""
         pending = self._touches.take()
-        if not pending:
+        removals = [self._removals.popleft() for _ in range(len(self._removals))]
+        if not pending and not removals:
             return
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        gone: list[tuple[list[tuple[str, str]], Listener | None]] = []
         try:
             with self.locked(timeout):
+                gone = [(self._drop(key, ids), origin) for key, ids, origin in removals]
                 for key, uses in pending.items():
                     entries = self._readable(key) or {}
                     changed = [i for i, when in uses.items() if i in entries and when > entries[i].last_use]
@@ -412,10 +422,12 @@ class PromptStore:
                     if changed:
                         self._write(key, entries)
         except TimeoutError:
-            lost = sum(len(uses) for uses in pending.values())
+            lost = sum(len(uses) for uses in pending.values()) + len(removals)
             log.warning(
                 "prompt cache store %s: %d use(s) not written, its lock is held elsewhere", self.root, lost
             )
+        for ids, origin in gone:
+            self._listeners.forget(ids, origin=origin)
 
     def _background_work(self, deadline: float | None) -> None:
         self._flush(deadline)

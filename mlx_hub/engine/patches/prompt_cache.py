@@ -317,7 +317,10 @@ class PersistentPromptCache(LRUPromptCache):
     def _delete_entry_file(self, entry: Any) -> None:
         entry_id = entry.file_path.stem
         self._ids.pop(entry_id, None)
-        self.store.remove(self.key, [entry_id], origin=self)
+        if entry.file_path.exists():
+            self.store.remove(self.key, [entry_id], origin=self)
+        else:  # another hub's eviction or a clear took it, found by a lookup on the event loop: no lock here
+            self.store.remove_soon(self.key, [entry_id], origin=self)
 
 
 def persist(handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity) -> bool:
