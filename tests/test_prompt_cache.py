@@ -13,6 +13,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +273,18 @@ async def test_a_group_swap_keeps_the_cache_and_profiles_share_one(
     assert (rows["a"]["prompt_cache_hits"], rows["a"]["prompt_cache_misses"]) == (1, 1)
     assert rows["a2"]["prompt_cache_hits"] == 1 and rows["b"]["prompt_cache_misses"] == 1
     assert rows["a"]["prompt_cache_disk_bytes"] == rows["a2"]["prompt_cache_disk_bytes"] > 0
+
+
+async def test_a_cache_hit_takes_no_store_lock_and_writes_nothing_on_the_event_loop(
+    tiny_llama: Path, hub_config: Make, make_hub: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_prompt_store import record_store_work, wait_until
+
+    hub = await make_hub(hub_config([entry(tiny_llama, disable_batching=True)]))
+    await ask(hub, tiny_llama, 1)  # a miss: the entry is written on upstream's worker thread
+    seen = record_store_work(monkeypatch)
+    _, cached = await ask(hub, tiny_llama, 1)  # looked up (and loaded) on the event loop
+    assert cached > 0
+    loop = threading.current_thread().name
+    assert seen and loop not in {name for _, name in seen}  # the worker wrote the new entry; the loop nothing
+    wait_until(lambda: any(name.startswith("prompt-store") for _, name in seen))  # the use: written later

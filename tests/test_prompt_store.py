@@ -1,21 +1,34 @@
-"""The prompt-cache store on its own: identities, atomic files, the cap, LRU, locks, bad files. No MLX."""
+"""The prompt-cache store on its own: identities, atomic files, the cap, LRU, locks, bad files, hits. No MLX."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine import prompt_store
+from mlx_hub.engine.prompt_files import PromptStoreError, temp_path
 from mlx_hub.engine.prompt_identity import model_identity
+from mlx_hub.engine.prompt_listing import describe, listing
+from mlx_hub.engine.prompt_locks import StoreLock
 from mlx_hub.engine.prompt_store import IDENTITY, INDEX, Entry, PromptStore, open_store
+from mlx_hub.testing.fake_engine import fake
+from mlx_hub.web.controller import build_controller_app
+
+from .helpers import meta
 
 KEY = "m-0123"
 
@@ -23,22 +36,21 @@ KEY = "m-0123"
 def put(
     store: PromptStore, key: str, size: int, tokens: list[int], *, last_use: float | None = None
 ) -> Entry:
-    """Write one entry the way the patch does: room first, then the files, then the index."""
+    """Write one entry the way the patch does: room first, then the files (owned), then the index."""
     assert store.make_room(key, size)
-    (store.root / key).mkdir(exist_ok=True)
-    entry_id = store.new_entry_id()
-    payload, _ = store.paths(key, entry_id)
-    payload.write_bytes(os.urandom(size))
-    token_size, digest = store.write_tokens(key, entry_id, tokens)
-    entry = Entry(
-        id=entry_id,
-        tokens=len(tokens),
-        digest=digest,
-        bytes=size + token_size,
-        nbytes=size,
-        last_use=time.time() if last_use is None else last_use,
-    )
-    store.commit(key, entry)
+    with store.writing(key) as entry_id:
+        payload, _ = store.paths(key, entry_id)
+        payload.write_bytes(os.urandom(size))
+        token_size, digest = store.write_tokens(key, entry_id, tokens)
+        entry = Entry(
+            id=entry_id,
+            tokens=len(tokens),
+            digest=digest,
+            bytes=size + token_size,
+            nbytes=size,
+            last_use=time.time() if last_use is None else last_use,
+        )
+        store.commit(key, entry)
     return entry
 
 
@@ -142,24 +154,34 @@ def test_corrupt_index_and_token_files_are_skipped_once_and_deleted(
     assert len([r for r in caplog.records if "does not match" in r.message]) == 1
 
     (store.root / KEY / INDEX).write_text("{not json")
-    assert store.entries(KEY) == []
+    assert store.entries(KEY) == []  # read, and malformed: that file alone goes
+    assert not (store.root / KEY / INDEX).exists() and (store.root / KEY).is_dir()
+    assert any("malformed" in r.message for r in caplog.records)
+    assert store.sweep() == 2  # the entry it listed is nobody's now
     assert not any(p.exists() for p in store.paths(KEY, good.id))
-    assert any("unreadable" in r.message for r in caplog.records)
 
 
-def test_sweep_removes_files_no_index_lists(tmp_path: Path) -> None:
+def test_sweep_removes_files_nobody_owns_and_spares_a_write_in_progress(tmp_path: Path) -> None:
     store = open_store(tmp_path / "pc", 1 << 20)
     keep = put(store, KEY, 10, [1])
     folder = store.root / KEY
-    (folder / "evil.pkl").write_bytes(b"x")
-    old_tmp = folder / ".abc.safetensors.tmp"
-    old_tmp.write_bytes(b"x")
-    os.utime(old_tmp, (1, 1))
-    fresh_tmp = folder / ".def.safetensors.tmp"  # another hub's write in progress
-    fresh_tmp.write_bytes(b"x")
-    assert open_store(store.root, 1 << 20).sweep() == 0  # open_store swept already
-    assert not (folder / "evil.pkl").exists() and not old_tmp.exists() and fresh_tmp.exists()
-    assert all(p.exists() for p in store.paths(KEY, keep.id))
+    crashed = "c" * 32  # a writer that died: its lock file is there, nobody holds it
+    leftovers = [folder / name for name in ("evil.pkl", ".index.json.x1.tmp", f".{crashed}.writing")]
+    leftovers += [folder / f"{crashed}.safetensors", folder / f".{crashed}.tmp.tokens"]
+    for path in leftovers:
+        path.write_bytes(b"x")
+    with store.writing(KEY) as live:
+        payload, tokens = store.paths(KEY, live)
+        in_flight = [temp_path(payload), payload, temp_path(tokens)]  # published but not yet listed, too
+        for path in in_flight:
+            path.write_bytes(b"x")
+        other = open_store(store.root, 1 << 20)  # another hub starting: it sweeps
+        assert other.sweep() == 0
+        assert not any(p.exists() for p in leftovers)
+        assert all(p.exists() for p in in_flight + list(store.paths(KEY, keep.id)))
+        assert other.clear() == [KEY]  # a clear takes what is listed, never what is being written
+        assert all(p.exists() for p in in_flight) and not any(p.exists() for p in store.paths(KEY, keep.id))
+    assert store.sweep() == 3  # the writer gave up without listing them: now they are nobody's
 
 
 def test_folder_is_private_and_a_shared_one_is_refused(tmp_path: Path) -> None:
@@ -201,7 +223,7 @@ def test_clear_by_name_and_listeners_hear_of_it(tmp_path: Path) -> None:
     assert ear.forgot == ["*"]
     assert store.entries("a-1") == [] and len(store.entries("b-1")) == 1
     assert (store.root / "a-1" / IDENTITY).exists()  # a live cache still uses the folder
-    rows = {r.key: r for r in store.listing()}
+    rows = {r.key: r for r in listing(store)}
     assert rows["b-1"].names == ["b"] and rows["b-1"].entries == 1 and rows["b-1"].bytes > 10
     store.unsubscribe("a-1", ear)
     assert store.clear() == ["a-1", "b-1"]
@@ -241,3 +263,169 @@ def test_two_hubs_on_one_folder_do_not_corrupt_it(tmp_path: Path) -> None:
             tokens = store.read_tokens(key, entry)
             assert tokens is not None and len(tokens) == 50
     assert store.entries("m1-0") or store.entries("m2-0")
+
+
+def test_an_index_or_token_file_that_cannot_be_read_keeps_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(tmp_path / "pc", 1 << 20)
+    first = put(store, KEY, 50, [1, 2])
+    caplog.set_level(logging.WARNING, logger="mlx_hub.engine.prompt_store")
+    index = store.root / KEY / INDEX
+    saved = index.read_bytes()
+    index.unlink()
+    index.mkdir()  # reading it fails with an OSError now (EISDIR), as EMFILE or EIO would
+    assert store.entries(KEY) == []  # nothing concluded from it: this lookup runs cold
+    assert store.sweep() == 0  # what it lists is unknown, so nothing there is deleted
+    late = put(store, KEY, 50, [3])  # cannot be listed without losing the rest: it alone is given up
+    assert not any(p.exists() for p in store.paths(KEY, late.id))
+    assert all(p.exists() for p in store.paths(KEY, first.id))
+    assert any("cannot be read" in r.message for r in caplog.records)
+    index.rmdir()
+    index.write_bytes(saved)  # readable again: everything is there
+    assert [e.id for e in store.entries(KEY)] == [first.id]
+
+    _, tokens = store.paths(KEY, first.id)
+    raw = tokens.read_bytes()
+    tokens.unlink()
+    tokens.mkdir()
+    assert store.read_tokens(KEY, first) is None  # this use runs cold; the entry stays
+    assert [e.id for e in store.entries(KEY)] == [first.id]
+    tokens.rmdir()
+    tokens.write_bytes(raw)
+    assert store.read_tokens(KEY, first) == [1, 2]
+
+
+BAD_FIELDS = ({"last_use": None}, {"bytes": "12"}, {"tokens": True}, {"digest": 5}, {"extra": 1})
+
+
+def test_a_malformed_index_entry_is_dropped_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = open_store(tmp_path / "pc", 1 << 20)
+    good = put(store, KEY, 50, [1])
+    index = store.root / KEY / INDEX
+    data = json.loads(index.read_text())
+    for n, change in enumerate(BAD_FIELDS):
+        entry_id = f"{n:032x}"
+        data["entries"][entry_id] = {**data["entries"][good.id], "id": entry_id, **change}
+    data["entries"]["f" * 32] = "not an entry"
+    index.write_text(json.dumps(data))
+    caplog.set_level(logging.WARNING, logger="mlx_hub.engine.prompt_store")
+    later = put(store, KEY, 50, [2])  # every insert sorts every entry to evict: none may fail it
+    assert {e.id for e in store.entries(KEY)} == {good.id, later.id}
+    (row,) = describe(store)["identities"]  # what GET /hub/prompt-cache answers
+    assert row["entries"] == 2 and row["last_use"] >= later.last_use
+    assert set(json.loads(index.read_text())["entries"]) == {
+        good.id,
+        later.id,
+    }  # the next write left them out
+    dropped = [r for r in caplog.records if "dropping entry" in r.message]
+    assert len(dropped) == len(BAD_FIELDS) + 1  # one warning each, however often the index is read
+
+
+def record_store_work(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(what, thread name) for every store lock taken and every index written from now on."""
+    seen: list[tuple[str, str]] = []
+    hold, write = StoreLock.hold, prompt_store.atomic_write_json
+
+    def recorded_hold(self: StoreLock, *args: Any, **kwargs: Any) -> Any:
+        seen.append(("lock", threading.current_thread().name))
+        return hold(self, *args, **kwargs)
+
+    def recorded_write(path: Path, data: Any) -> None:
+        seen.append(("write", threading.current_thread().name))
+        write(path, data)
+
+    monkeypatch.setattr(StoreLock, "hold", recorded_hold)
+    monkeypatch.setattr(prompt_store, "atomic_write_json", recorded_write)
+    return seen
+
+
+def wait_until(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.01)
+
+
+def test_hits_are_noted_in_memory_and_written_later_in_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PromptStore(tmp_path / "pc", 1 << 20, flush_seconds=3600)  # written when asked, or on close
+    a, b = put(store, KEY, 10, [1], last_use=100.0), put(store, KEY, 10, [2], last_use=200.0)
+    reader = PromptStore(store.root, 1 << 20)  # another hub: sees only what is on disk
+    seen = record_store_work(monkeypatch)
+
+    async def hits() -> None:  # on an event loop, as upstream's single-request lookups are
+        for _ in range(20):
+            store.touch(KEY, a.id)
+            store.touch(KEY, b.id)
+
+    asyncio.run(hits())
+    assert seen == []  # no lock and no write on the loop's thread, nor anywhere yet
+    assert [e.last_use for e in store.entries(KEY)] != [100.0, 200.0]  # this store counts them already
+    assert [e.last_use for e in reader.entries(KEY)] == [100.0, 200.0]
+    seen.clear()
+    store.flush()
+    wait_until(lambda: all(e.last_use > 1000 for e in reader.entries(KEY)))
+    writes = [name for what, name in seen if what == "write"]
+    assert writes == ["prompt-store:pc"]  # forty uses, one index write, on the store's own thread
+
+    touched = time.time()
+    store.touch(KEY, a.id)
+    store.close()  # a shutdown or unload: nothing still in memory is lost
+    assert {e.id: e.last_use for e in reader.entries(KEY)}[a.id] >= touched
+
+
+def test_closing_waits_for_a_busy_store_lock_only_so_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PromptStore(tmp_path / "pc", 1 << 20, flush_seconds=3600)
+    entry = put(store, KEY, 10, [1])
+    fd = os.open(store.root / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another hub holds the store lock and does not let go
+    try:
+        store.touch(KEY, entry.id)
+        store.close(timeout=0.2)  # returns: the use is given up, and says so
+    finally:
+        os.close(fd)
+    assert any("not written" in r.message for r in caplog.records)
+
+
+async def test_status_builds_read_no_index_and_the_listing_survives_a_bad_entry(
+    fast: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = await fast([fake("m")])
+    store = hub.prompt_store
+    key = store.known["m"]
+    entry = await asyncio.to_thread(put, store, key, 10, [1])  # written where upstream writes: a worker
+    index = store.root / key / INDEX
+    reads: list[str] = []
+    read_bytes, read_text = Path.read_bytes, Path.read_text
+
+    def counted(real: Callable[..., Any]) -> Callable[..., Any]:
+        def read(path: Path, *args: Any, **kwargs: Any) -> Any:
+            if path.name == INDEX and threading.current_thread() is threading.main_thread():
+                reads.append(str(path))
+            return real(path, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_bytes", counted(read_bytes))
+    monkeypatch.setattr(Path, "read_text", counted(read_text))
+    for _ in range(3):
+        status = hub.status()
+        store.touch(key, entry.id)  # a hit between two builds
+    assert reads == []  # the loop's thread read no index for any build
+    assert status["prompt_cache"]["disk_bytes"] == entry.bytes
+    assert meta(hub, "m")["prompt_cache_disk_bytes"] == entry.bytes
+
+    data = json.loads(read_text(index))
+    data["entries"]["0" * 32] = {**data["entries"][entry.id], "id": "0" * 32, "last_use": None}
+    index.write_text(json.dumps(data))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_controller_app(hub, request_shutdown=lambda: None)),
+        base_url="http://127.0.0.1",
+    ) as http:
+        listed = await http.get("/hub/prompt-cache")
+    assert listed.status_code == 200, listed.text
+    assert [row["entries"] for row in listed.json()["identities"]] == [1]

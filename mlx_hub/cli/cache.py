@@ -16,7 +16,8 @@ from rich.table import Table
 from mlx_hub.cli.client import ClientError, find_running
 from mlx_hub.cli.terminal import config_option, console, fail, load, ok, warn
 from mlx_hub.engine.prompt_files import PromptStoreError
-from mlx_hub.engine.prompt_store import PromptStore, describe, open_store
+from mlx_hub.engine.prompt_listing import describe
+from mlx_hub.engine.prompt_store import PromptStore, open_store
 
 
 def _size(value: int) -> str:
@@ -72,9 +73,11 @@ def cache(ctx: click.Context, config: str | None) -> None:
         table.add_column(column)
     for row in listing["identities"]:
         names = ", ".join(row["names"]) or "-"
+        if not row["known"]:
+            names += " (another hub's)" if row.get("in_use") else " (not in hub.yaml)"
         table.add_row(
             row["key"],
-            names if row["known"] else f"{names} (not in hub.yaml)",
+            names,
             str(row["entries"]),
             _size(row["bytes"]),
             _ago(row["last_use"]),

@@ -190,6 +190,8 @@ class Hub:
                 await self._reaper
             self._reaper = None
         await self.stop_all(drain_timeout=drain_timeout)
+        if self.prompt_store is not None:  # the last cache hits' uses, written within a bounded wait
+            await asyncio.to_thread(self.prompt_store.close)
         self._background.cancel_all()
         await self.activity.stop()  # after the drain: the last requests are in the log
         self.started_at = None

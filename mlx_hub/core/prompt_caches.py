@@ -17,6 +17,7 @@ from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.engine.base import Engine
 from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine.prompt_listing import listing
 from mlx_hub.engine.prompt_store import PromptStore, open_store
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,16 @@ def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) ->
     """
     cap = config.prompt_cache_cap
     if cap <= 0:
+        if current is not None:
+            current.close()
         return None
     folder = config.prompt_cache_folder.resolve()
     try:
         store = current if current is not None and current.root == folder else open_store(folder, cap)
     except PromptStoreError as exc:
         raise ConfigError([str(exc)]) from None
+    if current is not None and store is not current:
+        current.close()  # its last uses written, its leases let go
     store.cap = cap
     store.known = {m.name: engine.prompt_identity(m).key for m in config.models if persists(m)}
     return store
@@ -82,4 +87,4 @@ def clear(store: PromptStore | None, models: Collection[str], name: str | None) 
 
 
 def _named(store: PromptStore, name: str) -> bool:
-    return any(name in row.names for row in store.listing())
+    return any(name in row.names for row in listing(store))

@@ -8,6 +8,12 @@ import stat
 import sys
 from array import array
 from pathlib import Path
+from typing import Any
+
+INDEX = "index.json"  # an identity's entries (prompt_index.py)
+IDENTITY = "identity.json"  # what the identity hashes, and the hub.yaml names that used it
+PAYLOAD = ".safetensors"  # an entry's tensors, in mlx-lm's format
+TOKENS = ".tokens"  # an entry's token ids
 
 
 class PromptStoreError(RuntimeError):
@@ -33,6 +39,22 @@ def parse_tokens(raw: bytes) -> list[int]:
 
 def digest_of(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+def temp_path(final: Path) -> Path:
+    """Where ``final`` (``<id>.<kind>``) is written before ``publish``: ``.<id>.tmp.<kind>``.
+
+    One pattern for every entry file in progress, so a sweep knows whose it is
+    (prompt_locks.py); the kind stays last because mlx-lm appends
+    ``.safetensors`` to a payload name that does not end with it.
+    """
+    return final.with_name(f".{final.stem}.tmp{final.suffix}")
+
+
+def names_in(description: Any) -> list[str]:
+    """The hub.yaml names an ``identity.json`` records (none when it is missing or malformed)."""
+    names = description.get("names") if isinstance(description, dict) else None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def publish(tmp: Path, final: Path) -> None:

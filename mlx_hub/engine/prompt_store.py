@@ -1,4 +1,4 @@
-"""The prompt-cache store on disk: one folder per model identity (prompt_identity.py), one hub-wide cap.
+"""The prompt-cache store on disk: one folder per model identity (prompt_identity.py), one cap for all.
 
 Upstream keeps each handler's prompt caches in a temporary folder that its
 ``close()`` deletes, with the index only in memory; every unload, swap and
@@ -11,192 +11,150 @@ restart then re-prefills long prompts. This store keeps them instead, in
   never read, and entries that share weights and options share one folder;
 - per entry, its tensors (``<id>.safetensors``, written by the patch with
   mlx-lm's format) and its token ids (``<id>.tokens``, little-endian uint32),
-  listed in a small JSON ``index.json`` with a digest of the tokens, the bytes
-  on disk and the last use;
+  listed in a small JSON ``index.json`` (prompt_index.py) with a digest of the
+  tokens, the bytes on disk and the last use;
 - a cap, ``prompt_cache_disk_size``, on the bytes of all folders together,
   checked after every write: least recently used entries go first, those of
-  identities no hub.yaml entry has any more before all others.
+  identities no live hub uses before all others.
 
-Nothing here imports MLX or upstream: it stores files and decides what to
-evict. Every change to an index happens under one ``fcntl`` lock on the folder,
-so two hubs on one folder see each other's writes whole; every file is written
-through a temporary name, fsynced and renamed. Unreadable files are skipped with
-one warning and deleted; the request they would have served runs cold.
+Several hubs may share the folder (docs/prompt-cache.md): every index change
+happens under one ``fcntl`` lock (prompt_locks.py), each hub leases the
+identities its hub.yaml and its loaded models use (prompt_folders.py), so none
+deletes an identity another live hub uses, and each entry's writer owns its
+files until they are indexed, so no sweep or clear takes a write in progress. Every file is written through a temporary name, fsynced and
+renamed. A file that cannot be read now is skipped and kept; one that was read
+and is malformed is dropped alone, after one warning; the request it would have
+served runs cold. Uses of entries (hits) are noted in memory and written by a
+background thread (prompt_background.py), never on the caller's thread.
+
+Nothing here imports MLX or upstream: it stores files and decides what to evict.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import re
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
 
+from mlx_hub.engine.prompt_background import CLOSE_SECONDS, FLUSH_SECONDS, Background, Figures, Touches
 from mlx_hub.engine.prompt_files import (
+    IDENTITY,
+    INDEX,
+    PAYLOAD,
+    TOKENS,
     check_folder,
     digest_of,
+    names_in,
     parse_tokens,
     publish,
+    temp_path,
     token_bytes,
 )
+from mlx_hub.engine.prompt_folders import Folders
 from mlx_hub.engine.prompt_identity import FORMAT, Identity
+from mlx_hub.engine.prompt_index import Entry, IndexUnreadable, read_index
+from mlx_hub.engine.prompt_listeners import Counters, Listener, Listeners, ModelCounters
+from mlx_hub.engine.prompt_locks import LEASE, StoreLock, delete_unowned
 from mlx_hub.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
-
-INDEX = "index.json"
-IDENTITY = "identity.json"
-LOCK = ".lock"
-PAYLOAD = ".safetensors"
-TOKENS = ".tokens"
-#: A temporary file older than this is a crashed write's leftover, not another hub's write in progress.
-STALE_TMP_SECONDS = 3600.0
-
-
-@dataclass
-class Entry:
-    """One prompt cache on disk: its files are ``<id>.safetensors`` and ``<id>.tokens``."""
-
-    id: str
-    tokens: int  # how many token ids the key has
-    digest: str  # sha256 of the token file's bytes
-    bytes: int  # both files' size on disk
-    nbytes: int  # the tensors' bytes in memory (upstream's accounting)
-    last_use: float
-    cache_type: str = "assistant"
-    trimmable: bool = True
-    source: str = "nonbatch"
-
-    @classmethod
-    def parse(cls, value: Any) -> Entry | None:
-        try:
-            entry = cls(**value)
-        except TypeError:
-            return None
-        ok = isinstance(entry.id, str) and re.fullmatch(r"[0-9a-f]{32}", entry.id) is not None
-        return entry if ok and isinstance(entry.bytes, int) and isinstance(entry.tokens, int) else None
-
-
-class Listener(Protocol):
-    """A live prompt cache of one identity: told when entries it may hold appear or go."""
-
-    def forget(self, ids: list[str]) -> None: ...
-    def learn(self, entry: Entry) -> None: ...
-
-
-@dataclass
-class ModelCounters:
-    """Per model, since the hub started: lookups that found a cache, those that did not, tokens reused."""
-
-    hits: int = 0
-    misses: int = 0
-    tokens_reused: int = 0
-
-
-@dataclass
-class IdentityInfo:
-    """One folder, as ``mlx-openai-server-hub cache`` lists it."""
-
-    key: str
-    names: list[str]
-    model: str
-    entries: int
-    bytes: int
-    last_use: float | None
-    known: bool
 
 
 class PromptStore:
     """Every model's prompt caches under ``root``, at most ``cap`` bytes in all.
 
     Thread-safe (handlers' worker threads, batch schedulers and the event loop
-    all call in) and process-safe (the ``.lock`` file). ``known`` maps each
-    hub.yaml entry name to its identity key; identities outside it go first.
+    all call in) and process-safe (prompt_locks.py). ``known`` maps each
+    hub.yaml entry name to its identity key; this hub leases those identities.
     """
 
-    def __init__(self, root: str | os.PathLike[str], cap: int):
+    def __init__(self, root: str | os.PathLike[str], cap: int, *, flush_seconds: float = FLUSH_SECONDS):
         self.root = Path(root).expanduser()
         check_folder(self.root)
         self.cap = int(cap)
-        self.known: dict[str, str] = {}
-        self._mutex = threading.RLock()
-        self._held = threading.local()
-        self._listeners: dict[str, list[Listener]] = {}
-        self._counters: dict[str, ModelCounters] = {}
-        self._usage: tuple[float, dict[str, int]] | None = None
+        self._lock = StoreLock(self.root)
+        self._touches = Touches()
+        self._background = Background(self._background_work, f"prompt-store:{self.root.name}", flush_seconds)
+        self._listeners = Listeners()
+        self._folders = Folders(self.root, self._lock, self._listeners)
+        self._counters = Counters()
+        self._figures = Figures()
+        self._removals: deque[tuple[str, list[str], Listener | None]] = deque()  # remove_soon's
         self._warned: set[str] = set()
         self.bytes_written = 0  # by this process, since it opened the store
 
-    # ---------------------------------------------------------------- locking
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Exclusive use of every index: this thread among threads, this process among hubs."""
-        with self._mutex:
-            if getattr(self._held, "depth", 0):  # this thread holds it already: no second flock
-                yield
-                return
-            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-            self._held.depth = 1
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                self._held.depth = 0
-                os.close(fd)  # closing releases the lock
-                self._usage = None
+        return self._lock.hold(timeout)
 
     # --------------------------------------------------------------- identities
 
-    def folder(self, key: str) -> Path:
-        return self.root / key
+    @property
+    def known(self) -> dict[str, str]:
+        """hub.yaml's entry names and their identity keys (prompt_folders.py)."""
+        return self._folders.known
 
-    def adopt(self, identity: Identity, name: str) -> Path:
-        """The identity's folder, created (0700) with its description; ``name`` is noted as one of its users."""
-        folder = self.folder(identity.key)
-        with self.locked():
-            folder.mkdir(mode=0o700, exist_ok=True)
-            info = read_json(folder / IDENTITY, {})
-            names = sorted(set(info.get("names", []) if isinstance(info, dict) else []) | {name})
-            if not isinstance(info, dict) or info.get("names") != names:
-                atomic_write_json(folder / IDENTITY, {"names": names, **identity.description})
-        return folder
+    @known.setter
+    def known(self, value: dict[str, str]) -> None:
+        """hub.yaml's entries and their identities: leased from now, those no longer named let go."""
+        self._folders.known = dict(value)
+        self._folders.sync_leases()
+
+    def folder(self, key: str) -> Path:
+        return self._folders.folder(key)
 
     def keys(self) -> list[str]:
-        with contextlib.suppress(OSError):
-            return sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        return []
+        return self._folders.keys()
+
+    def in_use(self, key: str) -> bool:
+        """Whether a live hub (this one or another on the folder) uses the identity."""
+        return self._folders.in_use(key)
+
+    def adopt(self, identity: Identity, name: str) -> Path:
+        """The identity's folder, made (0700) with its description and leased; ``name`` noted as a user."""
+        return self._folders.adopt(identity, name)
+
+    def writing(self, key: str) -> contextlib.AbstractContextManager[str]:
+        """A new entry id of ``key``, its folder there and its files owned until the block ends (commit inside)."""
+        return self._folders.writing(key)
 
     # ------------------------------------------------------------------ index
 
     def _read(self, key: str) -> dict[str, Entry]:
-        """The identity's index; a corrupt one is dropped (with its files) after one warning."""
+        """The identity's valid entries, with uses not yet written; raises ``IndexUnreadable``.
+
+        A malformed index is deleted after one warning (the next sweep takes its
+        entries' files); a malformed entry is skipped after one warning and
+        left out of the next write. Call with the lock held.
+        """
         path = self.folder(key) / INDEX
-        if not path.exists():
+        parsed = read_index(path)
+        if parsed is None:
+            self._warn_once(str(path), f"prompt cache index {path} is malformed; dropping that file")
+            with contextlib.suppress(OSError):
+                path.unlink()
             return {}
-        data = read_json(path)
-        raw = data.get("entries") if isinstance(data, dict) and data.get("format") == FORMAT else None
-        if not isinstance(raw, dict):
+        entries, dropped = parsed
+        for entry_id in dropped:
             self._warn_once(
-                str(path), f"prompt cache index {path} is unreadable; dropping that model's caches"
+                f"{path}:{entry_id}",
+                f"prompt cache index {path}: dropping entry {entry_id!r}, a field is missing or malformed",
             )
-            self._wipe(key)
-            return {}
-        entries = {}
-        for entry_id, value in raw.items():
-            entry = Entry.parse(value)
-            if entry is None or entry.id != entry_id:
-                self._warn_once(f"{path}:{entry_id}", f"prompt cache index {path}: skipping a bad entry")
-                continue
-            entries[entry_id] = entry
+        for entry_id, entry in entries.items():
+            entry.last_use = max(entry.last_use, self._touches.latest(key, entry_id))
         return entries
+
+    def _readable(self, key: str) -> dict[str, Entry] | None:
+        """``_read``, or None (after one warning) when the index cannot be read now: then keep everything."""
+        try:
+            return self._read(key)
+        except IndexUnreadable as exc:
+            self._warn_once(f"{exc.path}:unreadable", f"{exc}; its caches are kept and skipped for now")
+            return None
 
     def _write(self, key: str, entries: dict[str, Entry]) -> None:
         folder = self.folder(key)
@@ -205,11 +163,12 @@ class PromptStore:
         atomic_write_json(
             folder / INDEX, {"format": FORMAT, "entries": {k: asdict(e) for k, e in entries.items()}}
         )
+        self._figures.change(key, sum(e.bytes for e in entries.values()))
 
     def entries(self, key: str) -> list[Entry]:
-        """The identity's entries, least recently used first."""
+        """The identity's entries, least recently used first (none while its index cannot be read)."""
         with self.locked():
-            return sorted(self._read(key).values(), key=lambda e: e.last_use)
+            return sorted((self._readable(key) or {}).values(), key=lambda e: e.last_use)
 
     def paths(self, key: str, entry_id: str) -> tuple[Path, Path]:
         """An entry's tensor file and token file."""
@@ -218,15 +177,18 @@ class PromptStore:
 
     def has(self, key: str, entry_id: str) -> bool:
         with self.locked():
-            return entry_id in self._read(key)
+            return entry_id in (self._readable(key) or {})
 
     def read_tokens(self, key: str, entry: Entry) -> list[int] | None:
-        """The entry's token ids; None (after one warning, and the entry deleted) if its file does not match."""
+        """The entry's token ids; None if its file cannot be read now, or (deleted) does not match."""
         _, path = self.paths(key, entry.id)
         try:
             raw = path.read_bytes()
-        except OSError:
+        except FileNotFoundError:
             raw = b""
+        except OSError as exc:
+            self._warn_once(str(path), f"prompt cache {path} cannot be read ({exc.strerror or exc}); kept")
+            return None
         if len(raw) != 4 * entry.tokens or digest_of(raw) != entry.digest:
             self.discard(key, entry.id, f"prompt cache {path} is missing or does not match its index")
             return None
@@ -234,14 +196,11 @@ class PromptStore:
 
     # ------------------------------------------------------------------ writes
 
-    def new_entry_id(self) -> str:
-        return uuid.uuid4().hex
-
     def write_tokens(self, key: str, entry_id: str, tokens: list[int]) -> tuple[int, str]:
-        """Write an entry's token file (atomically); its size and digest."""
+        """Write an entry's token file (atomically, inside ``writing``); its size and digest."""
         raw = token_bytes(tokens)
         _, final = self.paths(key, entry_id)
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = temp_path(final)
         tmp.write_bytes(raw)
         publish(tmp, final)
         return len(raw), digest_of(raw)
@@ -252,67 +211,77 @@ class PromptStore:
             return False
         with self.locked():
             evicted = self._evict(self.cap - nbytes, keep=None)
-        self._tell_forgotten(evicted)
+        self._listeners.forget(evicted)
         return True
 
     def commit(self, key: str, entry: Entry, *, origin: Listener | None = None) -> bool:
         """List a written entry in its index, then hold the cap. False if the entry itself had to go."""
         with self.locked():
-            entries = self._read(key)
+            entries = self._readable(key)
+            if entries is None:  # rewriting it would lose every other entry: this one goes instead
+                for path in self.paths(key, entry.id):
+                    path.unlink(missing_ok=True)
+                return False
             entries[entry.id] = entry
             self._write(key, entries)
             self.bytes_written += entry.bytes
             evicted = self._evict(self.cap, keep=(key, entry.id))
             if self._total() > self.cap:  # the new entry alone is over the cap
                 evicted += self._drop(key, [entry.id])
-        self._tell_forgotten(evicted)
+        self._listeners.forget(evicted)
         kept = (key, entry.id) not in evicted
         if kept:
-            for listener in self._listeners_of(key):
-                if listener is not origin:
-                    listener.learn(entry)
+            self._listeners.learn(key, entry, origin=origin)
         return kept
 
     def touch(self, key: str, entry_id: str) -> None:
-        """Note a use of the entry (least recently used goes first)."""
-        with self.locked():
-            entries = self._read(key)
-            if entry_id in entries:
-                entries[entry_id].last_use = time.time()
-                self._write(key, entries)
+        """Note a use of the entry (least recently used goes first): in memory, written in the background."""
+        self._touches.note(key, entry_id, time.time())
+        self._background.poke()
+
+    def flush(self) -> None:
+        """Write the uses noted so far now, on the background thread."""
+        self._background.poke(urgent=True)
 
     def remove(self, key: str, ids: list[str], *, origin: Listener | None = None) -> None:
         """Delete entries (upstream evicted or replaced them); the other live caches of the identity forget them."""
         with self.locked():
             gone = self._drop(key, ids)
-        self._tell_forgotten(gone, origin=origin)
+        self._listeners.forget(gone, origin=origin)
+
+    def remove_soon(self, key: str, ids: list[str], *, origin: Listener | None = None) -> None:
+        """``remove``, on the background thread: for entries whose payload is gone already (bookkeeping)."""
+        self._removals.append((key, list(ids), origin))
+        self._background.poke(urgent=True)
 
     def discard(self, key: str, entry_id: str, why: str) -> None:
-        """An entry that cannot be read: one warning, then it is deleted."""
+        """An entry that was read and is not usable: one warning, then it is deleted."""
         self._warn_once(f"{key}/{entry_id}", f"{why}; deleting it, the request is served without it")
         self.remove(key, [entry_id])
 
     def clear(self, names: list[str] | None = None) -> list[str]:
-        """Delete every entry of the identities ``names`` use (all when None); the keys cleared."""
+        """Delete every entry of the identities ``names`` use (all when None); the keys cleared.
+
+        A folder some live hub leases keeps its description and lease, and a
+        write in progress keeps its files (it lists its entry once done).
+        """
         cleared = []
         with self.locked():
             for key in self.keys():
                 if names is not None and not set(names) & set(self._names(key)):
                     continue
                 cleared.append(key)
-                for entry_id in self._read(key):
+                for entry_id in self._readable(key) or {}:
                     for path in self.paths(key, entry_id):
                         path.unlink(missing_ok=True)
-                self._wipe(key, keep_folder=bool(self._listeners.get(key)))
-        for key in cleared:
-            for listener in self._listeners_of(key):
-                listener.forget(["*"])
+                self._wipe(key, keep_folder=self.in_use(key))
+        self._listeners.forget([(key, "*") for key in cleared])
         return cleared
 
     # ------------------------------------------------------------------ eviction
 
     def _all(self) -> list[tuple[str, Entry]]:
-        return [(key, e) for key in self.keys() for e in self._read(key).values()]
+        return [(key, e) for key in self.keys() for e in (self._readable(key) or {}).values()]
 
     def _total(self) -> int:
         return sum(e.bytes for _, e in self._all())
@@ -320,15 +289,19 @@ class PromptStore:
     def _evict(self, limit: int, keep: tuple[str, str] | None) -> list[tuple[str, str]]:
         """Delete least recently used entries until the total is at most ``limit`` (caller holds the lock).
 
-        Entries of identities no hub.yaml entry has go first; ``keep`` (the
-        entry just written) goes last, by ``commit``, and only when alone over.
+        Entries of identities no live hub uses go first (all identities count
+        as used for a store that knows no hub.yaml); among the rest, the oldest
+        use goes first, whichever hub made it. ``keep`` (the entry just
+        written) goes last, by ``commit``, and only when alone over.
         """
         everything = self._all()
         total = sum(e.bytes for _, e in everything)
-        current = set(self.known.values())
+        used = {key for key, _ in everything}
+        if self.known:
+            used = {key for key in used if self.in_use(key)}
         order = sorted(
             (item for item in everything if (item[0], item[1].id) != keep),
-            key=lambda item: (not current or item[0] in current, item[1].last_use),
+            key=lambda item: (item[0] in used, item[1].last_use),
         )
         evicted: list[tuple[str, str]] = []
         for key, entry in order:
@@ -339,7 +312,9 @@ class PromptStore:
         return evicted
 
     def _drop(self, key: str, ids: list[str]) -> list[tuple[str, str]]:
-        entries = self._read(key)
+        entries = self._readable(key)
+        if entries is None:
+            return []
         gone = [i for i in ids if i in entries]
         for entry_id in ids:
             for path in self.paths(key, entry_id):
@@ -347,79 +322,75 @@ class PromptStore:
             entries.pop(entry_id, None)
         if gone:
             self._write(key, entries)
-        if not entries and key not in self._listeners and self.known and key not in self.known.values():
-            self._wipe(key)  # an identity nobody uses any more leaves no folder behind
+        if not entries and self.known and not self.in_use(key):
+            self._wipe(key)  # an identity no live hub uses leaves no folder behind
         return [(key, i) for i in gone]
 
     def _wipe(self, key: str, *, keep_folder: bool = False) -> None:
+        """Delete the folder's files but a live writer's (and, with ``keep_folder``, its description and lease)."""
         folder = self.folder(key)
-        with contextlib.suppress(OSError):
-            for path in folder.iterdir():
-                if keep_folder and path.name == IDENTITY:
-                    continue
-                path.unlink(missing_ok=True)
-            if not keep_folder:
-                folder.rmdir()
+        delete_unowned(folder, listed=set(), keep={IDENTITY, LEASE} if keep_folder else set())
+        if not keep_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # not when a write in progress kept its files there
+        self._figures.change(key, 0 if keep_folder else None)
 
     def sweep(self) -> int:
-        """Delete files no index lists (a crashed write's leftovers, foreign files); the count deleted."""
+        """Delete files no index lists and no live writer owns (a crashed write's leftovers, foreign files).
+
+        A folder whose index cannot be read now is left alone. Returns the count deleted.
+        """
         deleted = 0
-        now = time.time()
         with self.locked():
             for key in self.keys():
-                listed = {p.name for i in self._read(key) for p in self.paths(key, i)}
-                for path in self.folder(key).iterdir():
-                    if path.name in listed or path.name in (INDEX, IDENTITY):
-                        continue
-                    with contextlib.suppress(OSError):
-                        if path.name.endswith(".tmp") and now - path.stat().st_mtime < STALE_TMP_SECONDS:
-                            continue  # another hub may be writing it now
-                        path.unlink()
-                        deleted += 1
+                entries = self._readable(key)
+                if entries is not None:
+                    deleted += delete_unowned(self.folder(key), set(entries), {INDEX, IDENTITY, LEASE})
         return deleted
 
     # ------------------------------------------------------------- listeners
 
     def subscribe(self, key: str, listener: Listener) -> None:
-        with self._mutex:
-            self._listeners.setdefault(key, []).append(listener)
+        self._listeners.add(key, listener)
 
     def unsubscribe(self, key: str, listener: Listener) -> None:
-        with self._mutex:
-            held = self._listeners.get(key, [])
-            if listener in held:
-                held.remove(listener)
-            if not held:
-                self._listeners.pop(key, None)
-
-    def _listeners_of(self, key: str) -> list[Listener]:
-        with self._mutex:
-            return list(self._listeners.get(key, []))
-
-    def _tell_forgotten(self, gone: list[tuple[str, str]], *, origin: Listener | None = None) -> None:
-        by_key: dict[str, list[str]] = {}
-        for key, entry_id in gone:
-            by_key.setdefault(key, []).append(entry_id)
-        for key, ids in by_key.items():
-            for listener in self._listeners_of(key):
-                if listener is not origin:
-                    listener.forget(ids)
+        """A cache stops listening (its model unloads): the uses it noted are written now."""
+        self._listeners.drop(key, listener)
+        if not self._folders.uses(key):
+            self._folders.leases.release(self.folder(key))
+        self.flush()
 
     # --------------------------------------------------------------- reading
 
     def _names(self, key: str) -> list[str]:
-        info = read_json(self.folder(key) / IDENTITY, {})
-        names = info.get("names") if isinstance(info, dict) else None
-        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+        return names_in(read_json(self.folder(key) / IDENTITY, {}))
+
+    def refresh_usage(self) -> dict[str, int]:
+        """Read every index for the bytes on disk by identity (another hub may have changed them)."""
+        with self.locked():
+            previous = self._figures.by_key or {}
+            usage = {}
+            for key in self.keys():
+                entries = self._readable(key)
+                usage[key] = (
+                    previous.get(key, 0) if entries is None else sum(e.bytes for e in entries.values())
+                )
+            self._figures.replace(usage)
+        return usage
 
     def usage(self, max_age: float = 1.0) -> dict[str, int]:
-        """Bytes on disk by identity key (read again at most every ``max_age`` seconds)."""
-        cached = self._usage
-        if cached is not None and time.monotonic() - cached[0] < max_age:
-            return cached[1]
-        with self.locked():
-            usage = {key: sum(e.bytes for e in self._read(key).values()) for key in self.keys()}
-        self._usage = (time.monotonic(), usage)
+        """Bytes on disk by identity key: this store's own changes at once, other hubs' within ``max_age`` s.
+
+        Once the figures exist this reads nothing on the caller's thread (a
+        status build, on the event loop): older figures are refreshed by the
+        background thread, and answer until then.
+        """
+        usage = self._figures.by_key
+        if usage is None:
+            return self.refresh_usage()
+        if self._figures.older_than(max_age):
+            self._figures.wanted = True
+            self._background.poke(urgent=True)
         return usage
 
     def total_bytes(self) -> int:
@@ -430,41 +401,58 @@ class PromptStore:
         key = self.known.get(name)
         return self.usage().get(key, 0) if key else 0
 
-    def listing(self) -> list[IdentityInfo]:
-        """Every identity folder with its users, entries, bytes and last use."""
-        rows = []
-        with self.locked():
-            for key in self.keys():
-                entries = list(self._read(key).values())
-                info = read_json(self.folder(key) / IDENTITY, {})
-                rows.append(
-                    IdentityInfo(
-                        key=key,
-                        names=self._names(key),
-                        model=str(info.get("model", "?")) if isinstance(info, dict) else "?",
-                        entries=len(entries),
-                        bytes=sum(e.bytes for e in entries),
-                        last_use=max((e.last_use for e in entries), default=None),
-                        known=not self.known or key in self.known.values(),
-                    )
-                )
-        return rows
+    # ------------------------------------------------------------- background
+
+    def _flush(self, deadline: float | None) -> None:
+        """Write the uses noted and drop the entries queued; with a ``deadline``, give up (and say so) then."""
+        pending = self._touches.take()
+        removals = [self._removals.popleft() for _ in range(len(self._removals))]
+        if not pending and not removals:
+            return
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        gone: list[tuple[list[tuple[str, str]], Listener | None]] = []
+        try:
+            with self.locked(timeout):
+                gone = [(self._drop(key, ids), origin) for key, ids, origin in removals]
+                for key, uses in pending.items():
+                    entries = self._readable(key) or {}
+                    changed = [i for i, when in uses.items() if i in entries and when > entries[i].last_use]
+                    for entry_id in changed:
+                        entries[entry_id].last_use = uses[entry_id]
+                    if changed:
+                        self._write(key, entries)
+        except TimeoutError:
+            lost = sum(len(uses) for uses in pending.values()) + len(removals)
+            log.warning(
+                "prompt cache store %s: %d use(s) not written, its lock is held elsewhere", self.root, lost
+            )
+        for ids, origin in gone:
+            self._listeners.forget(ids, origin=origin)
+
+    def _background_work(self, deadline: float | None) -> None:
+        self._flush(deadline)
+        if deadline is None:  # not closing: figures and leases too
+            if self._figures.wanted:
+                self._figures.wanted = False
+                self.refresh_usage()
+            self._folders.sync_leases()
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Write the uses still in memory (waiting at most ``timeout`` s in all), then let go of every lease.
+
+        The store may be used again afterwards; it leases what it uses again.
+        """
+        self._background.close(time.monotonic() + timeout)
+        self._folders.leases.release_all()
 
     # --------------------------------------------------------------- counters
 
     def record(self, name: str, *, hit: bool, reused: int) -> None:
         """Count one lookup of model ``name``'s prompt cache."""
-        with self._mutex:
-            counters = self._counters.setdefault(name, ModelCounters())
-            if hit:
-                counters.hits += 1
-                counters.tokens_reused += reused
-            else:
-                counters.misses += 1
+        self._counters.record(name, hit=hit, reused=reused)
 
     def counters(self, name: str) -> ModelCounters:
-        with self._mutex:
-            return ModelCounters(**asdict(self._counters.get(name, ModelCounters())))
+        return self._counters.of(name)
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
@@ -472,22 +460,9 @@ class PromptStore:
             log.warning(message)
 
 
-def describe(store: PromptStore | None) -> dict[str, Any]:
-    """What ``GET /hub/prompt-cache`` answers and ``mlx-openai-server-hub cache`` prints."""
-    if store is None:
-        return {"enabled": False, "path": None, "disk_bytes": 0, "cap_bytes": 0, "identities": []}
-    rows = [asdict(row) for row in store.listing()]
-    return {
-        "enabled": True,
-        "path": str(store.root),
-        "disk_bytes": sum(row["bytes"] for row in rows),
-        "cap_bytes": store.cap,
-        "identities": rows,
-    }
-
-
 def open_store(root: str | os.PathLike[str], cap: int) -> PromptStore:
-    """The store at ``root`` (created 0700, or refused), with a crashed write's leftovers swept away."""
+    """The store at ``root`` (created 0700, or refused), a crashed write's leftovers swept, its figures read."""
     store = PromptStore(root, cap)
     store.sweep()
+    store.refresh_usage()
     return store

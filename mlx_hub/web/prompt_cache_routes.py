@@ -6,13 +6,14 @@ the hub's live caches forget what was deleted.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
 from mlx_hub.core import prompt_caches
-from mlx_hub.engine.prompt_store import describe
+from mlx_hub.engine.prompt_listing import describe
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
@@ -25,7 +26,8 @@ class CachedIdentity(BaseModel):
     entries: int
     bytes: int
     last_use: float | None
-    known: bool  # some hub.yaml entry has this identity now (others are evicted first)
+    known: bool  # some entry of this hub's hub.yaml has this identity now
+    in_use: bool = False  # a live hub on the folder (this one or another) uses it; others are evicted first
 
 
 class PromptCacheListing(BaseModel):
@@ -46,12 +48,12 @@ def prompt_cache_router(hub: Hub, errors: dict[int | str, dict[str, Any]]) -> AP
     @router.get("/hub/prompt-cache", response_model=PromptCacheListing)
     async def listing() -> dict[str, Any]:
         """Every model identity's prompt caches on disk: entries, bytes, last use; the cap."""
-        return describe(hub.prompt_store)
+        return await asyncio.to_thread(describe, hub.prompt_store)  # file locks and reads: off the loop
 
     @router.post("/hub/prompt-cache/clear", response_model=PromptCacheCleared, responses=errors)
     async def clear(model: str | None = None) -> PromptCacheCleared:
         """Delete the prompt caches of ``model`` (every model's without it)."""
-        cleared = prompt_caches.clear(hub.prompt_store, hub.slots, model)
+        cleared = await asyncio.to_thread(prompt_caches.clear, hub.prompt_store, list(hub.slots), model)
         hub.notify()
         return PromptCacheCleared(cleared=cleared)
 

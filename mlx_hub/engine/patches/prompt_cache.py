@@ -46,7 +46,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.patches.switch import enabled
-from mlx_hub.engine.prompt_files import publish
+from mlx_hub.engine.prompt_files import publish, temp_path
 from mlx_hub.engine.prompt_identity import FORMAT, Identity
 from mlx_hub.engine.prompt_store import Entry, PromptStore
 
@@ -102,6 +102,14 @@ def _check_inner(name: str, state: Any, meta: Any) -> None:
     if _cache_class(name) is mlx_cache.CacheList:
         for inner in meta[0] if meta is not None else [c for _, c in state]:
             _cache_class(inner)
+
+
+def save_entry(path: Path, cache: list[Any], key: str) -> None:
+    """Write one payload with mlx-lm's format, marked as this identity's; a file MLX cannot write is an OSError."""
+    try:
+        save_prompt_cache(str(path), cache, {FORMAT_KEY: str(FORMAT), IDENTITY_KEY: key})
+    except RuntimeError as exc:  # how MLX says it could not open or write the file
+        raise OSError(f"{path}: {exc}") from exc
 
 
 def load_entry(path: Path, key: str) -> list[Any]:
@@ -183,7 +191,7 @@ class PersistentPromptCache(LRUPromptCache):
         self._lru.remove(tokens)
         self._remove_entry_accounting(held)
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, *, trim: bool = True) -> None:
         while self._pending:
             kind, value = self._pending.popleft()
             if kind == "learn":
@@ -191,7 +199,7 @@ class PersistentPromptCache(LRUPromptCache):
             else:
                 for entry_id in list(self._ids) if "*" in value else value:
                     self._drop_local(entry_id)
-        while len(self) > self.max_size:  # another profile's entries count against this one's bound too
+        while trim and len(self) > self.max_size:  # another profile's entries count against this bound too
             self._evict_tokens(self._lru.pop())
 
     # ------------------------------------------------- the store's listener
@@ -218,7 +226,7 @@ class PersistentPromptCache(LRUPromptCache):
         self, tokens_ids: list[int], *, allowed_sources: set[str] | None = None
     ) -> tuple[list[Any] | None, list[int]]:
         with self._lock:
-            self._apply_pending()
+            self._apply_pending(trim=False)  # on the event loop: no trimming (files), the next insert trims
             cache, rest = super().fetch_nearest_cache(tokens_ids, allowed_sources=allowed_sources)
         self.store.record(self.model, hit=cache is not None, reused=len(tokens_ids) - len(rest))
         return cache, rest
@@ -245,6 +253,8 @@ class PersistentPromptCache(LRUPromptCache):
             self._writing.request = (list(tokens_ids), cache_type, source, nbytes)
             try:
                 super().insert_cache(tokens_ids, prompt_cache, cache_type=cache_type, source=source)
+            except OSError as exc:  # a full disk, a folder made unusable: the answer stands, uncached
+                log.warning("model '%s': a prompt cache could not be written (%s); not kept", self.model, exc)
             finally:
                 self._writing.active = False
             self._apply_pending()
@@ -262,12 +272,15 @@ class PersistentPromptCache(LRUPromptCache):
     # ------------------------------------------------- upstream's storage
 
     def _write_cache_to_disk(self, prompt_cache: list[Any]) -> Path:
+        with self.store.writing(self.key) as entry_id:  # its folder is there; no sweep takes its files
+            return self._write_entry(entry_id, prompt_cache)
+
+    def _write_entry(self, entry_id: str, prompt_cache: list[Any]) -> Path:
         tokens, cache_type, source, nbytes = self._writing.request
-        entry_id = self.store.new_entry_id()
         payload, _ = self.store.paths(self.key, entry_id)
-        tmp = payload.with_name(f".{entry_id}.tmp.safetensors")
+        tmp = temp_path(payload)
         try:
-            save_prompt_cache(str(tmp), prompt_cache, {FORMAT_KEY: str(FORMAT), IDENTITY_KEY: self.key})
+            save_entry(tmp, prompt_cache, self.key)
             publish(tmp, payload)
             token_size, digest = self.store.write_tokens(self.key, entry_id, tokens)
         except BaseException:
@@ -304,7 +317,10 @@ class PersistentPromptCache(LRUPromptCache):
     def _delete_entry_file(self, entry: Any) -> None:
         entry_id = entry.file_path.stem
         self._ids.pop(entry_id, None)
-        self.store.remove(self.key, [entry_id], origin=self)
+        if entry.file_path.exists():
+            self.store.remove(self.key, [entry_id], origin=self)
+        else:  # another hub's eviction or a clear took it, found by a lookup on the event loop: no lock here
+            self.store.remove_soon(self.key, [entry_id], origin=self)
 
 
 def persist(handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity) -> bool:

@@ -94,7 +94,11 @@ def places(cfg: DistributedConfig) -> list[RankPlace]:
         ips = [str(ip) for ip in item.get("ips") or []]
         ip = ips[0] if ips else _resolve(host)
         # A hostfile's ssh name decides: its ips are how the ranks reach each other, not where it runs.
-        local = host.lower() in mine or _is_loopback(host) or (not ips and (ip.lower() in mine or _is_loopback(ip)))
+        local = (
+            host.lower() in mine
+            or _is_loopback(host)
+            or (not ips and (ip.lower() in mine or _is_loopback(ip)))
+        )
         out.append(RankPlace(rank, host, ip, local, tuple(item.get("rdma") or ())))
     if cfg.hosts is not None and any(not p.local for p in out) and any(_is_loopback(p.ip) for p in out):
         where = next(p for p in out if _is_loopback(p.ip))
