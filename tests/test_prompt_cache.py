@@ -10,7 +10,9 @@ must show the restored cache was used.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -124,6 +126,35 @@ async def test_restored_cache_answers_as_cold_after_unload_and_restart(
     assert status["prompt_cache_hits"] == 1 and status["prompt_cache_tokens_reused"] > 100 and cached > 100
     hub_level = restarted.status()["prompt_cache"]
     assert hub_level["enabled"] and 0 < hub_level["disk_bytes"] <= hub_level["cap_bytes"]
+
+
+async def test_an_edited_config_json_is_a_new_identity_and_the_stale_cache_is_evicted(
+    tiny_llama: Path, hub_config: Make, make_hub: Make, tmp_path: Path
+) -> None:
+    """config.json shapes the KV (rope_theta here): after an edit and a restart the stored cache is
+    not served, and it is evicted, folder and all, when the new identity's entry needs the room."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    doc = hub_config([entry(model, disable_batching=True)], prompt_cache_path=str(tmp_path / "pc"))
+    hub = await make_hub(doc)
+    await ask(hub, model, 1)
+    stale = hub.prompt_store.known["m"]
+    (kept,) = hub.prompt_store.entries(stale)
+    await hub.shutdown()
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": config["rope_theta"] * 50}))
+    # Room for the new entry (the same tokens, so the same size), not for it beside the stale one.
+    cap = max(kept.nbytes, kept.bytes + kept.bytes // 2)
+    assert cap < 2 * kept.bytes
+    restarted = await make_hub({**doc, "prompt_cache_disk_size": cap})
+    _, cached = await ask(restarted, model, 1)
+    assert cached == 0 and restarted.slots["m"].handler.prompt_cache.restored == 0
+    row = meta(restarted, "m")
+    assert (row["prompt_cache_hits"], row["prompt_cache_misses"]) == (0, 1)
+    store = restarted.prompt_store
+    assert store.known["m"] != stale
+    assert row["prompt_cache_disk_bytes"] > 0 and stale not in store.keys()  # evicted, folder and all
 
 
 async def test_a_corrupt_cache_file_is_skipped_deleted_and_served_cold(
