@@ -378,7 +378,7 @@ def live_sequences(generator: Any) -> int:
 
 
 def cached(hub: Hub) -> int:
-    """What upstream's prompt caches hold, over every model: KV kept on purpose between requests."""
+    """What upstream's prompt caches hold in memory, over every model (none where it keeps them on disk)."""
     return sum(slot.prompt_cache_bytes for slot in hub.slots.values())
 
 
@@ -478,3 +478,4 @@ async def test_a_finished_request_leaves_no_kv_in_memory(
             kv = await poll(functools.partial(stored, seen), bool)
             left = await poll(lambda before=before: active() - before, lambda left, kv=kv: left < kv / 4)
             assert kv and left < kv / 4, (stream, left, kv)
+    assert meta(hub, "m")["prompt_cache_bytes"] == 0  # none of it held in memory, none counted

@@ -403,7 +403,8 @@ PROMPT_CACHE_SHARE = 0.25
 
 def bound_prompt_cache(handler: Any, budget: int | None) -> None:
     """Cap upstream's prompt cache at ``PROMPT_CACHE_SHARE`` of the budget (or its own smaller
-    ``prompt_cache_max_bytes``): its default is unbounded, and what it keeps counts as the model's bytes.
+    ``prompt_cache_max_bytes``): its default is unbounded, and what an in-memory one keeps (1.6.3)
+    counts as the model's bytes; one on disk (1.8.1) loads an entry of at most that size on a hit.
 
     Upstream's ``LRUPromptCache`` evicts down to ``max_bytes`` on its next insert,
     on its own thread; the hub only lowers the bound.
