@@ -10,6 +10,7 @@ The soak under load is tests/reliability/test_memory_soak.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -377,7 +378,7 @@ def live_sequences(generator: Any) -> int:
 
 
 def cached(hub: Hub) -> int:
-    """What upstream's prompt caches hold, over every model: KV kept on purpose between requests."""
+    """What upstream's prompt caches hold in memory, over every model (none where it keeps them on disk)."""
     return sum(slot.prompt_cache_bytes for slot in hub.slots.values())
 
 
@@ -432,3 +433,49 @@ async def test_an_allocation_error_fails_that_request_alone(
     assert meta(hub, "a")["kv_reserved_bytes"] == 0 and meta(hub, "a")["memory_state"] == "loaded"
     scrape = hub.metrics.render().decode()
     assert 'mlx_hub_allocation_failures_total{model="a"} 2.0' in scrape
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "single"])
+async def test_a_finished_request_leaves_no_kv_in_memory(
+    make_hub, hub_config, memory_models: dict[str, Path], batching: bool
+) -> None:
+    """patches/mlx_openai_server.idle_workers_hold_no_kv: upstream's idle worker (one at a time) and
+    batch scheduler kept the last request's KV alive until the next request, counted nowhere (its
+    reservation ended, the prompt cache keeps it on disk). Streamed or not, it must go.
+
+    The client has its answer a moment before upstream has stored the KV (on its own thread),
+    so the store and the memory are read until they show it, for a bounded time.
+    """
+    import mlx.core as mx
+
+    hub = await make_hub(hub_config([lm("m", memory_models["llama"], disable_batching=not batching)]))
+    store = hub.prompt_store
+
+    async def poll(read: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not done(value := read()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return value
+
+    def active() -> int:
+        memory.free_memory()
+        return mx.get_active_memory()
+
+    def stored(seen: set[str]) -> int:
+        """The bytes of the request's KV, once upstream has put it in the prompt cache (else 0)."""
+        new = [e.nbytes for e in store.entries(store.known["m"]) if e.id not in seen and e.tokens > 500]
+        return max(new, default=0)
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        warm = await http.post(chat_url(hub, "m"), json=long_chat("m", 10, 2, offset=1))
+        assert warm.status_code == 200  # the batch generator, made on the first request, is there now
+        for offset, stream in ((3, False), (5, True)):
+            before, seen = active(), {e.id for e in store.entries(store.known["m"])}
+            reply = await http.post(
+                chat_url(hub, "m"), json=long_chat("m", 600, 8, offset=offset, stream=stream)
+            )
+            assert reply.status_code == 200
+            kv = await poll(functools.partial(stored, seen), bool)
+            left = await poll(lambda before=before: active() - before, lambda left, kv=kv: left < kv / 4)
+            assert kv and left < kv / 4, (stream, left, kv)
+    assert meta(hub, "m")["prompt_cache_bytes"] == 0  # none of it held in memory, none counted

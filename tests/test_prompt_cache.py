@@ -10,7 +10,9 @@ must show the restored cache was used.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -110,7 +112,7 @@ async def test_restored_cache_answers_as_cold_after_unload_and_restart(
 
     await hub.unload("m")
     await hub.load("m")
-    assert hub.slots["m"].prompt_cache_bytes > 0  # the restored entries count as the model's memory
+    assert len(hub.slots["m"].handler.prompt_cache) > 0  # the entries were restored
     text, cached = await ask(hub, small_llama, 1)
     assert text == cold[0]
     after_unload = meta(hub, "m")
@@ -125,6 +127,79 @@ async def test_restored_cache_answers_as_cold_after_unload_and_restart(
     assert status["prompt_cache_hits"] == 1 and status["prompt_cache_tokens_reused"] > 100 and cached > 100
     hub_level = restarted.status()["prompt_cache"]
     assert hub_level["enabled"] and 0 < hub_level["disk_bytes"] <= hub_level["cap_bytes"]
+
+
+async def test_restored_entries_on_disk_are_not_the_models_memory(
+    tiny_llama: Path, hub_config: Make, make_hub: Make, tmp_path: Path
+) -> None:
+    """Upstream 1.8.1 keeps its prompt-cache entries in files and reads one only on a hit: restored at a
+    start they hold no memory, so the model's bytes in status, and the size admission and the budget
+    count, are the same with them as without; their bytes show as prompt_cache_disk_bytes."""
+    doc = hub_config([entry(tiny_llama, disable_batching=True)], prompt_cache_path=str(tmp_path / "pc"))
+    hub = await make_hub(doc)
+    await ask(hub, tiny_llama, 1)
+    await hub.shutdown()
+
+    restarted = await make_hub(doc)
+    slot, cache = restarted.slots["m"], restarted.slots["m"].handler.prompt_cache
+    assert len(cache) > 0 and cache.nbytes > 0  # restored: upstream counts the entries' tensor bytes
+    with_entries = (meta(restarted, "m"), restarted.status()["memory"]["models_bytes"], slot.candidate())
+    assert with_entries[0]["prompt_cache_bytes"] == 0 and with_entries[0]["prompt_cache_disk_bytes"] > 0
+    assert with_entries[2].evictable == 0  # nothing in memory to drop instead of unloading
+
+    restarted.prompt_store.clear(["m"])  # the files go, and the live cache forgets them
+    assert len(cache) == 0
+    row = meta(restarted, "m")
+    assert row["prompt_cache_disk_bytes"] == 0
+    assert row["memory_bytes"] == with_entries[0]["memory_bytes"]
+    assert restarted.status()["memory"]["models_bytes"] == with_entries[1]
+    assert slot.candidate().size == with_entries[2].size  # what admission and the budget count
+
+
+def test_only_a_cache_that_holds_its_entries_in_memory_counts_them() -> None:
+    """1.6.3's LRUPromptCache (as mlx-lm's) holds each entry's arrays; 1.8.1's holds a file per entry."""
+    from types import SimpleNamespace
+
+    from app.utils.prompt_cache import LRUPromptCache as OnDisk
+    from mlx_lm.models.cache import LRUPromptCache as InMemory
+
+    from mlx_hub.engine.handlers import prompt_cache_bytes
+
+    in_memory, on_disk = InMemory(), OnDisk()
+    in_memory._n_bytes = on_disk._n_bytes = 1000
+    assert prompt_cache_bytes(SimpleNamespace(prompt_cache=in_memory)) == 1000
+    assert prompt_cache_bytes(SimpleNamespace(prompt_cache=on_disk)) == 0
+    assert prompt_cache_bytes(SimpleNamespace()) == 0
+    on_disk.close()
+
+
+async def test_an_edited_config_json_is_a_new_identity_and_the_stale_cache_is_evicted(
+    tiny_llama: Path, hub_config: Make, make_hub: Make, tmp_path: Path
+) -> None:
+    """config.json shapes the KV (rope_theta here): after an edit and a restart the stored cache is
+    not served, and it is evicted, folder and all, when the new identity's entry needs the room."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    doc = hub_config([entry(model, disable_batching=True)], prompt_cache_path=str(tmp_path / "pc"))
+    hub = await make_hub(doc)
+    await ask(hub, model, 1)
+    stale = hub.prompt_store.known["m"]
+    (kept,) = hub.prompt_store.entries(stale)
+    await hub.shutdown()
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": config["rope_theta"] * 50}))
+    # Room for the new entry (the same tokens, so the same size), not for it beside the stale one.
+    cap = max(kept.nbytes, kept.bytes + kept.bytes // 2)
+    assert cap < 2 * kept.bytes
+    restarted = await make_hub({**doc, "prompt_cache_disk_size": cap})
+    _, cached = await ask(restarted, model, 1)
+    assert cached == 0 and restarted.slots["m"].handler.prompt_cache.restored == 0
+    row = meta(restarted, "m")
+    assert (row["prompt_cache_hits"], row["prompt_cache_misses"]) == (0, 1)
+    store = restarted.prompt_store
+    assert store.known["m"] != stale
+    assert row["prompt_cache_disk_bytes"] > 0 and stale not in store.keys()  # evicted, folder and all
 
 
 async def test_a_corrupt_cache_file_is_skipped_deleted_and_served_cold(
@@ -211,7 +286,7 @@ async def test_cache_command_lists_and_clears_with_and_without_a_hub(
         cleared = await asyncio.to_thread(cli, config, "clear", "m")
         assert cleared.returncode == 0 and "cleared 1" in cleared.stdout, cleared.stderr
         assert meta(live.hub, "m")["prompt_cache_disk_bytes"] == 0
-        assert live.hub.slots["m"].prompt_cache_bytes == 0  # the live cache forgot the deleted entries
+        assert len(live.hub.slots["m"].handler.prompt_cache) == 0  # the live cache forgot the deleted entries
         _, cached = await ask(live.hub, tiny_llama, 1)
         assert cached == 0
         unknown = await asyncio.to_thread(cli, config, "clear", "nosuch")

@@ -81,6 +81,47 @@ def test_identity_changes_with_what_the_kv_holds(tmp_path: Path) -> None:
     assert model_identity(str(model), model).key != base.key
 
 
+def test_identity_changes_with_config_json_and_trusted_code(tmp_path: Path) -> None:
+    """config.json (rope_theta, rope_scaling, sliding_window...) shapes the KV, and so does the code
+    trust_remote_code runs; an untrusted folder's .py files never run, and a re-indent changes nothing."""
+    from mlx_hub.config import ModelConfig
+    from mlx_hub.engine.prompt_identity import entry_identity
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w" * 10)
+    config = {"model_type": "llama", "rope_theta": 10000.0, "model_file": "custom.py"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text("class Model: pass\n")
+    untrusted = model_identity(str(model), model)
+    trusted = model_identity(str(model), model, trust_remote_code=True)
+    assert trusted.key != untrusted.key and "custom.py" in trusted.description["code"]
+
+    (model / "config.json").write_text(json.dumps(config, indent=4))  # the same content, laid out anew
+    assert model_identity(str(model), model).key == untrusted.key
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+    edited = model_identity(str(model), model)
+    assert edited.key != untrusted.key
+    assert model_identity(str(model), model, trust_remote_code=True).key != trusted.key
+
+    trusted = model_identity(str(model), model, trust_remote_code=True)
+    (model / "custom.py").write_text("class Model:\n    scale = 2\n")
+    assert model_identity(str(model), model, trust_remote_code=True).key != trusted.key
+    assert model_identity(str(model), model).key == edited.key  # untrusted: the code does not run
+
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps(config))
+    with_draft = model_identity(str(model), model, draft_path=str(draft), draft_folder=draft)
+    (draft / "config.json").write_text(json.dumps({**config, "sliding_window": 128}))
+    assert model_identity(str(model), model, draft_path=str(draft), draft_folder=draft).key != with_draft.key
+
+    entry = ModelConfig(name="m", model_path=str(model))  # hub.yaml's trust_remote_code reaches the identity
+    assert (
+        entry_identity(entry).key != entry_identity(entry.model_copy(update={"trust_remote_code": True})).key
+    )
+
+
 def test_entries_tokens_and_touch_round_trip(tmp_path: Path) -> None:
     store = open_store(tmp_path / "pc", 1 << 20)
     entry = put(store, KEY, 100, [1, 2, 3, 70000])

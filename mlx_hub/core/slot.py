@@ -204,7 +204,10 @@ class ModelSlot:
 
     @property
     def prompt_cache_bytes(self) -> int:
-        """KV caches upstream keeps between requests (its prompt cache): the model's own bytes."""
+        """KV caches upstream keeps in memory between requests (its prompt cache): the model's own bytes.
+
+        Entries upstream 1.8.1 keeps on disk are not memory (``prompt_cache_disk_bytes`` in status).
+        """
         return self._cached(self.handler) if self.handler is not None else 0
 
     # ---------------------------------------------------------------- requests

@@ -38,7 +38,7 @@ class ModelMetadata(_Document):
     memory_bytes: int  # its own bytes, plus the weights copies it carries (each copy counted once)
     kv_reserved_bytes: int = 0  # what its requests in flight reserve: KV cache and prefill working memory
     memory_peak_bytes: int = 0  # the most it accounted for at once (memory_bytes + kv_reserved_bytes)
-    prompt_cache_bytes: int = 0  # of memory_bytes, upstream's prompt cache kept between requests
+    prompt_cache_bytes: int = 0  # of memory_bytes, upstream's prompt cache held in memory between requests
     shared_bytes: int = 0  # weights it holds together with other entries
     shared_with: list[str] = []  # those entries
     in_flight: int

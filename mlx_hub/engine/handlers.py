@@ -244,7 +244,22 @@ def queue_config(entry: ModelConfig) -> dict[str, Any]:
 
 
 def prompt_cache_bytes(handler: Any) -> int:
-    """Bytes upstream's in-memory prompt cache holds for a handler (its ``LRUPromptCache.nbytes``)."""
+    """Bytes of MLX arrays upstream's prompt cache keeps in memory for a handler between requests.
+
+    1.6.3's ``LRUPromptCache`` holds each entry's arrays, so its ``nbytes`` is
+    memory. 1.8.1's (and the hub's persistent one) holds a file per entry and
+    reads it only on a hit, into that request's own KV, which its reservation
+    counts: its ``nbytes`` is what the files would take if loaded, not memory
+    held, and counting it let entries restored at a start crowd other models out.
+    """
     cache = getattr(handler, "prompt_cache", None)
+    if cache is None or entries_on_disk(cache):
+        return 0
     value = getattr(cache, "nbytes", 0)
     return int(value) if isinstance(value, int) else 0
+
+
+def entries_on_disk(cache: Any) -> bool:
+    """Whether an upstream prompt cache keeps its entries in files (1.8.1: an entry is a ``file_path``)."""
+    entry = getattr(type(cache), "CacheEntry", None)
+    return dataclasses.is_dataclass(entry) and any(f.name == "file_path" for f in dataclasses.fields(entry))

@@ -36,6 +36,12 @@ Each item is named as ``MLX_HUB_DISABLE_PATCHES`` takes it (switch.py).
   text (the model ends its turn at once) has none, and the request died with 500 "'NoneType'
   object has no attribute 'peak_memory'". The last step stands in, as the streamed and batched
   paths already have it. Proof: tests/test_vlm_answers.py::test_an_empty_answer_is_an_answer[off].
+- ``idle_workers_hold_no_kv``: 1.8.1's one-at-a-time worker keeps its last work item (whose
+  closure holds the request's arguments, its KV cache among them) until the next request, and
+  its ``BatchScheduler`` keeps the last step's responses (the finished sequence's KV). Neither
+  is counted: the request's reservation has ended and the prompt cache keeps the KV on disk.
+  Both now drop the KV once upstream has stored it. Proof: tests/test_memory.py::
+  test_a_finished_request_leaves_no_kv_in_memory.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ def apply() -> None:
         ("watch_generation_steps", watch_generation_steps),
         ("queue_timeout_bounds_waiting", queue_timeout_bounds_waiting),
         ("vlm_last_step_usage", vlm_last_step_usage),
+        ("idle_workers_hold_no_kv", idle_workers_hold_no_kv),
     ):
         if enabled(name):
             patch()
@@ -147,6 +154,67 @@ def queue_timeout_bounds_waiting() -> None:
 
     submit._mlx_hub_waits_only = True  # type: ignore[attr-defined]
     worker.submit = submit
+
+
+class _RunOnce:
+    """A work item that lets go of its work once run: a loop that keeps it in a local keeps nothing."""
+
+    __slots__ = ("_work",)
+
+    def __init__(self, work: Callable[[], None]):
+        self._work: Callable[[], None] | None = work
+
+    def __call__(self) -> None:
+        work, self._work = self._work, None
+        if work is not None:
+            work()
+
+
+class _ForgetfulQueue(queue.Queue):  # type: ignore[type-arg]
+    """The worker's queue, handing out each item as a ``_RunOnce``."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> _RunOnce:
+        return _RunOnce(super().get(block, timeout))
+
+
+def idle_workers_hold_no_kv() -> None:
+    """Upstream's threads keep the last request's KV alive while they wait for the next one.
+
+    ``InferenceWorker._run`` holds its last work item in a local while it polls
+    its queue; the item's closure holds the request's arguments, with the KV cache
+    the request filled. ``BatchScheduler._run`` holds the last step's responses; a
+    finished one carries its sequence's KV. By then upstream has stored that KV in
+    its prompt cache (on disk), so it is memory nothing counts: up to one whole
+    request's KV per model. Workers made from now on get a queue whose items
+    forget their work once run, and a handled response forgets its cache.
+    """
+    worker = getattr(sys.modules.get("app.core.inference_worker"), "InferenceWorker", None)
+    if worker is not None and not getattr(worker.__init__, "_mlx_hub_forgets", False):
+        made = worker.__init__
+
+        @functools.wraps(made)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            made(self, *args, **kwargs)
+            held = getattr(self, "_work_queue", None)
+            if type(held) is queue.Queue and held.empty():
+                self._work_queue = _ForgetfulQueue(held.maxsize)
+
+        __init__._mlx_hub_forgets = True  # type: ignore[attr-defined]
+        worker.__init__ = __init__
+    scheduler = getattr(sys.modules.get("app.core.batch_scheduler"), "BatchScheduler", None)
+    handle = getattr(scheduler, "_handle_generation_response", None)
+    if handle is not None and not getattr(handle, "_mlx_hub_forgets", False):
+
+        @functools.wraps(handle)
+        def handle_generation_response(self: Any, resp: Any) -> None:
+            try:
+                handle(self, resp)
+            finally:
+                if getattr(resp, "prompt_cache", None) is not None:
+                    resp.prompt_cache = None  # stored by now (or not kept): the scheduler's loop keeps resp
+
+        handle_generation_response._mlx_hub_forgets = True  # type: ignore[attr-defined]
+        scheduler._handle_generation_response = handle_generation_response  # type: ignore[union-attr]
 
 
 def vlm_last_step_usage() -> None:
@@ -335,7 +403,8 @@ PROMPT_CACHE_SHARE = 0.25
 
 def bound_prompt_cache(handler: Any, budget: int | None) -> None:
     """Cap upstream's prompt cache at ``PROMPT_CACHE_SHARE`` of the budget (or its own smaller
-    ``prompt_cache_max_bytes``): its default is unbounded, and what it keeps counts as the model's bytes.
+    ``prompt_cache_max_bytes``): its default is unbounded, and what an in-memory one keeps (1.6.3)
+    counts as the model's bytes; one on disk (1.8.1) loads an entry of at most that size on a hit.
 
     Upstream's ``LRUPromptCache`` evicts down to ``max_bytes`` on its next insert,
     on its own thread; the hub only lowers the bound.
