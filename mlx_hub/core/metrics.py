@@ -71,20 +71,7 @@ class _StateCollector:
             peak.add_metric([name], float(meta.memory_peak_bytes))
         yield from (running, loaded, state, memory, in_flight, waiting, reserved, peak)
         yield _rank_memory(status)
-        active = GaugeMetricFamily("mlx_hub_mlx_active_memory_bytes", "MLX active memory of the hub process")
-        active.add_metric([], float(status.memory.active_bytes))
-        yield active
-        hub_reserved = GaugeMetricFamily(
-            "mlx_hub_memory_reserved_bytes", "what every request in flight reserves (KV cache, prefill)"
-        )
-        hub_reserved.add_metric([], float(status.memory.reserved_bytes))
-        hub_peak = GaugeMetricFamily("mlx_hub_mlx_peak_memory_bytes", "MLX peak memory since the hub started")
-        hub_peak.add_metric([], float(status.memory.peak_bytes))
-        models = GaugeMetricFamily(
-            "mlx_hub_models_memory_bytes", "loaded models' bytes (weights, prompt caches)"
-        )
-        models.add_metric([], float(status.memory.models_bytes))
-        yield from (hub_reserved, hub_peak, models)
+        yield from _hub_memory(status)
         restarts = CounterMetricFamily(
             "mlx_hub_restarts", "times the supervisor restarted the hub after a crash (kept across restarts)"
         )
@@ -95,6 +82,22 @@ class _StateCollector:
             budget = GaugeMetricFamily("mlx_hub_memory_budget_bytes", "max_memory in bytes")
             budget.add_metric([], float(status.memory.budget_bytes))
             yield budget
+
+
+def _hub_memory(status: HubStatus) -> Iterator[GaugeMetricFamily]:
+    """The hub process's MLX memory and what its models and requests account for."""
+    active = GaugeMetricFamily("mlx_hub_mlx_active_memory_bytes", "MLX active memory of the hub process")
+    active.add_metric([], float(status.memory.active_bytes))
+    yield active
+    hub_reserved = GaugeMetricFamily(
+        "mlx_hub_memory_reserved_bytes", "what every request in flight reserves (KV cache, prefill)"
+    )
+    hub_reserved.add_metric([], float(status.memory.reserved_bytes))
+    hub_peak = GaugeMetricFamily("mlx_hub_mlx_peak_memory_bytes", "MLX peak memory since the hub started")
+    hub_peak.add_metric([], float(status.memory.peak_bytes))
+    models = GaugeMetricFamily("mlx_hub_models_memory_bytes", "loaded models' bytes (weights, prompt caches)")
+    models.add_metric([], float(status.memory.models_bytes))
+    yield from (hub_reserved, hub_peak, models)
 
 
 def _rank_memory(status: HubStatus) -> GaugeMetricFamily:

@@ -6,7 +6,9 @@ restart then re-prefills long prompts. This store keeps them instead, in
 ``prompt_cache_path``:
 
 - one folder per **identity** (``model_identity``): the resolved weights (path,
-  each weight file's size and mtime), the KV options and the draft model, hashed;
+  each weight file's size and mtime), ``config.json``'s content and, under
+  ``trust_remote_code``, the folder's Python files, the KV options and the draft
+  model, hashed;
   anything that changes what the KV holds changes the folder, so a stale cache is
   never read, and entries that share weights and options share one folder;
 - per entry, its tensors (``<id>.safetensors``, written by the patch with
