@@ -163,7 +163,19 @@ async def test_a_killed_rank_fails_the_model_by_name_and_the_next_request_relaun
         first = await _chat(client, live.url, "sharded")
         assert meta(live.hub, "sharded")["memory_bytes"] > 0  # the ranks on this machine count here
         ranks = meta(live.hub, "sharded")["ranks"]
-        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        body = {"model": "sharded", "messages": CHAT, "max_tokens": 2000, "temperature": 0, "stream": True}
+        said = ""
+        async with (
+            asyncio.timeout(120),
+            client.stream("POST", live.url + "/v1/chat/completions", json=body) as answer,
+        ):
+            async for line in answer.aiter_lines():  # the stream is under way: rank 1 dies
+                if line.startswith("data: {") and not said:
+                    said = "killed"
+                    os.kill(ranks[1]["pid"], signal.SIGKILL)
+                elif '"error"' in line:
+                    said = line
+        assert "rank 1 on 127.0.0.1" in said, said  # the request in flight names the rank that failed
         row = await _wait_failed(live, "sharded", 30)
         assert "rank 1 on 127.0.0.1" in row["memory_last_error"] and "exited" in row["memory_last_error"]
         assert not any(_alive(r["pid"]) for r in ranks), "rank 0 was left running"

@@ -11,6 +11,8 @@ group's reason, which names the rank and host, instead of a bare 502.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -32,6 +34,8 @@ FORWARDED = ("/v1/chat/completions", "/v1/completions")
 RANK_MODEL = "default_model"  # the name mlx-lm's server gives the model it was started with
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: No read timeout: a long prefill is silent, and a stuck group is ended by its own watchdog.
+#: How long a dropped request waits for the group's watchdog to say which rank failed.
+NAMING_SECONDS = 3.0
 _TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0)
 
 
@@ -46,7 +50,10 @@ def _group(slot: ModelSlot) -> Any:
     return group
 
 
-def _reason(slot: ModelSlot, group: Any, exc: Exception) -> str:
+async def _reason(slot: ModelSlot, group: Any, exc: Exception) -> str:
+    """Why rank 0 dropped a request: the group's failure, once its watchdog has named the rank that caused it."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.shield(group.ended), NAMING_SECONDS)
     failure = getattr(group, "failure", None)
     return (
         failure
@@ -64,7 +71,7 @@ async def _upstream(slot: ModelSlot, path: str, body: bytes) -> tuple[Any, httpx
         return group, client, await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         await client.aclose()
-        raise GroupGone(_reason(slot, group, exc)) from None
+        raise GroupGone(await _reason(slot, group, exc)) from None
 
 
 def _for_rank(body: dict[str, Any]) -> bytes:
@@ -100,7 +107,7 @@ async def _forward(slot: ModelSlot, raw: Request) -> Response:
         try:
             content = await answer.aread()
         except httpx.HTTPError as exc:
-            return error_json(502, _reason(slot, group, exc), "server_error", "rank_failed")
+            return error_json(502, await _reason(slot, group, exc), "server_error", "rank_failed")
         finally:
             await answer.aclose()
             await client.aclose()
@@ -114,11 +121,19 @@ async def _forward(slot: ModelSlot, raw: Request) -> Response:
 
     async def lines() -> AsyncIterator[str]:
         try:
+            done = False
             async for line in answer.aiter_lines():
+                done = done or line.strip() == "data: [DONE]"
                 yield _named(line, model) + "\n"
+            if not done:  # HTTP/1.0: a rank that dies closes the stream as if it had ended
+                raise httpx.RemoteProtocolError("the stream ended before [DONE]")
         except httpx.HTTPError as exc:
             error = {
-                "error": {"message": _reason(slot, group, exc), "type": "server_error", "code": "rank_failed"}
+                "error": {
+                    "message": await _reason(slot, group, exc),
+                    "type": "server_error",
+                    "code": "rank_failed",
+                }
             }
             yield f"data: {json.dumps(error)}\n\n"
         finally:
@@ -154,12 +169,16 @@ async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[A
         if answer.status_code != 200:
             text = (await answer.aread()).decode(errors="replace")
             raise tr.RequestError(answer.status_code, f"rank 0 refused the request: {text[:300]}")
+        done = False
         async for line in answer.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+            done = done or line.strip() == "data: [DONE]"
+            if line.startswith("data: {"):
                 for chunk in _chunk(json.loads(line[6:])):
                     yield chunk
+        if not done:  # HTTP/1.0: a rank that dies closes the stream as if it had ended
+            raise httpx.RemoteProtocolError("the stream ended before [DONE]")
     except httpx.HTTPError as exc:
-        raise GroupGone(_reason(slot, group, exc)) from None
+        raise GroupGone(await _reason(slot, group, exc)) from None
     finally:
         await answer.aclose()
         await client.aclose()

@@ -62,6 +62,7 @@ class RankState:
     seen: float = field(default_factory=time.monotonic)  # when its last status line came
     stepped: float = field(default_factory=time.monotonic)  # when its step count last moved
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    closed: float | None = None  # when its output ended: about when it exited, to tell who went first
 
     def where(self) -> str:
         pid = f", pid {self.pid}" if self.pid else ""
@@ -210,6 +211,13 @@ class RankGroup:
     async def _read(self, state: RankState, stream: asyncio.StreamReader | None, stdout: bool) -> None:
         if stream is None:
             return
+        try:
+            await self._lines(state, stream, stdout)
+        finally:
+            if stdout:
+                state.closed = time.monotonic()
+
+    async def _lines(self, state: RankState, stream: asyncio.StreamReader, stdout: bool) -> None:
         while line := await stream.readline():
             text = line.decode(errors="replace").rstrip("\r\n")
             if stdout and text.startswith(STATUS_PREFIX):
@@ -247,11 +255,11 @@ class RankGroup:
                     self.ended.set_result(self.failure)
 
     def _problem(self, now: float, started: float) -> str | None:
-        for r in self.ranks:
-            code = r.process.returncode if r.process is not None else None
-            if code is not None:
-                said = r.error or (r.tail[-1] if r.tail else "")
-                return f"{r.where()} exited with code {code}" + (f": {said}" if said else "")
+        gone = [r for r in self.ranks if r.process is not None and r.process.returncode is not None]
+        if gone:  # the first to go is the cause: the others die of losing it
+            r = min(gone, key=lambda r: r.closed or now)
+            said = r.error or next((t for t in reversed(r.tail) if _says_why(t)), "")
+            return f"{r.where()} exited with code {r.process.returncode}" + (f": {said}" if said else "")
         joining = [r for r in self.ranks if r.state in ("starting", "joining")]
         if joining and now - started > self.cfg.join_seconds:
             names = ", ".join(r.where() for r in joining)
@@ -337,6 +345,11 @@ class RankGroup:
     def local_memory(self) -> int:
         """MLX active memory of the ranks on this machine: what the hub's budget counts."""
         return sum(r.active or 0 for r in self.ranks if r.place.local)
+
+
+def _says_why(line: str) -> bool:
+    """A line of a rank's output that explains its end (an error, ssh's complaint), not routine logging."""
+    return any(word in line for word in ("Error", "error", "ssh:", "Traceback", "refused", "denied"))
 
 
 def _signal_group(process: asyncio.subprocess.Process, sig: int) -> None:
