@@ -75,6 +75,16 @@ class DistributedConfig(BaseModel):
             )
         return value
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value == "mpi":
+            raise ValueError(
+                "backend mpi needs mpirun to start the ranks, and the hub starts each rank itself so it can "
+                "watch and end it; use ring (any TCP or Thunderbolt link) or jaccl (Thunderbolt 5 RDMA)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> DistributedConfig:
         if (self.hosts is None) == (self.hostfile is None):
