@@ -59,11 +59,11 @@ async def run(cache: Path, workdir: Path) -> dict[str, Any]:
 
     from mlx_hub import Hub
     from mlx_hub.config import ModelConfig
-    from mlx_hub.core.server import AppServer
     from mlx_hub.engine import memory
     from mlx_hub.testing.tinymodel import make_model
     from mlx_hub.web.controller import build_controller_app
     from mlx_hub.web.model_app import build_model_app
+    from mlx_hub.web.server import AppServer
 
     paths = {name: make_model(cache / f"long-{name}", arch=arch, shape=shape, seed=5)
              for name, (arch, shape) in SHAPES.items()}  # fmt: skip

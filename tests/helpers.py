@@ -86,8 +86,8 @@ class LiveController:
     """A hub plus its controller app on a real loopback port, in this event loop."""
 
     def __init__(self, hub: Any, port: int):
-        from mlx_hub.core.server import AppServer
         from mlx_hub.web.controller import build_controller_app
+        from mlx_hub.web.server import AppServer
 
         self.hub = hub
         self.port = port

@@ -111,7 +111,7 @@ async def test_a_real_connection_from_this_machines_lan_address_may_control(fast
     address = own_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    from mlx_hub.core.server import AppServer
+    from mlx_hub.web.server import AppServer
 
     hub = await fast([fake("m")])
     port = free_port()

@@ -310,7 +310,7 @@ assert mlx_hub.__file__.startswith({str(target)!r}), mlx_hub.__file__
 from mlx_hub import Hub
 from mlx_hub.web.dashboard import ASSETS
 from mlx_hub.web.controller import build_controller_app
-from mlx_hub.core.server import AppServer
+from mlx_hub.web.server import AppServer
 async def main():
     hub = Hub.from_config({{"log_path": {str(tmp_path / "logs")!r}, "models": [{{"name": "a", "model_path": "x/y"}}]}})
     server = AppServer(build_controller_app(hub, request_shutdown=lambda: None), "127.0.0.1", {port}, name="c")

@@ -154,3 +154,35 @@ def test_an_untested_combination_warns_naming_the_versions() -> None:
     warning = untested_stack({**newest, "mlx-lm": "0.33.0"})
     assert warning and "mlx-lm 0.33.0" in warning and "mlx-vlm 0.7.10" in warning and "tested:" in warning
     assert "mlx-openai-server missing" in (untested_stack({**newest, "mlx-openai-server": None}) or "")
+
+
+async def test_a_port_is_what_the_hub_is_given(hub_config: Callable[..., dict[str, Any]]) -> None:
+    """The core opens and closes a model's port through the server it is handed, and knows no HTTP server:
+    a model served some other way (here, only in-process) is a slot like any other."""
+    from mlx_hub.web.model_app import build_model_app
+
+    served: list[tuple[Any, ...]] = []
+
+    class Recording:
+        def __init__(self, app: Any, host: str, port: int, *, name: str):
+            self.where = (host, port, name)
+
+        async def start(self) -> None:
+            served.append(("start", *self.where))
+
+        async def stop(self, timeout: float = 15.0) -> None:
+            served.append(("stop", *self.where))
+
+    hub = Hub.from_config(
+        hub_config([fake("a")]), app_factory=build_model_app, serve=Recording, engine=FakeEngine()
+    )
+    await hub.start()
+    try:
+        number = hub.slots["a"].port
+        assert served == [("start", "127.0.0.1", number, "model 'a'")]
+        async with port(hub, "a") as http:
+            assert (await http.post("/v1/chat/completions", json=hello("a", 4))).status_code == 200
+        await hub.stop_model("a")
+        assert served[-1] == ("stop", "127.0.0.1", number, "model 'a'")
+    finally:
+        await hub.shutdown(drain_timeout=0.2)

@@ -18,11 +18,11 @@ import pytest
 
 from mlx_hub.config import ConfigError, load_config
 from mlx_hub.core.hub import Hub
-from mlx_hub.core.server import AppServer
 from mlx_hub.testing.fake_engine import fake
 from mlx_hub.web import hosts
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.web.hosts import host_name
+from mlx_hub.web.server import AppServer
 
 from .helpers import free_port, hello, own_address
 

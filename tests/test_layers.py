@@ -153,7 +153,7 @@ def test_the_checks_can_fail() -> None:
         ),
         ("mlx_hub.engine.base", ("mlx.core", "app", "transformers")),
         ("mlx_hub.engine.model_files", ("mlx.core", "app", "transformers")),
-        ("mlx_hub.core.hub", ("mlx.core", "app", "fastapi", "mlx_hub.web.model_app")),
+        ("mlx_hub.core.hub", ("mlx.core", "app", "fastapi", "uvicorn", "mlx_hub.web.model_app")),
     ],
 )
 def test_light_modules_stay_light(module: str, heavy: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from mlx_hub.core.errors import (
 from mlx_hub.core.metrics import HubMetrics
 from mlx_hub.core.ports import PortBook, PortError
 from mlx_hub.core.report import build_status
+from mlx_hub.core.serving import ServeFactory
 from mlx_hub.core.signals import Background, Changes
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
@@ -60,6 +61,7 @@ class Hub:
         config: HubConfig,
         *,
         app_factory: AppFactory,
+        serve: ServeFactory | None = None,
         engine: Engine | None = None,
         config_path: Path | None = None,
         reap_interval: float = 1.0,
@@ -67,6 +69,9 @@ class Hub:
         freeze_gc: bool = False,
     ):
         self.app_factory = app_factory  # the ASGI app each model port serves (web.model_app)
+        self.serve = (
+            serve  # what serves that app on the model's port (web.server); the core knows no HTTP server
+        )
         self.engine: Engine = engine or self._make_engine()  # what loads, frees and measures models
         self.config_path = config_path
         self.reap_interval = reap_interval
@@ -365,7 +370,15 @@ class Hub:
 
     def new_slot(self, entry: ModelConfig, port: int, host: str) -> ModelSlot:
         """A slot for ``entry`` that reports to this hub and reads its engine's shares and caches."""
-        return ModelSlot(entry, port, host, self.notify, self.engine.shared, self.engine.prompt_cache_bytes)
+        return ModelSlot(
+            entry,
+            port,
+            host,
+            self.notify,
+            self.engine.shared,
+            self.engine.prompt_cache_bytes,
+            serve=self.serve,
+        )
 
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)

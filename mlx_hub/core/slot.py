@@ -21,7 +21,7 @@ from typing import Any
 from mlx_hub.config import ModelConfig
 from mlx_hub.core.policy import Candidate, batch_padding, seconds_until_idle_unload
 from mlx_hub.core.ports import PortError
-from mlx_hub.core.server import AppServer
+from mlx_hub.core.serving import PortServer, ServeFactory
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import ModelMetadata, ModelStatus
 from mlx_hub.engine.base import Engine, EngineError, Loaded
@@ -87,6 +87,7 @@ class ModelSlot:
         on_change: Callable[[], None] = lambda: None,
         shared: Callable[[str], list[SharedWeights]] = lambda name: [],
         cached: Callable[[Any], int] = lambda handler: 0,
+        serve: ServeFactory | None = None,
     ):
         self.entry = entry
         self._shared = shared  # the weights copies an entry holds (the engine's view)
@@ -123,7 +124,8 @@ class ModelSlot:
         self.op_lock = asyncio.Lock()  # start/stop of this one model, one at a time
         self._idle = asyncio.Event()  # set while no request runs
         self._idle.set()
-        self._server: AppServer | None = None
+        self._serve = serve  # builds the server for its port (the web layer's); None: this slot has no port
+        self._server: PortServer | None = None
 
     @property
     def name(self) -> str:
@@ -476,7 +478,9 @@ class ModelSlot:
 
     async def open_port(self, app: Any) -> None:
         """Serve ``app`` on this slot's port; raises ``PortError`` if the port is taken."""
-        server = AppServer(app, self.host, self.port, name=f"model '{self.name}'")
+        if self._serve is None:
+            raise PortError(f"model '{self.name}': this hub was built without a server for model ports")
+        server = self._serve(app, self.host, self.port, name=f"model '{self.name}'")
         await server.start()
         self.app = app
         self._server = server

@@ -16,10 +16,10 @@ from starlette.types import ASGIApp
 
 from mlx_hub.config import HubConfig
 from mlx_hub.core.hub import Hub as CoreHub
-from mlx_hub.core.server import AppServer
 from mlx_hub.engine.mlx import MLXEngine
 from mlx_hub.web.controller import build_controller_app
 from mlx_hub.web.model_app import build_model_app
+from mlx_hub.web.server import AppServer
 
 
 class Hub(CoreHub):
@@ -42,6 +42,7 @@ class Hub(CoreHub):
         **kwargs: Any,
     ):
         kwargs.setdefault("app_factory", build_model_app)
+        kwargs.setdefault("serve", AppServer)
         super().__init__(config, **kwargs)
         self.controller = controller
         self.request_shutdown = request_shutdown or self._shutdown_soon  # what POST /hub/shutdown does

@@ -1,4 +1,4 @@
-"""Serving one ASGI app on one port as a task in the hub's event loop.
+"""Serving one ASGI app on one port as a task in the hub's event loop (the hub's ``ServeFactory``).
 
 Every model port and the controller port are one of these. The socket is
 bound before uvicorn sees it, so a taken port is a ``PortError`` naming the
