@@ -27,6 +27,7 @@ from ..test_cli import cli, kill_leftover_daemon, rows, runtime, wait_gone
 pytestmark = pytest.mark.reliability  # `make soak` runs these with the soak
 
 BACK_WITHIN = 30.0  # seconds: the issue's bound for a CPU machine
+GENEROUS = 180.0  # seconds: a bound for the tests that are not about how fast the hub comes back
 
 
 @pytest.fixture
@@ -272,3 +273,24 @@ def test_a_configuration_error_is_not_retried(crash_files: dict[str, Any], tiny_
     assert after["state"] == "gave_up" and "configuration is invalid" in after["gave_up"]
     assert after["restarts"] == 1  # it tried once, the hub refused the file, and that was that
     assert "field 'jit_enable'" in (crash_files["logs"] / "hub.log").read_text()
+
+
+# ----------------------------------------------------------------------------- after a restart
+
+
+def test_a_model_on_its_own_host_keeps_its_automatic_port_after_a_restart(
+    crash_files: dict[str, Any], tiny_llama: Path
+) -> None:
+    """The hub on every address (the default), one model on loopback only with an automatic port: the
+    restarted hub asks whether that port is free on the model's host, where the supervisor holds it,
+    so the model keeps its socket (asked on the hub's host, the port looked taken and moved)."""
+    entry = {"name": "alpha", "model_path": str(tiny_llama), "jit_enabled": True, "default": True}
+    write_config(crash_files, [{**entry, "host": "127.0.0.1"}], host="0.0.0.0")
+    path = crash_files["path"]
+    assert cli(path, "start").returncode == 0
+    ports, before = ports_of(crash_files), runtime(crash_files["logs"])
+    os.kill(before["pid"], signal.SIGKILL)
+    back_again(crash_files, before["pid"], time.monotonic() + GENEROUS)
+    assert ports_of(crash_files) == ports, log_tail(crash_files)
+    assert httpx.get(f"http://127.0.0.1:{ports['alpha']}/health", timeout=10).status_code == 200
+    assert cli(path, "shutdown").returncode == 0
