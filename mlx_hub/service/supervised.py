@@ -34,7 +34,7 @@ from mlx_hub.core.errors import HubError
 from mlx_hub.core.ports import PortError, listen_socket
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import Supervision
-from mlx_hub.service.supervision import CHANNEL_ENV, LAUNCH_ENV, Launch, Reader, Snapshot, send
+from mlx_hub.service.supervision import CHANNEL_ENV, LAUNCH_ENV, Launch, Reader, Snapshot, send, stop_grace
 
 if TYPE_CHECKING:
     from mlx_hub.service.api import Hub
@@ -215,6 +215,11 @@ class Supervised:
                 await hub.load(name)
             except HubError as exc:
                 log.error("model '%s' was loaded before the crash and did not load again: %s", name, exc)
+
+    def stopping(self, drain_timeout: float) -> None:
+        """Tell the supervisor this hub was asked to stop: its exit from now on is final, never a crash,
+        and a shutdown that outlasts the grace (``drain_timeout`` and a margin) is killed."""
+        self.channel.tell({"op": "stopping", "grace": stop_grace(drain_timeout)})
 
     def report(self, hub: Hub) -> None:
         """Tell the supervisor the models' states, when they changed since the last report."""

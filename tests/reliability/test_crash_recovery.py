@@ -294,3 +294,57 @@ def test_a_model_on_its_own_host_keeps_its_automatic_port_after_a_restart(
     assert ports_of(crash_files) == ports, log_tail(crash_files)
     assert httpx.get(f"http://127.0.0.1:{ports['alpha']}/health", timeout=10).status_code == 200
     assert cli(path, "shutdown").returncode == 0
+
+
+# ----------------------------------------------------------------------------- a shutdown is final
+
+#: The test's hub.yaml sets drain_timeout 1, so a stop has 1 + 15 s (supervision.stop_grace).
+GRACE_LOG = "did not stop within 16 s of being asked; killing it"
+
+
+def start_with_shutdown_fault(files: dict[str, Any], model: Path, fault: str) -> dict[str, Any]:
+    """A hub whose shutdown raises, hangs or is killed (``faults.SHUTDOWN_FAULT_ENV``); its runtime file."""
+    entry = {"name": "alpha", "model_path": str(model), "jit_enabled": True, "default": True}
+    write_config(files, [entry], drain_timeout=1)
+    env = {"MLX_HUB_TEST_FAULTS": "1", "MLX_HUB_TEST_SHUTDOWN_FAULT": fault}
+    started = cli(files["path"], "start", env_extra=env)
+    assert started.returncode == 0, started.stderr
+    info = runtime(files["logs"])
+    assert info is not None
+    return info
+
+
+def assert_both_gone_for_good(files: dict[str, Any], info: dict[str, Any]) -> str:
+    """Hub and supervisor gone, nothing restarted, the ports closed; hub.log."""
+    wait_gone(info["pid"])
+    wait_gone(info["supervisor_pid"])
+    log = (files["logs"] / "hub.log").read_text(errors="replace")
+    assert "; restart 1" not in log, log_tail(files)
+    assert runtime(files["logs"]) is None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{files['doc']['port']}/health", timeout=2)
+    return log
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang", "kill"])
+def test_a_shutdown_that_fails_midway_stays_down(
+    crash_files: dict[str, Any], tiny_llama: Path, fault: str
+) -> None:
+    """The hub tells its supervisor it is stopping before its shutdown begins, so a shutdown that
+    raises or is killed is not a crash, and one that hangs is killed after the grace; `shutdown`
+    returns (without the fix it waited 120 s for a supervisor that had restarted the hub, or hung)."""
+    info = start_with_shutdown_fault(crash_files, tiny_llama, fault)
+    out = cli(crash_files["path"], "shutdown", timeout=GENEROUS)  # without the fix: exit 1 after 120 s
+    assert out.returncode == 0 and "hub stopped" in out.stdout, out.stderr + log_tail(crash_files)
+    log = assert_both_gone_for_good(crash_files, info)
+    assert (GRACE_LOG in log) == (fault == "hang")
+
+
+def test_the_supervisors_stop_kills_a_hub_that_does_not_end(
+    crash_files: dict[str, Any], tiny_llama: Path
+) -> None:
+    """SIGTERM to the supervisor (what launchd and systemd send) while the hub's shutdown hangs: the
+    hub ignores the SIGTERM it is passed, and after the grace the supervisor sends SIGKILL."""
+    info = start_with_shutdown_fault(crash_files, tiny_llama, "hang")
+    os.kill(info["supervisor_pid"], signal.SIGTERM)
+    assert GRACE_LOG in assert_both_gone_for_good(crash_files, info)
