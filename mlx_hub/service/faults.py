@@ -11,7 +11,10 @@ tests do; nothing else should). Then:
   on every load);
 - ``MLX_HUB_TEST_SHUTDOWN_FAULT=raise | hang | kill`` makes the hub's
   shutdown raise, hang for good, or end the process with SIGKILL, once it
-  has begun.
+  has begun;
+- ``MLX_HUB_TEST_HOLD_LOADS=path`` makes every load wait while that file
+  exists: a test holds a restarted hub's restore, and releases it by
+  removing the file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 ENV = "MLX_HUB_TEST_FAULTS"
 CRASH_ON_LOAD_ENV = "MLX_HUB_TEST_CRASH_ON_LOAD"
 SHUTDOWN_FAULT_ENV = "MLX_HUB_TEST_SHUTDOWN_FAULT"
+HOLD_LOADS_ENV = "MLX_HUB_TEST_HOLD_LOADS"
 HEADER = b"x-mlx-hub-test-fault"
 SIGNALS = {"abort": signal.SIGABRT, "segv": signal.SIGSEGV, "kill": signal.SIGKILL}
 
@@ -76,15 +80,18 @@ def install(hub: Hub) -> None:
 
 
 def _on_load(hub: Hub) -> None:
-    """Loads that crash (``CRASH_ON_LOAD_ENV``)."""
+    """Loads that crash (``CRASH_ON_LOAD_ENV``) or wait (``HOLD_LOADS_ENV``)."""
     doomed = {n.strip() for n in os.environ.get(CRASH_ON_LOAD_ENV, "").split(",") if n.strip()}
-    if not doomed:
+    hold = os.environ.get(HOLD_LOADS_ENV, "")
+    if not doomed and not hold:
         return
     load = hub.engine.load
 
     async def faulty_load(entry: Any, **kwargs: Any) -> Any:
         if entry.name in doomed:
             crash("abort")
+        while hold and os.path.exists(hold):
+            await asyncio.sleep(0.1)
         return await load(entry, **kwargs)
 
     hub.engine.load = faulty_load  # type: ignore[method-assign]

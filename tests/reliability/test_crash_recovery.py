@@ -55,8 +55,11 @@ def ports_of(files: dict[str, Any]) -> dict[str, int]:
     return json.loads((files["logs"] / "ports.json").read_text())
 
 
-def chat(url: str, model: str, path: Path, timeout: float = 120) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", json=hello(model, 4, **text_only(path)), timeout=timeout)
+def chat(
+    url: str, model: str, path: Path, timeout: float = 120, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    body = hello(model, 4, **text_only(path))
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout, headers=headers)
 
 
 def back_again(files: dict[str, Any], old_pid: int, deadline: float) -> dict[str, Any]:
@@ -72,6 +75,19 @@ def back_again(files: dict[str, Any], old_pid: int, deadline: float) -> dict[str
                 pass
         time.sleep(0.2)
     raise AssertionError(f"the hub did not come back; hub.log ends:\n{log_tail(files)}")
+
+
+def answering_again(url: str, old_pid: int, deadline: float) -> dict[str, Any]:
+    """``/health`` of the hub that replaced ``old_pid``, as soon as its controller answers (ready or not)."""
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            if health["pid"] != old_pid:
+                return health
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no new hub answered at {url}")
 
 
 def log_tail(files: dict[str, Any], lines: int = 40) -> str:
@@ -108,15 +124,24 @@ class Stream(threading.Thread):
 class During(threading.Thread):
     """A request sent while the hub is down: it must wait in the backlog and be served."""
 
-    def __init__(self, url: str, model: str, path: Path):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        path: Path,
+        headers: dict[str, str] | None = None,
+        timeout: float = BACK_WITHIN * 2,
+    ):
         super().__init__(daemon=True)
         self.args = (url, model, path)
+        self.headers = headers
+        self.timeout = timeout
         self.response: httpx.Response | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.response = chat(*self.args, timeout=BACK_WITHIN * 2)
+            self.response = chat(*self.args, timeout=self.timeout, headers=self.headers)
         except BaseException as exc:
             self.error = exc
 
@@ -293,6 +318,36 @@ def test_a_model_on_its_own_host_keeps_its_automatic_port_after_a_restart(
     back_again(crash_files, before["pid"], time.monotonic() + GENEROUS)
     assert ports_of(crash_files) == ports, log_tail(crash_files)
     assert httpx.get(f"http://127.0.0.1:{ports['alpha']}/health", timeout=10).status_code == 200
+    assert cli(path, "shutdown").returncode == 0
+
+
+def test_a_request_without_a_key_is_refused_at_once_while_the_hub_restores(
+    crash_files: dict[str, Any], tiny_llama: Path
+) -> None:
+    """Requests that arrive while a restarted hub restores its models are held until it is done, but
+    a request without a valid key is answered 401 at once: here while the restore is still held back
+    by the test (it would have waited for the restore, up to 300 s)."""
+    hold = crash_files["folder"] / "hold-loads"
+    write_config(
+        crash_files, [{"name": "alpha", "model_path": str(tiny_llama), "default": True}], api_keys=["sesame"]
+    )
+    path, doc = crash_files["path"], crash_files["doc"]
+    faults = {"MLX_HUB_TEST_FAULTS": "1", "MLX_HUB_TEST_HOLD_LOADS": str(hold)}
+    assert cli(path, "start", env_extra=faults).returncode == 0  # alpha loaded: the file is not there yet
+    url, port = f"http://127.0.0.1:{doc['port']}", ports_of(crash_files)["alpha"]
+    before = runtime(crash_files["logs"])
+    hold.touch()  # the next hub's load of alpha, and so its restore, waits while this file exists
+    os.kill(before["pid"], signal.SIGKILL)
+    assert not answering_again(url, before["pid"], time.monotonic() + GENEROUS)["ready"]
+    keyed = During(url, "alpha", tiny_llama, headers={"Authorization": "Bearer sesame"}, timeout=GENEROUS * 2)
+    keyed.start()
+    for where in (url, f"http://127.0.0.1:{port}"):  # through /v1, and on the model's own port
+        refused = chat(where, "alpha", tiny_llama, timeout=GENEROUS)  # without the fix: held 300 s
+        assert refused.status_code == 401 and "missing or wrong API key" in refused.text
+    assert not httpx.get(f"{url}/health", timeout=5).json()["ready"]  # still restoring: the file is there
+    hold.unlink()
+    keyed.join(GENEROUS * 2)
+    assert keyed.response is not None and keyed.response.status_code == 200, keyed.error
     assert cli(path, "shutdown").returncode == 0
 
 
