@@ -6,8 +6,10 @@ import hashlib
 import os
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mlx_hub.testing.tinymodel import text_only_logit_bias
 
@@ -46,6 +48,63 @@ def free_range(width: int = 8) -> int:
         if ok:
             return start
     raise RuntimeError("no free port range")
+
+
+class Drain(threading.Thread):
+    """Everything a child process writes to ``stream`` (a pipe, or a pseudo-terminal's leader), read
+    on a thread until the child closes it.
+
+    A test that stops reading while it waits for the child (to show something, to exit) lets the
+    pipe or terminal buffer fill up, and the child then blocks in a write and never gets there. This
+    reads all the time. It owns ``stream`` and closes it at the end.
+    """
+
+    def __init__(self, stream: IO[bytes]):
+        super().__init__(daemon=True, name="drain")
+        self.stream = stream
+        self._data = bytearray()
+        self._closed = False
+        self._grew = threading.Condition()
+        self.start()
+
+    def run(self) -> None:
+        chunk = b"-"
+        try:
+            while chunk:
+                try:
+                    chunk = os.read(self.stream.fileno(), 65536)
+                except OSError:  # EIO: a terminal whose other side closed with the process
+                    chunk = b""
+                with self._grew:
+                    self._data += chunk
+                    self._grew.notify_all()
+        finally:
+            with self._grew:
+                self._closed = True
+                self._grew.notify_all()
+            self.stream.close()
+
+    @property
+    def text(self) -> str:
+        with self._grew:
+            return self._data.decode(errors="replace")
+
+    def wait_for(self, shown: str, timeout: float, times: int = 1) -> bool:
+        """Whether ``shown`` appears (``times`` times) within ``timeout`` s; False once the child
+        closed its end without it."""
+        deadline = time.monotonic() + timeout
+        with self._grew:
+            while self._data.count(shown.encode()) < times:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return False
+                self._grew.wait(left)
+        return True
+
+    def finish(self, timeout: float = 30) -> str:
+        """Everything written, once the child has closed its end (at most ``timeout`` s from now)."""
+        self.join(timeout)
+        return self.text
 
 
 def hello(model: str, max_tokens: int, **extra: Any) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from .helpers import free_port, free_range
+from .helpers import Drain, free_port, free_range
 
 ENV = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
 
@@ -63,44 +62,44 @@ def wait_gone(pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"pid {pid} still running")
 
 
-def interrupt_in_terminal(args: list[str], once_shown: str, timeout: float = 60) -> tuple[int, str]:
-    """Run the CLI on a pseudo-terminal, press Ctrl-C once ``once_shown`` is on screen.
+def interrupt_in_terminal(command: list[str], once_shown: str, timeout: float = 60) -> tuple[int, str]:
+    """Run ``command`` on a pseudo-terminal, press Ctrl-C once ``once_shown`` is on screen.
 
     Waiting for the screen, not a fixed sleep, keeps a slow machine from
-    interrupting the command while it is still importing.
+    interrupting the command while it is still importing. The screen is read
+    all along, also while the command exits: a full terminal would block its
+    last redraw, and it would never exit.
     """
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_hub.cli", *args],
+        command,
         stdin=follower,
         stdout=follower,
         stderr=follower,
         env=ENV,
     )
     os.close(follower)
-    screen = b""
-    deadline = time.monotonic() + timeout
+    screen = Drain(open(leader, "rb", buffering=0))
     try:
-        while once_shown.encode() not in screen:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise AssertionError(f"{once_shown!r} never appeared:\n{screen.decode(errors='replace')}")
-            if select.select([leader], [], [], 0.2)[0]:
-                screen += os.read(leader, 65536)
+        if not screen.wait_for(once_shown, timeout):
+            raise AssertionError(f"{once_shown!r} never appeared:\n{screen.text}")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
-        while select.select([leader], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the terminal closed with the process
-                break
-            if not chunk:
-                break
-            screen += chunk
     finally:
         if proc.poll() is None:
             proc.kill()
-        os.close(leader)
-    return code, screen.decode(errors="replace")
+            proc.wait(timeout=30)
+    return code, screen.finish()
+
+
+def test_the_terminal_is_read_while_the_command_exits() -> None:
+    """A command that writes much as it ends (watch's last redraw) is not left blocked on a full terminal."""
+    script = (
+        "import sys, time\ntry:\n    print('ready', flush=True)\n    time.sleep(120)\n"
+        "except KeyboardInterrupt:\n    sys.stdout.write('x' * 1_000_000)\n    sys.stdout.flush()\n"
+    )
+    code, screen = interrupt_in_terminal([sys.executable, "-c", script], once_shown="ready")
+    assert code == 0 and screen.count("x") == 1_000_000
 
 
 def write_hub_files(folder: Path, tiny_llama: Path, tiny_qwen: Path) -> dict[str, Any]:
@@ -226,7 +225,8 @@ def test_model_commands_follow_the_group_rule(daemon: dict[str, Any]) -> None:
 def test_watch_draws_the_reference_columns(daemon: dict[str, Any]) -> None:
     path, logs = daemon["path"], daemon["logs"]
     code, watch_out = interrupt_in_terminal(
-        ["watch", "--interval", "0.5", "--config", str(path)], once_shown="alpha.log"
+        [sys.executable, "-m", "mlx_hub.cli", "watch", "--interval", "0.5", "--config", str(path)],
+        once_shown="alpha.log",
     )
     assert code == 0, watch_out
     for column in ("NAME", "STATE", "PID", "GROUP", "UPTIME", "EXIT", "LOG", "PORT", "MEMORY", "MB"):
@@ -364,24 +364,21 @@ def test_foreground_runs_until_interrupted(hub_files: dict[str, Any]) -> None:
         [sys.executable, "-m", "mlx_hub.cli", "start", "--foreground", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
         env=ENV,
     )
+    assert process.stdout is not None and process.stderr is not None
+    out, err = Drain(process.stdout), Drain(process.stderr)  # both read all along: its log is on stderr
     try:
-        deadline = time.monotonic() + 120
-        shown = ""
-        while "hub running in the foreground" not in shown:  # printed once the hub is ready
-            assert time.monotonic() < deadline and process.poll() is None, shown
-            if select.select([process.stdout], [], [], 0.2)[0]:  # raw reads: nothing waits in a buffer
-                shown += os.read(process.stdout.fileno(), 65536).decode(errors="replace")
+        shown = out.wait_for("hub running in the foreground", 120)  # printed once the hub is ready
+        assert shown, out.text + err.text
         assert httpx.get(f"http://127.0.0.1:{doc['port']}/health").json()["ready"]
         assert runtime(logs)["supervisor_pid"] == process.pid  # the CLI supervises the hub
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-        out = shown + out
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(timeout=30)
     assert process.returncode == 0
-    assert "hub running in the foreground" in out and "alpha" in out
-    assert "hub stopped" in err and runtime(logs) is None
+    assert "alpha" in out.finish()
+    assert "hub stopped" in err.finish() and runtime(logs) is None

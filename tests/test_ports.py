@@ -25,7 +25,7 @@ def test_explicit_ports_first_then_auto_skipping_controller_and_busy() -> None:
         controller_port=47850,
         starting_port=47850,
         previous={},
-        is_free=lambda p: p not in busy,
+        is_free=lambda m, p: p not in busy,
     )
     assert got == {"b": 47852, "a": 47853, "c": 47854, "d": 47855}
 
@@ -36,7 +36,7 @@ def test_previous_assignments_are_reused_if_still_free() -> None:
         controller_port=8000,
         starting_port=47850,
         previous={"old": 47860},
-        is_free=lambda p: True,
+        is_free=lambda m, p: True,
     )
     assert got == {"new": 47850, "old": 47860}
 
@@ -47,7 +47,7 @@ def test_previous_port_taken_by_a_stranger_moves_on() -> None:
         controller_port=8000,
         starting_port=47850,
         previous={"old": 47860},
-        is_free=lambda p: p != 47860,
+        is_free=lambda m, p: p != 47860,
     )
     assert got == {"old": 47850}
 
@@ -59,7 +59,7 @@ def test_ports_we_hold_count_as_ours() -> None:
         controller_port=8000,
         starting_port=47850,
         previous={"a": 47850, "b": 47851},
-        is_free=lambda p: False if p in (47850, 47851) else True,
+        is_free=lambda m, p: False if p in (47850, 47851) else True,
         held={"a": 47850, "b": 47851},
     )
     assert got == {"a": 47850, "b": 47851}
@@ -111,7 +111,7 @@ def test_auto_range_takes_the_lowest_free_port_in_its_range() -> None:
         controller_port=8000,
         starting_port=47850,
         previous={},
-        is_free=lambda p: p != 47901,
+        is_free=lambda m, p: p != 47901,
         ranges={"team": (47900, 47910)},
     )
     assert got == {"a": 47900, "b": 47902, "c": 47850}
@@ -124,7 +124,7 @@ def test_previous_port_outside_the_range_is_not_kept() -> None:
         controller_port=8000,
         starting_port=47850,
         previous={"a": 47850},
-        is_free=lambda p: True,
+        is_free=lambda m, p: True,
         ranges={"exp": (48000, 48001)},
     )
     assert got == {"a": 48000}
@@ -138,7 +138,7 @@ def test_full_range_names_the_range() -> None:
             controller_port=8000,
             starting_port=47850,
             previous={},
-            is_free=lambda p: True,
+            is_free=lambda m, p: True,
             ranges={"tiny": (48000, 48000)},
         )
 

@@ -25,7 +25,7 @@ import yaml
 
 from mlx_hub.registry.disk import team_ports
 
-from .helpers import cache_repo, free_port, free_range, hf_checkpoint, text_only
+from .helpers import Drain, cache_repo, free_port, free_range, hf_checkpoint, text_only
 
 BASE_ENV = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
 for _name in ("MLX_HUB_CONFIG", "MLXSERVER_MODELS_PATH", "MLX_CONVERT_CMD", "MLX_PRECONVERTED_ORGS"):
@@ -169,18 +169,13 @@ def test_reload_names_new_models_that_did_not_start_and_fails(create_hub: dict[s
 def test_watch_keeps_printing_into_a_pipe(create_hub: dict[str, Any]) -> None:
     command = [sys.executable, "-m", "mlx_hub.cli", "watch", "--interval", "0.5", "--config"]
     proc = subprocess.Popen(
-        [*command, str(create_hub["path"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=BASE_ENV
+        [*command, str(create_hub["path"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=BASE_ENV
     )
+    assert proc.stdout is not None
+    seen = Drain(proc.stdout)  # read on a thread: a blocking readline would outlast any deadline
     try:
-        seen = b""
-        deadline = time.monotonic() + 60
-        while seen.count(b"every 0.5s") < 3 and time.monotonic() < deadline:
-            line = proc.stdout.readline() if proc.stdout else b""
-            if not line and proc.poll() is not None:
-                break
-            seen += line
-        assert seen.count(b"every 0.5s") >= 3, seen.decode(errors="replace")
-        assert b"always" in seen
+        assert seen.wait_for("every 0.5s", 60, times=3), seen.text
+        assert "always" in seen.text
     finally:
         proc.kill()
         proc.wait(timeout=30)

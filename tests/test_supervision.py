@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +154,32 @@ def test_max_restarts_is_checked_in_hub_yaml() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"models": models, "max_restarts": -1})
     assert "field 'max_restarts'" in info.value.problems[0]
+
+
+def test_a_stop_kills_a_hub_that_ignores_sigterm(tmp_path: Path) -> None:
+    """The supervisor's stop sends SIGTERM, and SIGKILL once the grace has passed: a real child that
+    ignores SIGTERM ends, and the wait for it returns."""
+    from mlx_hub.config import parse_config
+    from mlx_hub.service.supervisor import Supervisor
+
+    config = parse_config({"models": [{"name": "a", "model_path": "/x"}], "log_path": str(tmp_path)})
+    supervisor = Supervisor(tmp_path / "hub.yaml", config)
+    supervisor.grace = 0.5
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(600)"
+    child = supervisor.child = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"  # it ignores SIGTERM from here
+        supervisor._stop(signal.SIGTERM, None)
+        assert supervisor._wait(child) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+
+
+def test_the_supervisor_never_waits_without_a_timeout() -> None:
+    """Whatever the hub does, the supervisor (and so `shutdown`, which waits for it) is never stuck."""
+    from mlx_hub.service import supervision, supervisor
+
+    for module in (supervisor, supervision):
+        unbounded = re.findall(r"\.(?:wait|join|communicate)\(\)", inspect.getsource(module))
+        assert not unbounded, f"{module.__name__}: {unbounded}"

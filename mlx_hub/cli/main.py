@@ -39,7 +39,7 @@ from mlx_hub.cli.terminal import (
     print_status,
     warn,
 )
-from mlx_hub.config import ConfigError, load_config
+from mlx_hub.config import ConfigError, HubConfig, load_config
 from mlx_hub.version import __version__
 
 
@@ -122,7 +122,7 @@ def shutdown(config: str | None) -> None:
         and pid_alive(stale.supervisor_pid)
     ):
         os.kill(stale.supervisor_pid, signal.SIGTERM)  # between two hubs: the supervisor alone ends it
-        _wait_gone([stale.supervisor_pid], folder)
+        _wait_gone([stale.supervisor_pid], folder, _stop_timeout(config))
         ok(f"hub stopped while restarting (supervisor {stale.supervisor_pid})")
         return
     try:
@@ -134,11 +134,24 @@ def shutdown(config: str | None) -> None:
         return
     runtime, client = found
     client.shutdown()
-    _wait_gone([runtime.pid, *([runtime.supervisor_pid] if runtime.supervisor_pid else [])], folder)
+    pids = [runtime.pid, *([runtime.supervisor_pid] if runtime.supervisor_pid else [])]
+    _wait_gone(pids, folder, _stop_timeout(config))
     ok(f"hub stopped (pid {runtime.pid})")
 
 
-def _wait_gone(pids: list[int], folder: Path, timeout: float = 120) -> None:
+def _stop_timeout(config: str | None) -> float:
+    """How long ``shutdown`` waits: the supervisor kills a hub whose shutdown outlasts its grace, so
+    both are gone within ``stop_bound``; the rest is slack for a loaded machine."""
+    from mlx_hub.service.supervision import stop_bound
+
+    try:
+        drain = load_config(config_path(config)).drain_timeout
+    except ConfigError:  # the running hub keeps its last good config; assume the default
+        drain = HubConfig.model_fields["drain_timeout"].default
+    return stop_bound(drain) + 30
+
+
+def _wait_gone(pids: list[int], folder: Path, timeout: float) -> None:
     from mlx_hub.service.runtime import pid_alive
 
     deadline = time.monotonic() + timeout

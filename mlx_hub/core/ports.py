@@ -106,7 +106,7 @@ def assign_ports(
     controller_port: int,
     starting_port: int,
     previous: dict[str, int],
-    is_free: Callable[[int], bool],
+    is_free: Callable[[ModelConfig, int], bool],
     held: dict[str, int] | None = None,
     ranges: dict[str, tuple[int, int]] | None = None,
 ) -> dict[str, int]:
@@ -117,8 +117,9 @@ def assign_ports(
     ``starting_port`` upwards. ``held`` are ports this hub itself serves right
     now (by model name); they count as free for their owner and taken for
     everyone else, since a probe cannot tell our own listener from a
-    stranger's. Pure apart from ``is_free``, so the policy is testable
-    without sockets.
+    stranger's. ``is_free(entry, port)``: whether ``entry`` could listen on
+    ``port`` (on its own host). Pure apart from ``is_free``, so the policy is
+    testable without sockets.
     """
     plan = _Plan(list(models), controller_port, starting_port, previous, is_free, held or {}, ranges or {})
     plan.keep_previous()
@@ -134,7 +135,7 @@ class _Plan:
     controller_port: int
     starting_port: int
     previous: dict[str, int]
-    is_free: Callable[[int], bool]
+    is_free: Callable[[ModelConfig, int], bool]
     held: dict[str, int]
     ranges: dict[str, tuple[int, int]]
     result: dict[str, int] = field(default_factory=dict)
@@ -148,8 +149,8 @@ class _Plan:
                 self.taken.add(entry.fixed_port)
         self.taken.update(port for name, port in self.held.items() if self.result.get(name, port) == port)
 
-    def usable(self, name: str, port: int) -> bool:
-        return self.held.get(name) == port or (port not in self.taken and self.is_free(port))
+    def usable(self, entry: ModelConfig, port: int) -> bool:
+        return self.held.get(entry.name) == port or (port not in self.taken and self.is_free(entry, port))
 
     def span(self, entry: ModelConfig) -> tuple[int, int]:
         return (
@@ -167,7 +168,7 @@ class _Plan:
                 entry.name not in self.result
                 and old is not None
                 and low <= old <= high
-                and self.usable(entry.name, old)
+                and self.usable(entry, old)
             ):
                 self.result[entry.name] = old
                 self.taken.add(old)
@@ -179,7 +180,7 @@ class _Plan:
             if entry.name in self.result:
                 continue
             low, high = self.span(entry)
-            port = next((p for p in range(low, high + 1) if self.usable(entry.name, p)), None)
+            port = next((p for p in range(low, high + 1) if self.usable(entry, p)), None)
             if port is None:
                 where = f"range '{entry.port_range}' ({low}-{high})" if entry.port_range else f"{low} upwards"
                 raise PortError(f"no free port in {where} for model '{entry.name}'")
@@ -227,7 +228,7 @@ class PortBook:
             controller_port=cfg.port,
             starting_port=cfg.model_starting_port,
             previous=previous,
-            is_free=lambda port: is_port_free(cfg.host, port),
+            is_free=lambda entry, port: is_port_free(cfg.host_of(entry), port),  # where it will listen
             held=held,
             ranges=cfg.port_ranges,
         )

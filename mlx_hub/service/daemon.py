@@ -73,6 +73,10 @@ async def serve(
         await stopping
     finally:
         log.info("shutting down")
+        if supervised is not None and stop.is_set():
+            # Asked to stop (shutdown, a signal): said before the shutdown begins, so that however this
+            # process ends from here (the shutdown raises, hangs, is killed) it is not a crash.
+            supervised.stopping(hub.config.drain_timeout)
         if not starting.done():
             starting.cancel()
         await hub.shutdown()  # the controller first, then every model
@@ -80,9 +84,6 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         log.info("hub stopped")
-        if supervised is not None and stop.is_set():
-            # Asked to stop (shutdown, a signal): however this process ends from here, it is not a crash.
-            supervised.channel.tell({"op": "stopped"})
 
 
 async def _open(

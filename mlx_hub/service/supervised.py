@@ -34,7 +34,8 @@ from mlx_hub.core.errors import HubError
 from mlx_hub.core.ports import PortError, listen_socket
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import Supervision
-from mlx_hub.service.supervision import CHANNEL_ENV, LAUNCH_ENV, Launch, Reader, Snapshot, send
+from mlx_hub.service.supervision import CHANNEL_ENV, LAUNCH_ENV, Launch, Reader, Snapshot, send, stop_grace
+from mlx_hub.web.security import key_accepted
 
 if TYPE_CHECKING:
     from mlx_hub.service.api import Hub
@@ -101,15 +102,31 @@ class SupervisorChannel:
 
 class RestoreGate:
     """Hold requests that arrive while a restarted hub brings its models back (model ports: all but
-    ``/health``; the controller: ``/v1``), then let them through."""
+    ``/health``; the controller: ``/v1``), then let them through.
 
-    def __init__(self, app: ASGIApp, restored: asyncio.Event, holds: Callable[[str], bool]):
+    A request without a valid API key is not held: it goes straight on to its 401, so a client
+    with a wrong key learns it now, not after the restore.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        restored: asyncio.Event,
+        holds: Callable[[str], bool],
+        keys: Callable[[], frozenset[str]],
+    ):
         self.app = app
         self.restored = restored
         self.holds = holds
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.restored.is_set() and self.holds(scope["path"]):
+        if (
+            scope["type"] == "http"
+            and not self.restored.is_set()
+            and self.holds(scope["path"])
+            and key_accepted(scope, self.keys())
+        ):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.restored.wait(), RESTORE_WAIT_SECONDS)
         await self.app(scope, receive, send)
@@ -180,13 +197,16 @@ class Supervised:
             return
         build = hub.app_factory
 
+        def keys() -> frozenset[str]:
+            return hub.api_keys
+
         def gated(owner: Hub, slot: Any) -> Any:
             app = build(owner, slot)
-            app.add_middleware(RestoreGate, restored=self.restored, holds=_model_paths)
+            app.add_middleware(RestoreGate, restored=self.restored, holds=_model_paths, keys=keys)
             return app
 
         hub.app_factory = gated
-        hub.wrap_controller(lambda app: RestoreGate(app, self.restored, _v1_paths))
+        hub.wrap_controller(lambda app: RestoreGate(app, self.restored, _v1_paths, keys))
 
     async def after_start(self, hub: Hub) -> None:
         """After ``hub.start``: hold back, load what was loaded, open the gate, tell the supervisor."""
@@ -215,6 +235,11 @@ class Supervised:
                 await hub.load(name)
             except HubError as exc:
                 log.error("model '%s' was loaded before the crash and did not load again: %s", name, exc)
+
+    def stopping(self, drain_timeout: float) -> None:
+        """Tell the supervisor this hub was asked to stop: its exit from now on is final, never a crash,
+        and a shutdown that outlasts the grace (``drain_timeout`` and a margin) is killed."""
+        self.channel.tell({"op": "stopping", "grace": stop_grace(drain_timeout)})
 
     def report(self, hub: Hub) -> None:
         """Tell the supervisor the models' states, when they changed since the last report."""

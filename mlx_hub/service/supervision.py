@@ -13,6 +13,10 @@ socket pair, in JSON lines, with listening sockets passed as file descriptors:
   generating, and which are held back. The supervisor keeps the last one; it
   is what a restart brings back and what a crash is blamed on.
 - ``ready`` (not answered): the hub has started (or restored) its models.
+- ``stopping`` (not answered): the hub was asked to stop and begins its
+  shutdown, which may take ``grace`` seconds. However the hub ends from then
+  on (a shutdown that raises, hangs, or is killed) it is not a crash: the
+  supervisor does not restart it, and kills it once the grace has passed.
 
 The decisions (how long to wait before a restart, when to give up, which
 model a crash is blamed on, what the next hub restores) are pure functions
@@ -41,6 +45,20 @@ HEALTHY_AFTER = 300.0
 WINDOW = 600.0
 #: Lines of hub.log kept with a crash.
 LOG_TAIL = 20
+#: What a shutdown may take beyond letting requests drain (``drain_timeout``): unloading, closing ports.
+SHUTDOWN_MARGIN = 15.0
+#: How long the supervisor waits for a hub it killed to be gone before it stops waiting.
+KILL_WAIT = 10.0
+
+
+def stop_grace(drain_timeout: float) -> float:
+    """Seconds a hub asked to stop has to end before the supervisor kills it."""
+    return drain_timeout + SHUTDOWN_MARGIN
+
+
+def stop_bound(drain_timeout: float) -> float:
+    """The longest a stop takes under the supervisor: the grace, then a kill and the wait for it."""
+    return stop_grace(drain_timeout) + KILL_WAIT
 
 
 # ----------------------------------------------------------------------------- wire

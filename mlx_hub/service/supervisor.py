@@ -18,13 +18,17 @@ and so has nothing to crash on. It:
   10 minutes; a configuration error (``EXIT_CONFIG``) is not retried;
 - writes each crash, and a decision to give up, to hub.log and hub_runtime.json.
 
-SIGTERM, SIGINT (Ctrl-C) and the hub's own clean exit (``shutdown``) end both.
-Under launchd or systemd this is the process they watch.
+SIGTERM, SIGINT (Ctrl-C) and ``shutdown`` end both. A hub asked to stop says
+so (``stopping``) before its shutdown begins, so however it then ends it is not
+restarted; it has ``drain_timeout`` plus a margin to finish, then it is killed
+(SIGKILL): a shutdown that hangs never keeps this process, or ``shutdown``,
+waiting. Under launchd or systemd this is the process they watch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import logging.handlers
@@ -46,6 +50,7 @@ from mlx_hub.service.runtime import Runtime, clear_runtime, read_runtime, write_
 from mlx_hub.service.supervision import (
     CHANNEL_ENV,
     EXIT_CONFIG,
+    KILL_WAIT,
     LAUNCH_ENV,
     LOG_TAIL,
     Crash,
@@ -57,11 +62,15 @@ from mlx_hub.service.supervision import (
     describe_exit,
     next_launch,
     send,
+    stop_grace,
 )
 
 log = logging.getLogger("mlx_hub.supervisor")
 
 Address = tuple[str, int]
+
+#: How often the wait for a running hub looks whether it has ended (a stop wakes it at once).
+POLL_SECONDS = 0.5
 
 
 class Sockets:
@@ -137,6 +146,7 @@ class Supervisor:
         self.restarts = 0
         self.last_crash: Crash | None = None
         self.stopping = threading.Event()
+        self.grace = stop_grace(config.drain_timeout)  # the hub's ``stopping`` says its current one
         self.child: subprocess.Popen[bytes] | None = None
         self.started_at = time.time()
         self._announcer: threading.Thread | None = None
@@ -256,10 +266,30 @@ class Supervisor:
         listener.start()
         if self.stopping.is_set():  # a signal came while it was being spawned
             self.child.terminate()
-        code = self.child.wait()
+        code = self._wait(self.child)
         listener.join(timeout=5)
         ours.close()
         return code, self.child.pid
+
+    def _wait(self, child: subprocess.Popen[bytes]) -> int:
+        """The hub's return code once it ends; once a stop is asked, at most the grace and a kill away."""
+        while (code := child.poll()) is None:
+            if self.stopping.wait(POLL_SECONDS):
+                return self._wait_stopping(child)
+        return code
+
+    def _wait_stopping(self, child: subprocess.Popen[bytes]) -> int:
+        """A hub asked to stop (a signal here, or ``shutdown``) gets ``self.grace`` s, then SIGKILL."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return child.wait(timeout=self.grace)
+        log.error(
+            "the hub (pid %d) did not stop within %g s of being asked; killing it", child.pid, self.grace
+        )
+        child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return child.wait(timeout=KILL_WAIT)
+        log.error("the hub (pid %d) outlived SIGKILL by %g s; leaving it", child.pid, KILL_WAIT)
+        return -signal.SIGKILL
 
     def _listen(self, channel: socket.socket, restarts: int) -> None:
         """Answer the hub's requests and keep its reports until it goes away."""
@@ -279,8 +309,9 @@ class Supervisor:
                     self.snapshot = Snapshot.from_message(message)
                 elif op == "ready":
                     self._ready(restarts)
-                elif op == "stopped":  # a shutdown the hub was asked for: its exit, however it ends, is final
-                    self.stopping.set()
+                elif op in ("stopping", "stopped"):  # asked to stop ("stopped": an older hub, once done)
+                    self.grace = float(message.get("grace", self.grace))
+                    self.stopping.set()  # its exit, however it ends, is final
             except OSError:
                 return  # the hub went away mid-answer
 

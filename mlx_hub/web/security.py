@@ -19,6 +19,16 @@ from mlx_hub.web.asgi import header
 from mlx_hub.web.responses import error_json
 
 
+def key_accepted(scope: Scope, keys: frozenset[str]) -> bool:
+    """Whether the request names one of ``keys`` (either header); True when there are none."""
+    if not keys:
+        return True
+    scheme, _, token = header(scope, b"authorization").partition(" ")
+    offered = [token.strip()] if scheme.lower() == "bearer" else []
+    offered.append(header(scope, b"x-api-key").strip())
+    return any(t and hmac.compare_digest(t.encode(), k.encode()) for t in offered for k in keys)
+
+
 class ApiKeyGuard:
     """401 unless ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` names a configured key.
 
@@ -31,19 +41,12 @@ class ApiKeyGuard:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys = self.keys()
         if (
             scope["type"] != "http"
-            or not keys
             or scope["method"] == "OPTIONS"
             or self.open_paths(scope["path"])
+            or key_accepted(scope, self.keys())
         ):
-            await self.app(scope, receive, send)
-            return
-        scheme, _, token = header(scope, b"authorization").partition(" ")
-        offered = [token.strip()] if scheme.lower() == "bearer" else []
-        offered.append(header(scope, b"x-api-key").strip())
-        if any(t and hmac.compare_digest(t.encode(), k.encode()) for t in offered for k in keys):
             await self.app(scope, receive, send)
             return
         message = (
