@@ -122,10 +122,22 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
     """llama splits tensor-parallel, qwen2 (saved without an index) pipeline-parallel; greedy answers match."""
     path = request.getfixturevalue(arch)
     parallel = "tensor" if arch == "llama" else "pipeline"
-    live = await start(hub_config(_entries(path, parallel=parallel), prompt_cache_disk_size=0))
-    async with httpx.AsyncClient(timeout=300) as client:
+    entries = _entries(path, parallel=parallel)
+    entries[1]["aliases"] = ["big-model"]
+    live = await start(hub_config(entries, prompt_cache_disk_size=0, api_keys=["sk-test"]))
+    async with httpx.AsyncClient(timeout=300, headers={"Authorization": "Bearer sk-test"}) as client:
         plain = await _chat(client, live.url, "plain")
-        assert await _chat(client, live.url, "sharded") == plain
+        assert await _chat(client, live.url, "big-model") == plain  # an alias, through /v1
+        refused = await httpx.AsyncClient().post(live.url + "/v1/chat/completions", json={"model": "sharded"})
+        assert refused.status_code == 401  # keys hold for a sharded entry as for any
+        prompt = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        texts = [
+            (await client.post(live.url + "/v1/completions", json={**prompt, "model": m})).json()["choices"][
+                0
+            ]["text"]
+            for m in ("plain", "sharded")
+        ]
+        assert texts[0] == texts[1]  # /v1/completions: the raw prompt, no template, on both
         assert await _chat(client, live.url, "sharded", stream=True) == plain
         port = f"http://127.0.0.1:{live.hub.slots['sharded'].port}"
         assert await _chat(client, port, "sharded") == plain  # its own port as well as /v1
