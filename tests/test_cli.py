@@ -51,11 +51,10 @@ def wait_gone(pid: int, timeout: float = 60) -> None:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
         except ChildProcessError:
-            state = (
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                if Path(f"/proc/{pid}").exists()
-                else "Z"
-            )
+            try:  # not ours: gone once its /proc entry is, or a zombie its parent has yet to reap
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:  # it ended between the two looks
+                return
             if state == "Z":
                 return
         time.sleep(0.1)
