@@ -278,11 +278,6 @@ def concurrency(hub: HubProcess, names: list[str], levels: list[int], tokens: in
     return {"levels": out}
 
 
-def long_prompts(cache: Path, out: Path) -> dict[str, Any]:
-    """benchmarks/long_prompts.py in a fresh process: estimate/measured per request, peak/budget under load."""
-    return section("long_prompts", cache, out)
-
-
 def section(module: str, cache: Path, out: Path) -> dict[str, Any]:
     """``python -m benchmarks.<module>`` in a fresh process; its JSON result."""
     import subprocess
@@ -298,32 +293,32 @@ def section(module: str, cache: Path, out: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- main
 
+#: The parts of a run, in order: ``core`` (the sections above, one hub), then each module in a process of its own.
+PARTS = ("core", "long_prompts", "prompt_cache", "swaps", "vlm_batching", "load", "agent_swaps")
+#: What each module measures, for the log line before it runs.
+MODULES = {
+    "long_prompts": "memory under long prompts (its own hub process, so MLX's peak is this section's)",
+    "prompt_cache": "prompt cache after a swap (hubs and launch of their own)",
+    "swaps": "swaps across a full group (its own hub process)",
+    "vlm_batching": "multimodal batching: concurrent image requests, batched and one at a time (its own hub process)",
+    "load": "one model under load: the hub against mlx_lm.server and launch at 1, 4, 16 clients",
+    "agent_swaps": "an agent alternating between two models that do not fit together: hub against process swappers",
+}
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--profile",
-        choices=["auto", "cpu", "full"],
-        default="auto",
-        help="cpu: throughput on a small model (CPU MLX is slow); full: Qwen2.5-0.5B shape throughout",
-    )
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (default 5)")
-    parser.add_argument(
-        "--tokens", type=int, default=128, help="tokens per streaming measurement (default 128)"
-    )
-    parser.add_argument(
-        "--cycles", type=int, default=20, help="load/unload cycles for RSS growth (default 20)"
-    )
-    parser.add_argument(
-        "--cache", type=Path, default=ROOT.parent / ".cache" / "bench", help="where models are built"
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "results", help="where results are written")
-    args = parser.parse_args(argv)
-    profile = args.profile if args.profile != "auto" else ("full" if accelerated() else "cpu")
-    started = time.time()
+
+def parts(text: str) -> list[str]:
+    """``--parts`` as a list in run order; a name that is not a part is an error that lists them."""
+    chosen = [p.strip().replace("-", "_") for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return [p for p in PARTS if p in chosen]
+
+
+def core(args: argparse.Namespace, profile: str) -> dict[str, Any]:
+    """Cold start, memory, streaming, group swap, second profile and concurrency, on one hub."""
     models = build_models(args.cache, profile)
     workdir = args.cache / "run"
-    shutil.rmtree(workdir, ignore_errors=True)
     f16 = str(models["qwen05-f16"])
     small = str(models["stream"])
     entries = [
@@ -343,22 +338,17 @@ def main(argv: list[str] | None = None) -> int:
             "context_length": 4096,
         },
         {"name": "stream", "model_path": small, "jit_enabled": True, "default": True, "context_length": 4096},
-        {
-            "name": "swap-a",
-            "model_path": f16,
-            "jit_enabled": True,
-            "default": True,
-            "group": "swap",
-            "context_length": 4096,
-        },
-        {
-            "name": "swap-b",
-            "model_path": f16,
-            "jit_enabled": True,
-            "default": True,
-            "group": "swap",
-            "context_length": 4096,
-        },
+        *(
+            {
+                "name": f"swap-{s}",
+                "model_path": f16,
+                "jit_enabled": True,
+                "default": True,
+                "group": "swap",
+                "context_length": 4096,
+            }
+            for s in ("a", "b")
+        ),  # fmt: skip
         *(
             {
                 "name": f"profile-{p}",
@@ -368,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 "served_model_name": f"qwen-{p}",
             }
             for p in ("a", "b")
-        ),
+        ),  # fmt: skip
         *(
             {
                 "name": f"many-{i}",
@@ -378,18 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                 "context_length": 4096,
             }
             for i in range(3)
-        ),
+        ),  # fmt: skip
     ]
     log(f"profile {profile}: starting the hub and a warm bare mlx-lm process")
     hub = HubProcess(workdir / "hub", entries, groups=[{"name": "swap", "max_loaded": 1}])
     bare = BareWorker()
-    results: dict[str, Any] = {
-        "profile": profile,
-        "reps": args.reps,
-        "tokens": args.tokens,
-        "machine": machine_name(),
-        "stack": library_versions(),
-    }
+    results: dict[str, Any] = {}
     try:
         log("memory")
         results["memory"] = memory(hub, workdir / "launch", models, args.cycles)
@@ -408,14 +392,52 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bare.close()
         hub.close()
-    log("memory under long prompts (its own hub process, so MLX's peak is this section's)")
-    results["long_prompts"] = long_prompts(args.cache, workdir / "long-prompts.json")
-    log("prompt cache after a swap (hubs and launch of their own)")
-    results["prompt_cache"] = section("prompt_cache", args.cache, workdir / "prompt-cache.json")
-    log("swaps across a full group (its own hub process)")
-    results["swaps"] = section("swaps", args.cache, workdir / "swaps.json")
-    log("multimodal batching: concurrent image requests, batched and one at a time (its own hub process)")
-    results["vlm_batching"] = section("vlm_batching", args.cache, workdir / "vlm-batching.json")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--profile",
+        choices=["auto", "cpu", "full"],
+        default="auto",
+        help="cpu: throughput on a small model (CPU MLX is slow); full: Qwen2.5-0.5B shape throughout",
+    )
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (default 5)")
+    parser.add_argument(
+        "--tokens", type=int, default=128, help="tokens per streaming measurement (default 128)"
+    )
+    parser.add_argument(
+        "--cycles", type=int, default=20, help="load/unload cycles for RSS growth (default 20)"
+    )
+    parser.add_argument(
+        "--parts",
+        type=parts,
+        default=list(PARTS),
+        help=f"comma-separated parts to run (default all: {','.join(PARTS)})",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=ROOT.parent / ".cache" / "bench", help="where models are built"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="where results are written")
+    args = parser.parse_args(argv)
+    profile = args.profile if args.profile != "auto" else ("full" if accelerated() else "cpu")
+    started = time.time()
+    workdir = args.cache / "run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    results: dict[str, Any] = {
+        "profile": profile,
+        "reps": args.reps,
+        "tokens": args.tokens,
+        "machine": machine_name(),
+        "stack": library_versions(),
+        **({"parts": args.parts} if args.parts != list(PARTS) else {}),  # a run of some parts only
+    }
+    if "core" in args.parts:
+        results.update(core(args, profile))
+    for module in args.parts[1:] if args.parts[0] == "core" else args.parts:
+        log(MODULES[module])
+        results[module] = section(module, args.cache, workdir / f"{module.replace('_', '-')}.json")
     results["seconds"] = time.time() - started
     results["date"] = dt.date.today().isoformat()
     paths = write_results(results, args.out)

@@ -3,6 +3,7 @@
 - ``HubProcess``: this project's daemon, driven over its control API.
 - ``LaunchedServer``: ``mlx-openai-server launch``, one process per model, started on demand
   (how orchestrators and upstream's own multi-model mode host models).
+- ``MlxLmServer``: ``mlx_lm.server``, mlx-lm's own server with its continuous batching.
 - ``BareWorker``: a warm process with mlx-lm imported: load and ``stream_generate``, the floor.
 """
 
@@ -78,9 +79,12 @@ def wait_for(
 
 
 def stream_chat(
-    base_url: str, model: str, max_tokens: int, messages: Sequence[dict] = MESSAGES
+    base_url: str, model: str, max_tokens: int, messages: Sequence[dict] = MESSAGES, **extra: Any
 ) -> dict[str, Any]:
-    """Stream one greedy chat completion; time to the first token and decode tokens/s."""
+    """Stream one greedy chat completion; time to the first token, decode tokens/s and the reply.
+
+    ``extra`` goes into the request body as is (``logit_bias``, ...).
+    """
     body = {
         "model": model,
         "messages": list(messages),
@@ -88,33 +92,37 @@ def stream_chat(
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
     started = time.perf_counter()
     first = last = None
     chunks = 0
-    usage_tokens = None
-    with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=900) as response:
+    usage: dict[str, Any] = {}
+    text = ""
+    with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=1800) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage_tokens = chunk["usage"].get("completion_tokens")
+            usage = chunk.get("usage") or usage
             choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
+            if choices and (content := (choices[0].get("delta") or {}).get("content")):
                 now = time.perf_counter()
                 first = first or now
                 last = now
                 chunks += 1
+                text += content
     if first is None:
         raise RuntimeError(f"{model}: no token came back")
-    tokens = usage_tokens or chunks
     return {
         "first_token_s": first - started,
-        "tokens": tokens,
+        "tokens": usage.get("completion_tokens") or chunks,
         "tps": (chunks - 1) / (last - first) if chunks > 1 and last > first else None,
         "total_s": time.perf_counter() - started,
+        "text": text,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
     }
 
 
@@ -230,6 +238,54 @@ class LaunchedServer:
 
     def rss(self) -> int:
         return rss_bytes(self.process.pid)
+
+    def close(self) -> None:
+        stop_process(self.process)
+        self._log.close()
+
+
+class MlxLmServer:
+    """``mlx_lm.server`` (mlx-lm's own HTTP server, continuous batching) for one model, as its own process.
+
+    Its ``/health`` answers as soon as its generation thread runs, before the
+    model has loaded (the first request waits for that), so callers that time
+    a start measure to a first token, not to ``ready``.
+    """
+
+    def __init__(self, model_path: Path, workdir: Path):
+        self.model_id = "default_model"  # mlx_lm.server's name for the model given on its command line
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(workdir / f"mlx-lm-server-{self.port}.out", "ab")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],  # fmt: skip
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self) -> None:
+        wait_for(self.ready, 600, "mlx_lm.server", self.process)
 
     def close(self) -> None:
         stop_process(self.process)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from . import prompt_cache, vlm_batching
+from . import agent_swaps, load, prompt_cache, vlm_batching
 from .harness import stack_line
 
 #: key: (what it compares, target test, target text)
@@ -75,6 +76,26 @@ TARGETS: dict[str, tuple[str, Any, str]] = {
         lambda r: r <= 1.0,
         "≤ 1.0",
     ),
+    "concurrency16_tps_vs_mlx_lm_server": (
+        "16 streaming clients, one model: tokens/s via the hub's port / mlx_lm.server",
+        lambda r: r >= 1.0,
+        "≥ 1.0",
+    ),
+    "concurrency16_tps_vs_launch": (
+        "16 streaming clients, one model: tokens/s via the hub's port / mlx-openai-server launch",
+        lambda r: r >= 1.0,
+        "≥ 1.0",
+    ),
+    "concurrency16_p99_ttft_vs_mlx_lm_server": (
+        "16 streaming clients, one model: p99 time to first token, hub's port / mlx_lm.server",
+        lambda r: r <= 1.0,
+        "≤ 1.0",
+    ),
+    "agent_swaps_vs_process_swapper": (
+        "an agent alternating two models that do not fit together: hub total / a process per model, swapped",
+        lambda r: r <= 0.2,
+        "≤ 0.2",
+    ),
 }
 
 
@@ -87,6 +108,18 @@ def _long_prompt_ratios(p: dict[str, Any]) -> dict[str, float]:
 
 
 def ratios(r: dict[str, Any]) -> dict[str, float]:
+    """Every ratio the parts in ``r`` measured (a run may cover only some parts: ``--parts``)."""
+    return {
+        **(_core_ratios(r) if "cold_start" in r else {}),
+        **(_long_prompt_ratios(r["long_prompts"]) if "long_prompts" in r else {}),
+        **(prompt_cache.ratios(r["prompt_cache"]) if "prompt_cache" in r else {}),
+        **({"vlm_batching_tps_vs_one_at_a_time": r["vlm_batching"]["ratio"]} if "vlm_batching" in r else {}),
+        **(load.ratios(r["load"]) if "load" in r else {}),
+        **(agent_swaps.ratios(r["agent_swaps"]) if "agent_swaps" in r else {}),
+    }
+
+
+def _core_ratios(r: dict[str, Any]) -> dict[str, float]:
     cold, mem, stream, swap = r["cold_start"], r["memory"], r["streaming"], r["swap"]
     f16 = mem["qwen05-f16"]
     return {
@@ -101,9 +134,6 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         / mem["cycles"]["rss_first"],
         "swap_vs_bare_load": swap["hub_swap"]["median"] / swap["bare_load"]["median"],
         **(_profile_ratios(r["second_profile"]) if "second_profile" in r else {}),
-        **(_long_prompt_ratios(r["long_prompts"]) if "long_prompts" in r else {}),
-        **(prompt_cache.ratios(r["prompt_cache"]) if "prompt_cache" in r else {}),
-        **({"vlm_batching_tps_vs_one_at_a_time": r["vlm_batching"]["ratio"]} if "vlm_batching" in r else {}),
     }
 
 
@@ -118,25 +148,10 @@ def _s(stat: dict[str, float], unit: str = "s", digits: int = 2) -> str:
     return f"{stat['median']:.{digits}f} {unit} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
 
 
-def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
+def _core_markdown(r: dict[str, Any]) -> list[str]:
+    """Cold start, memory, streaming, group swap, second profile and concurrency (the ``core`` part)."""
     mb = 1e6
-    lines = [
-        f"# Benchmarks: {r['machine']}, {r['date']}",
-        "",
-        stack_line(r.get("stack")),
-        "",
-        f"Profile `{r['profile']}`, {r['reps']} repetitions per measurement, contenders alternated within each",
-        f"repetition; medians with (min–max). Whole run: {r['seconds'] / 60:.1f} min. Models are random weights at",
-        "Qwen2.5-0.5B's shape (16-bit, and 4-bit with mlx-lm's quantization) with a small offline tokenizer.",
-        "",
-        "## Ratios against the targets",
-        "",
-        "| key | compares | value | target | met |",
-        "| --- | --- | ---: | --- | --- |",
-    ]
-    for key, value in ratio.items():
-        what, test, text = TARGETS[key]
-        lines.append(f"| `{key}` | {what} | {value:.3f} | {text} | {'yes' if test(value) else '**no**'} |")
+    lines: list[str] = []
     cold = r["cold_start"]
     if "hub_load" in cold:
         load_ratio = cold["hub_load"]["median"] / cold["subprocess_ready"]["median"]
@@ -227,6 +242,32 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
         lines.append(
             f"| {level['clients']} | {level['aggregate_tps']:.1f} | {level['latency_p50_s']:.2f} s | {level['latency_max_s']:.2f} s |"
         )
+    return lines
+
+
+def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
+    mb = 1e6
+    lines = [
+        f"# Benchmarks: {r['machine']}, {r['date']}",
+        "",
+        stack_line(r.get("stack")),
+        "",
+        f"Profile `{r['profile']}`, {r['reps']} repetitions per measurement, contenders alternated within each",
+        f"repetition; medians with (min–max). Whole run: {r['seconds'] / 60:.1f} min"
+        + (f" (only {', '.join(r['parts'])})" if r.get("parts") else "")
+        + ". Models are random weights at",
+        "Qwen2.5-0.5B's shape (16-bit, and 4-bit with mlx-lm's quantization) with a small offline tokenizer.",
+        "",
+        "## Ratios against the targets",
+        "",
+        "| key | compares | value | target | met |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for key, value in ratio.items():
+        what, test, text = TARGETS[key]
+        lines.append(f"| `{key}` | {what} | {value:.3f} | {text} | {'yes' if test(value) else '**no**'} |")
+    if "cold_start" in r:
+        lines += _core_markdown(r)
     if "long_prompts" in r:
         p = r["long_prompts"]
         lines += [
@@ -244,20 +285,24 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
                 f"| {q['model']} | {q['prompt_tokens']} ({q['counted_tokens']}) | {q['estimate_bytes'] / mb:,.1f} MB "
                 f"| {q['measured_bytes'] / mb:,.1f} MB | {q['ratio']:.3f} |"
             )
-        load = p["load"]
+        burst = p["load"]
         lines += [
             "",
-            f"Then {load['requests']} long and short prompts from 4 clients at once, on both models, through",
+            f"Then {burst['requests']} long and short prompts from 4 clients at once, on both models, through",
             f"their ports and /v1, under max_memory {p['budget_bytes'] / mb:,.1f} MB (both models' weights and",
             "one and a half long requests): MLX peak "
-            f"{load['peak_bytes'] / mb:,.1f} MB = {load['peak_vs_budget']:.3f} of the budget; statuses "
-            + ", ".join(f"{k}: {v}" for k, v in load["outcomes"].items())
-            + f"; {load['seconds']:.0f} s.",
+            f"{burst['peak_bytes'] / mb:,.1f} MB = {burst['peak_vs_budget']:.3f} of the budget; statuses "
+            + ", ".join(f"{k}: {v}" for k, v in burst["outcomes"].items())
+            + f"; {burst['seconds']:.0f} s.",
         ]
     if "prompt_cache" in r:
         lines += prompt_cache.markdown(r["prompt_cache"])
     if "vlm_batching" in r:
         lines += ["", *vlm_batching.markdown(r["vlm_batching"])]
+    if "load" in r:
+        lines += ["", *load.markdown(r["load"])]
+    if "agent_swaps" in r:
+        lines += ["", *agent_swaps.markdown(r["agent_swaps"])]
     if r.get("notes"):
         lines += ["", "## Notes", "", *r["notes"]]
     return "\n".join(lines) + "\n"
@@ -297,31 +342,54 @@ def chart(ratio: dict[str, float], path: Path) -> None:
     plt.close(fig)
 
 
+#: The parts whose plots each run also writes under a fixed name, so the README always shows the newest.
+PLOTS = {"load": load.chart, "agent_swaps": agent_swaps.chart}
+
+
+def merged_summary(previous: dict[str, Any], r: dict[str, Any], ratio: dict[str, float]) -> dict[str, Any]:
+    """summary.json after this run: its ratios replace those it measured, the others stay with their date.
+
+    A run of some parts only (``--parts``) then leaves the keys of the parts it
+    did not run as the last run that measured them left them.
+    """
+    measured = dict(previous.get("measured") or {})
+    kept = {k: v for k, v in previous.items() if k in TARGETS and k not in ratio}
+    for key in kept:
+        measured.setdefault(key, previous.get("date"))
+    measured.update(dict.fromkeys(ratio, r["date"]))
+    return {
+        **kept,
+        **{k: round(v, 4) for k, v in ratio.items()},
+        "machine": r["machine"],
+        "date": r["date"],
+        "profile": r["profile"],
+        "stack": r.get("stack"),
+        "measured": {k: measured[k] for k in TARGETS if k in measured},
+    }
+
+
 def write_results(r: dict[str, Any], out: Path) -> list[Path]:
+    """``<stem>.md``, ``<stem>.json``, summary.json and the charts; ``<stem>`` names the parts of a partial run."""
     out.mkdir(parents=True, exist_ok=True)
     ratio = ratios(r)
-    stem = f"{r['machine']}-{r['date']}"
+    stem = f"{r['machine']}-{r['date']}" + "".join(f"-{p.replace('_', '-')}" for p in r.get("parts") or ())
     md = out / f"{stem}.md"
     md.write_text(markdown(r, ratio))
     summary = out / "summary.json"
-    summary.write_text(
-        json.dumps(
-            {
-                **{k: round(v, 4) for k, v in ratio.items()},
-                "machine": r["machine"],
-                "date": r["date"],
-                "profile": r["profile"],
-                "stack": r.get("stack"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    previous = json.loads(summary.read_text()) if summary.exists() else {}
+    summary.write_text(json.dumps(merged_summary(previous, r, ratio), indent=2) + "\n")
     (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     paths = [md, summary]
     try:
-        chart(ratio, out / f"{stem}.png")
-        paths.append(out / f"{stem}.png")
+        if "cold_start" in r:
+            chart(ratio, out / f"{stem}.png")
+            paths.append(out / f"{stem}.png")
+        for part, draw in PLOTS.items():
+            if part in r:
+                name = part.replace("_", "-")
+                draw(r[part], out / f"{stem}-{name}.png")
+                shutil.copyfile(out / f"{stem}-{name}.png", out / f"latest-{name}.png")
+                paths += [out / f"{stem}-{name}.png", out / f"latest-{name}.png"]
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
     return paths

@@ -11,6 +11,8 @@ estimate before a model is loaded.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,38 @@ async def test_entries_sharing_a_model_share_its_measurement(
     finally:
         for (name, _), item in zip(names, loaded, strict=True):
             await engine.unload(item.handler, name)
+
+
+async def test_a_model_loaded_again_reuses_its_measurement(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A JIT model's first request waits for its load, probe included: a model unloaded (idle, a group
+    swap) and loaded again keeps the plan its first load measured; changed weights measure anew."""
+    from mlx_hub.engine import cache_plan
+    from mlx_hub.engine.mlx import MLXEngine
+
+    calls: list[int | None] = []
+    original = cache_plan.measure
+
+    def counted(model: object, make: object, max_kv_size: int | None) -> CachePlan | None:
+        calls.append(max_kv_size)
+        return original(model, make, max_kv_size)
+
+    monkeypatch.setattr(cache_plan, "measure", counted)
+    engine = MLXEngine()
+    folder = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    entry = ModelConfig(name="a", model_path=str(folder), context_length=512)
+    for _ in range(2):
+        loaded = await engine.load(entry)
+        plan = engine.plans["a"]
+        await engine.unload(loaded.handler, "a")
+        del loaded
+        engine.free_memory()
+    assert calls == [512]
+    weights = next(folder.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the weights were replaced
+    loaded = await engine.load(entry)
+    await engine.unload(loaded.handler, "a")
+    assert calls == [512, 512]
+    assert plan is not None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,21 +195,25 @@ def measure(model: Any, make_prompt_cache: Any, max_kv_size: int | None) -> Cach
 
 
 class PlanMemo:
-    """One measurement per loaded model object and cache size, for the entries that share its weights.
+    """One measurement per model identity and cache size, for every load of that model.
 
     The probe is a decode step of the whole model: milliseconds on Metal, most of
-    a second for a 0.5B model in 16 bits on a CPU. A second entry of a loaded
-    model (weights.py hands it the same model object) reuses the first's plan,
-    so its load stays the cheap one it is meant to be. Per engine, like the
-    weights it follows; entries of dropped models fall out at the next measure.
+    a second for a 0.5B model in 16 bits on a CPU, and a JIT model's first request
+    waits for it. What it reads follows from the model's architecture and shape,
+    which its identity pins (the weight files and KV options, prompt_identity.py),
+    not from the loaded object: a model loaded again after an unload (idle, a
+    group swap, a budget eviction) and a second entry of a loaded model (weights.py
+    hands it the same object) reuse the plan. Per engine; a plan is a few numbers
+    per layer, kept for each identity the engine has loaded.
     """
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[int, int | None], tuple[weakref.ref[Any], CachePlan | None]] = {}
+        self._plans: dict[tuple[str, int | None], CachePlan | None] = {}
         self._lock = threading.Lock()  # loads run one at a time, but a memo should not rely on it
 
-    def handler_plan(self, handler: Any, max_kv_size: int | None) -> CachePlan | None:
-        """The cache plan of a freshly built handler's model; None where there is no text model."""
+    def handler_plan(self, handler: Any, max_kv_size: int | None, identity: str) -> CachePlan | None:
+        """The cache plan of a freshly built handler's model (``identity`` names what it loaded); None where
+        there is no text model."""
         try:
             found = language_model(handler)
         except Exception as exc:  # a library without the cache module: the config formula stands
@@ -218,13 +221,11 @@ class PlanMemo:
             return None
         if found is None:
             return None
-        key = (id(found[0]), max_kv_size)
+        key = (identity, max_kv_size)
         with self._lock:
-            held = self._plans.get(key)
-            if held is not None and held[0]() is found[0]:
-                return held[1]
+            if key in self._plans:
+                return self._plans[key]
         plan = measure(*found, max_kv_size)
         with self._lock:
-            self._plans = {k: v for k, v in self._plans.items() if v[0]() is not None}
-            self._plans[key] = (weakref.ref(found[0]), plan)
+            self._plans[key] = plan
         return plan

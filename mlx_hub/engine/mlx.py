@@ -86,7 +86,7 @@ class MLXEngine:
         self.whispers = WhisperWeights()
         self.counter = PromptCounter()
         self.plans: dict[str, CachePlan] = {}  # per loaded entry: what its model's caches hold
-        self.plan_memo = PlanMemo()  # entries sharing a model share its measurement
+        self.plan_memo = PlanMemo()  # loads of one model, and entries sharing it, share its measurement
 
     # ------------------------------------------------------------ load / unload
 
@@ -143,7 +143,8 @@ class MLXEngine:
             with self.weights.holding(entry.name):
                 box["handler"] = build_handler(entry, self.whispers)
             if entry.model_type in ("lm", "multimodal"):  # on the load thread, evaluated before it ends
-                box["plan"] = self.plan_memo.handler_plan(box["handler"], entry.context_length)
+                identity = f"{entry.model_type}:{entry_identity(entry).key}"
+                box["plan"] = self.plan_memo.handler_plan(box["handler"], entry.context_length, identity)
 
         self.plans.pop(entry.name, None)
         await asyncio.to_thread(build)
