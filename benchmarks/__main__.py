@@ -294,7 +294,7 @@ def section(module: str, cache: Path, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 #: The parts of a run, in order: ``core`` (the sections above, one hub), then each module in a process of its own.
-PARTS = ("core", "long_prompts", "prompt_cache", "swaps", "vlm_batching", "load", "agent_swaps")
+PARTS = ("core", "long_prompts", "prompt_cache", "swaps", "vlm_batching", "load", "agent_swaps", "sharded")
 #: What each module measures, for the log line before it runs.
 MODULES = {
     "long_prompts": "memory under long prompts (its own hub process, so MLX's peak is this section's)",
@@ -303,6 +303,7 @@ MODULES = {
     "vlm_batching": "multimodal batching: concurrent image requests, batched and one at a time (its own hub process)",
     "load": "one model under load: the hub against mlx_lm.server and launch at 1, 4, 16 clients",
     "agent_swaps": "an agent alternating between two models that do not fit together: hub against process swappers",
+    "sharded": "one model over two local ranks (tensor parallel, ring over loopback) against one process",
 }
 
 

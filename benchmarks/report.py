@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import agent_swaps, load, prompt_cache, vlm_batching
+from . import agent_swaps, load, prompt_cache, sharded, vlm_batching
 from .harness import stack_line
 
 #: key: (what it compares, target test, target text)
@@ -96,6 +96,11 @@ TARGETS: dict[str, tuple[str, Any, str]] = {
         lambda r: r <= 0.2,
         "≤ 0.2",
     ),
+    "sharded_rank_memory_vs_unsharded": (
+        "one model over two local ranks: each rank's MLX active memory / the unsharded model's",
+        lambda r: r <= 0.6,
+        "≤ 0.6",
+    ),
 }
 
 
@@ -116,6 +121,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         **({"vlm_batching_tps_vs_one_at_a_time": r["vlm_batching"]["ratio"]} if "vlm_batching" in r else {}),
         **(load.ratios(r["load"]) if "load" in r else {}),
         **(agent_swaps.ratios(r["agent_swaps"]) if "agent_swaps" in r else {}),
+        **(sharded.ratios(r["sharded"]) if "sharded" in r else {}),
     }
 
 
@@ -303,6 +309,8 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
         lines += ["", *load.markdown(r["load"])]
     if "agent_swaps" in r:
         lines += ["", *agent_swaps.markdown(r["agent_swaps"])]
+    if "sharded" in r:
+        lines += ["", "## One model over two local ranks", "", sharded.table(r["sharded"])]
     if r.get("notes"):
         lines += ["", "## Notes", "", *r["notes"]]
     return "\n".join(lines) + "\n"
