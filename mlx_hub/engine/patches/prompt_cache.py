@@ -162,9 +162,8 @@ class PersistentPromptCache(LRUPromptCache):
         self._ids: dict[str, tuple[int, ...]] = {}  # entry id -> its tokens in the trie
         self._writing = threading.local()
         self._writer = WriteBehind(model)
-        self._unwritten: dict[
-            str, list[Any]
-        ] = {}  # entry id -> its caches, until the writer has them on disk
+        # entry id -> its caches, until the writer has them on disk
+        self._unwritten: dict[str, list[Any]] = {}
         self.restored = 0
         for entry in store.entries(key):  # least recently used first, as the LRU expects
             self._adopt(entry)
@@ -340,9 +339,7 @@ class PersistentPromptCache(LRUPromptCache):
     def _try_load_cache(self, tokens: list[int], entry: Any) -> list[Any] | None:
         entry_id = entry.file_path.stem
         unwritten = self._unwritten.get(entry_id)
-        if (
-            unwritten is not None
-        ):  # still queued for disk: a copy of it (mlx-lm's own LRU copies the same way)
+        if unwritten is not None:  # still queued for disk: a copy (mlx-lm's own LRU copies the same way)
             cache = copy.deepcopy(unwritten)
             _evaluate(cache)  # on this thread: the reading thread may not be the one that generates
             return cache
