@@ -284,6 +284,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("aggregate generated tokens/s")
     ax.set_title("One model under load (same run, same files)")
     ax.legend()
