@@ -67,23 +67,34 @@ def prompt(words: int, serial: int, position: int) -> list[dict[str, str]]:
 
 
 async def one_request(
-    http: httpx.AsyncClient, url: str, body: dict[str, Any], origin: float
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], origin: float, retries: int = 2
 ) -> dict[str, float]:
-    """Stream one completion: seconds to its first token and to its end (from ``origin``), tokens generated."""
+    """Stream one completion: seconds to its first token and to its end (from ``origin``), tokens generated.
+
+    A connection the server drops before answering is tried again, up to ``retries`` times, as the
+    OpenAI client does (``mlx_lm.server``'s ``ThreadingHTTPServer`` resets some when 16 arrive at
+    once); the time lost counts in the request's time to first token, and ``retried`` says how often.
+    """
     started = time.perf_counter()
-    first, chunks, usage = None, 0, None
-    async with http.stream("POST", f"{url}/chat/completions", json=body) as reply:
-        if reply.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                first = first or time.perf_counter()
-                chunks += 1
+    for attempt in range(retries + 1):
+        first, chunks, usage = None, 0, None
+        try:
+            async with http.stream("POST", f"{url}/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    raise RuntimeError(f"{url}: HTTP {reply.status_code}: {(await reply.aread())[:300]!r}")
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    choices = chunk.get("choices") or []
+                    if choices and (choices[0].get("delta") or {}).get("content"):
+                        first = first or time.perf_counter()
+                        chunks += 1
+            break
+        except httpx.TransportError:
+            if first is not None or attempt == retries:
+                raise
     if first is None:
         raise RuntimeError(f"{url}: no token came back")
     return {
@@ -91,6 +102,7 @@ async def one_request(
         "end_s": time.perf_counter() - origin,
         "tokens": (usage or {}).get("completion_tokens") or chunks,
         "prompt_tokens": (usage or {}).get("prompt_tokens") or 0,
+        "retried": attempt,
     }
 
 
@@ -122,6 +134,7 @@ async def level(
         "prompt_tokens": sum(r["prompt_tokens"] for r in results),
         "tps": generated / wall,
         "ttft_s": [r["ttft_s"] for r in results],
+        "retried": sum(r["retried"] for r in results),
     }
 
 
@@ -146,6 +159,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
         "requests": len(ttfts),
+        "retried": sum(r.get("retried", 0) for r in runs),
         "tokens": [r["tokens"] for r in runs],
         "prompt_tokens": [r["prompt_tokens"] for r in runs],
     }
@@ -270,6 +284,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("aggregate generated tokens/s")
     ax.set_title("One model under load (same run, same files)")
     ax.legend()

@@ -363,3 +363,54 @@ async def test_a_cache_hit_takes_no_store_lock_and_writes_nothing_on_the_event_l
     loop = threading.current_thread().name
     assert seen and loop not in {name for _, name in seen}  # the worker wrote the new entry; the loop nothing
     wait_until(lambda: any(name.startswith("prompt-store") for _, name in seen))  # the use: written later
+
+
+async def first_content(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> float:
+    """Stream a reply until its first text arrives; the monotonic time it did."""
+    async with client.stream("POST", url, json={**payload, "stream": True}) as reply:
+        assert reply.status_code == 200
+        async for line in reply.aiter_lines():
+            if (
+                line.startswith("data: {")
+                and '"content":"' in line.replace(" ", "")
+                and '"content":""' not in line
+            ):
+                return time.monotonic()
+    raise AssertionError("the stream ended without text")
+
+
+async def test_a_slow_cache_write_holds_up_no_other_request(
+    small_llama: Path, hub_config: Make, make_hub: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing a finished request's cache to disk (files, fsyncs, the index) must not stop the batch: with
+    that write held, another request still gets its tokens; the first reply ends once its entry is on disk."""
+    from mlx_hub.engine.prompt_store import PromptStore
+
+    hub = await make_hub(hub_config([entry(small_llama)], prompt_cache_path=str(tmp_path / "pc")))
+    await ask(hub, small_llama, 1)  # the batch scheduler is running, its first entry written
+    entered, release = threading.Event(), threading.Event()
+    commit = PromptStore.commit
+
+    def held_commit(self: PromptStore, *args: Any, **kwargs: Any) -> bool:
+        entered.set()
+        release.wait(120)
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(PromptStore, "commit", held_commit)
+    url = f"{base_url(hub, 'm')}/chat/completions"
+    async with httpx.AsyncClient(timeout=180) as client:
+        first = asyncio.create_task(client.post(url, json=body(small_llama, 3)))
+        try:
+            for _ in range(1200):  # the first request's entry reaches the (held) index write
+                if entered.is_set():
+                    break
+                await asyncio.sleep(0.1)
+            assert entered.is_set()
+            other = {**body(small_llama, 1), "messages": [{"role": "user", "content": "Another question."}]}
+            await asyncio.wait_for(first_content(client, url, other), timeout=90)
+            assert not first.done()  # its reply ends after its entry's write, which is still held
+        finally:
+            release.set()
+        reply = await first
+    assert reply.status_code == 200, reply.text
+    assert meta(hub, "m")["prompt_cache_disk_bytes"] > 0

@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import sys
+import uuid
 from array import array
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ TOKENS = ".tokens"  # an entry's token ids
 
 class PromptStoreError(RuntimeError):
     """The cache folder cannot be used safely; the message names the path and the fix."""
+
+
+def new_entry_id() -> str:
+    """A fresh entry id: unique across hubs sharing a store, so no lock is needed to pick one."""
+    return uuid.uuid4().hex
 
 
 def token_bytes(tokens: list[int]) -> bytes:

@@ -11,12 +11,11 @@ with its description and lease.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlx_hub.engine.prompt_files import IDENTITY, names_in
+from mlx_hub.engine.prompt_files import IDENTITY, names_in, new_entry_id
 from mlx_hub.engine.prompt_identity import Identity
 from mlx_hub.engine.prompt_listeners import Listeners
 from mlx_hub.engine.prompt_locks import Leases, StoreLock, writer_lock
@@ -88,14 +87,14 @@ class Folders:
         return folder
 
     @contextlib.contextmanager
-    def writing(self, key: str) -> Iterator[str]:
-        """A new entry id of ``key`` whose files only this block may have until it ends.
+    def writing(self, key: str, entry_id: str | None = None) -> Iterator[str]:
+        """An entry id of ``key`` (a new one unless given) whose files only this block may have until it ends.
 
         Its folder is there (made again if it vanished), and its writer lock is
         taken before the store lock is let go, so no sweep or clear ever sees
         its files unowned. Commit inside the block.
         """
-        entry_id = uuid.uuid4().hex
+        entry_id = entry_id or new_entry_id()
         with contextlib.ExitStack() as stack:
             with self._lock.hold():
                 folder = self._ensure(key)

@@ -38,7 +38,6 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -85,7 +84,6 @@ class PromptStore:
         self._folders = Folders(self.root, self._lock, self._listeners)
         self._counters = Counters()
         self._figures = Figures()
-        self._removals: deque[tuple[str, list[str], Listener | None]] = deque()  # remove_soon's
         self._warned: set[str] = set()
         self.bytes_written = 0  # by this process, since it opened the store
 
@@ -120,9 +118,12 @@ class PromptStore:
         """The identity's folder, made (0700) with its description and leased; ``name`` noted as a user."""
         return self._folders.adopt(identity, name)
 
-    def writing(self, key: str) -> contextlib.AbstractContextManager[str]:
-        """A new entry id of ``key``, its folder there and its files owned until the block ends (commit inside)."""
-        return self._folders.writing(key)
+    def writing(self, key: str, entry_id: str | None = None) -> contextlib.AbstractContextManager[str]:
+        """An entry id of ``key`` (new unless given), its folder there and its files owned until the block ends.
+
+        Commit inside the block.
+        """
+        return self._folders.writing(key, entry_id)
 
     # ------------------------------------------------------------------ index
 
@@ -250,11 +251,6 @@ class PromptStore:
         with self.locked():
             gone = self._drop(key, ids)
         self._listeners.forget(gone, origin=origin)
-
-    def remove_soon(self, key: str, ids: list[str], *, origin: Listener | None = None) -> None:
-        """``remove``, on the background thread: for entries whose payload is gone already (bookkeeping)."""
-        self._removals.append((key, list(ids), origin))
-        self._background.poke(urgent=True)
 
     def discard(self, key: str, entry_id: str, why: str) -> None:
         """An entry that was read and is not usable: one warning, then it is deleted."""
@@ -406,16 +402,13 @@ class PromptStore:
     # ------------------------------------------------------------- background
 
     def _flush(self, deadline: float | None) -> None:
-        """Write the uses noted and drop the entries queued; with a ``deadline``, give up (and say so) then."""
+        """Write the uses noted; with a ``deadline``, give up (and say so) then."""
         pending = self._touches.take()
-        removals = [self._removals.popleft() for _ in range(len(self._removals))]
-        if not pending and not removals:
+        if not pending:
             return
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        gone: list[tuple[list[tuple[str, str]], Listener | None]] = []
         try:
             with self.locked(timeout):
-                gone = [(self._drop(key, ids), origin) for key, ids, origin in removals]
                 for key, uses in pending.items():
                     entries = self._readable(key) or {}
                     changed = [i for i, when in uses.items() if i in entries and when > entries[i].last_use]
@@ -424,12 +417,10 @@ class PromptStore:
                     if changed:
                         self._write(key, entries)
         except TimeoutError:
-            lost = sum(len(uses) for uses in pending.values()) + len(removals)
+            lost = sum(len(uses) for uses in pending.values())
             log.warning(
                 "prompt cache store %s: %d use(s) not written, its lock is held elsewhere", self.root, lost
             )
-        for ids, origin in gone:
-            self._listeners.forget(ids, origin=origin)
 
     def _background_work(self, deadline: float | None) -> None:
         self._flush(deadline)

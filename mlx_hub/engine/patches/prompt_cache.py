@@ -20,17 +20,26 @@ code. What changes:
   request after a load finds what earlier loads (or hubs) left;
 - ``close()`` keeps the files; the store's cap (LRU across all models) and
   upstream's own bounds are what delete them;
-- lookups are counted (hits, misses, tokens reused) for the hub's status.
+- lookups are counted (hits, misses, tokens reused) for the hub's status;
+- the batch scheduler's writes go behind it (engine/prompt_writer.py): it
+  queues each entry's files, deletes and index touches and goes on decoding,
+  and a reply's end (upstream's stream sentinel) is delivered after the writes
+  queued before it, so a finished reply's entry is on disk as before. The
+  one-request-at-a-time path, which has no batch to hold up, still waits for
+  its writes.
 
 The hub swaps a handler's cache for this one right after its load, before any
 request (``MLXEngine.persist_prompt_cache``). Patch name (``MLX_HUB_DISABLE_PATCHES``):
 ``persistent_prompt_cache``. Proof: without it,
 tests/test_prompt_cache.py::test_restored_cache_answers_as_cold_after_unload_and_restart
-sees a miss after the unload.
+sees a miss after the unload; without the writes behind the batch,
+tests/test_prompt_cache.py::test_a_slow_cache_write_holds_up_no_other_request
+gets no token while a write is held.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -40,21 +49,29 @@ from typing import Any
 
 import mlx.core as mx
 from app.utils.prompt_cache import LRUPromptCache
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.patches.switch import enabled
-from mlx_hub.engine.prompt_files import publish, temp_path
+from mlx_hub.engine.prompt_files import new_entry_id, publish, temp_path
 from mlx_hub.engine.prompt_identity import FORMAT, Identity
 from mlx_hub.engine.prompt_store import Entry, PromptStore
+from mlx_hub.engine.prompt_writer import WriteBehind
 
 log = logging.getLogger(__name__)
 
 #: Every entry's metadata carries these, so a file from elsewhere is refused rather than misread.
 FORMAT_KEY = "mlx_hub_format"
 IDENTITY_KEY = "mlx_hub_identity"
+#: upstream's ``source`` for caches its batch scheduler inserts (the writes that go behind).
+BATCH = "batch"
+#: Seconds an unload waits for the writes still queued (they go on in the background after).
+CLOSE_TIMEOUT = 120.0
+
+#: The writer of the cache the current batch scheduler thread last inserted into (see ``_send``).
+_inserted = threading.local()
 
 
 class UnreadableEntry(ValueError):
@@ -137,6 +154,11 @@ def load_entry(path: Path, key: str) -> list[Any]:
         raise UnreadableEntry(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _evaluate(prompt_cache: list[Any]) -> None:
+    """Finish every array of a cache's state on this thread (an array is tied to the stream it was built on)."""
+    mx.eval([a for _, a in tree_flatten([c.state for c in prompt_cache]) if isinstance(a, mx.array)])
+
+
 class PersistentPromptCache(LRUPromptCache):
     """``LRUPromptCache`` whose entries live in ``store`` under identity ``key`` and outlive the handler."""
 
@@ -147,6 +169,9 @@ class PersistentPromptCache(LRUPromptCache):
         self._pending: deque[tuple[str, Any]] = deque()  # what the store told us, applied on our threads
         self._ids: dict[str, tuple[int, ...]] = {}  # entry id -> its tokens in the trie
         self._writing = threading.local()
+        self._writer = WriteBehind(model)
+        # entry id -> its caches, until the writer has them on disk
+        self._unwritten: dict[str, list[Any]] = {}
         self.restored = 0
         for entry in store.entries(key):  # least recently used first, as the LRU expects
             self._adopt(entry)
@@ -258,6 +283,10 @@ class PersistentPromptCache(LRUPromptCache):
             finally:
                 self._writing.active = False
             self._apply_pending()
+        if source == BATCH:
+            _inserted.writer = self._writer  # the reply that ends next on this thread waits for these writes
+        else:
+            self._writer.flush()  # one request at a time: nothing to hold up, and its reply ends on disk
 
     def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None) -> None:
         with self._lock:
@@ -265,62 +294,90 @@ class PersistentPromptCache(LRUPromptCache):
             super().trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
 
     def close(self) -> None:
-        """Keep every entry for the next load of this identity; only stop listening."""
+        """Keep every entry for the next load of this identity: finish the queued writes, stop listening."""
+        self._writer.close(CLOSE_TIMEOUT)
         self.store.unsubscribe(self.key, self)
         self._pending.clear()
 
     # ------------------------------------------------- upstream's storage
 
     def _write_cache_to_disk(self, prompt_cache: list[Any]) -> Path:
-        with self.store.writing(self.key) as entry_id:  # its folder is there; no sweep takes its files
-            return self._write_entry(entry_id, prompt_cache)
-
-    def _write_entry(self, entry_id: str, prompt_cache: list[Any]) -> Path:
+        """Queue the entry's files; its path (the file appears once the writer has run)."""
         tokens, cache_type, source, nbytes = self._writing.request
+        entry_id = new_entry_id()
         payload, _ = self.store.paths(self.key, entry_id)
-        tmp = temp_path(payload)
-        try:
-            save_entry(tmp, prompt_cache, self.key)
-            publish(tmp, payload)
-            token_size, digest = self.store.write_tokens(self.key, entry_id, tokens)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            payload.unlink(missing_ok=True)
-            raise
+        # Evaluated here, on the generating thread whose stream built them: the writer's
+        # own ops (slices, the save) then only read finished arrays.
+        _evaluate(prompt_cache)
+        self._ids[entry_id] = tuple(tokens)
+        self._unwritten[entry_id] = prompt_cache
         entry = Entry(
             id=entry_id,
             tokens=len(tokens),
-            digest=digest,
-            bytes=payload.stat().st_size + token_size,
+            digest="",
+            bytes=0,
             nbytes=nbytes,
             last_use=time.time(),
             cache_type=cache_type,
             trimmable=can_trim_prompt_cache(prompt_cache),
             source=source,
         )
-        self._ids[entry_id] = tuple(tokens)
-        self.store.commit(self.key, entry, origin=self)
+        self._writer.submit(lambda: self._write_entry(entry, prompt_cache, tokens), entry_id, nbytes)
         return payload
+
+    def _write_entry(self, entry: Entry, prompt_cache: list[Any], tokens: list[int]) -> None:
+        """On the writer thread: the tensors and tokens, published by rename, then the index.
+
+        Inside the store's ``writing`` block: its folder is there and no sweep or
+        clear takes its files before the commit.
+        """
+        payload, _ = self.store.paths(self.key, entry.id)
+        tmp = temp_path(payload)
+        try:
+            with self.store.writing(self.key, entry.id):
+                save_entry(tmp, prompt_cache, self.key)
+                publish(tmp, payload)
+                token_size, entry.digest = self.store.write_tokens(self.key, entry.id, tokens)
+                entry.bytes = payload.stat().st_size + token_size
+                self.store.commit(self.key, entry, origin=self)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            payload.unlink(missing_ok=True)
+            self.forget([entry.id])  # a miss next time, never a file that is not there
+            raise
+        finally:
+            self._unwritten.pop(entry.id, None)
 
     def _load_cache_from_disk(self, entry: Any) -> list[Any]:
         return load_entry(entry.file_path, self.key)
 
     def _try_load_cache(self, tokens: list[int], entry: Any) -> list[Any] | None:
+        entry_id = entry.file_path.stem
+        unwritten = self._unwritten.get(entry_id)
+        if unwritten is not None:  # still queued for disk: a copy (mlx-lm's own LRU copies the same way)
+            cache = copy.deepcopy(unwritten)
+            _evaluate(cache)  # on this thread: the reading thread may not be the one that generates
+            return cache
         if not entry.file_path.exists():  # the cap, a `cache clear` or another hub removed it: a plain miss
             self._invalidate_tokens(tokens, entry)
             return None
         cache = super()._try_load_cache(tokens, entry)  # a bad file: one warning, deleted, served cold
         if cache is not None:
-            self.store.touch(self.key, entry.file_path.stem)
+            self.store.touch(self.key, entry_id)  # noted in memory; written by the store's own thread
         return cache
 
     def _delete_entry_file(self, entry: Any) -> None:
+        """Forget an entry's files: a queued write is dropped, a written one removed after the writes before it.
+
+        The removal goes to the writer (never the caller's thread, which may be
+        the event loop on a lookup), so it cannot overtake the entry's own write.
+        """
         entry_id = entry.file_path.stem
         self._ids.pop(entry_id, None)
-        if entry.file_path.exists():
-            self.store.remove(self.key, [entry_id], origin=self)
-        else:  # another hub's eviction or a clear took it, found by a lookup on the event loop: no lock here
-            self.store.remove_soon(self.key, [entry_id], origin=self)
+        if self._writer.cancel(entry_id):  # replaced or evicted before it was written: never written
+            self._unwritten.pop(entry_id, None)
+            return
+        self._writer.submit(lambda: self.store.remove(self.key, [entry_id], origin=self))
 
 
 def persist(handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity) -> bool:
@@ -334,6 +391,7 @@ def persist(handler: Any, entry: ModelConfig, store: PromptStore, identity: Iden
         return False
     if isinstance(current, PersistentPromptCache):
         return True
+    _end_replies_after_writes()
     store.adopt(identity, entry.name)
     cache = PersistentPromptCache(
         store, identity.key, entry.name, max_size=current.max_size, max_bytes=current.max_bytes
@@ -341,3 +399,31 @@ def persist(handler: Any, entry: ModelConfig, store: PromptStore, identity: Iden
     handler.prompt_cache = cache
     current.close()  # upstream's empty temporary folder
     return True
+
+
+def _end_replies_after_writes() -> None:
+    """Upstream's batch scheduler delivers a reply's end after the cache writes its thread queued before it.
+
+    Its ``_send`` (a static method) puts each chunk, then the sentinel that ends
+    the reply, on the request's queue. The sentinel of a reply whose thread has
+    writes queued goes to the back of that writer's queue instead, so a client
+    that has its answer finds its entry on disk, as when upstream wrote in line.
+    """
+    try:
+        from app.core import batch_scheduler
+    except ImportError:  # an upstream release without a batch scheduler writes in line
+        return
+    scheduler = batch_scheduler.BatchScheduler
+    send = scheduler.__dict__["_send"].__func__
+    if getattr(send, "_mlx_hub_after_writes", False):
+        return
+
+    def _send(loop: Any, out_queue: Any, item: Any) -> None:
+        writer = getattr(_inserted, "writer", None)
+        if item is batch_scheduler._STREAM_SENTINEL and writer is not None and writer.busy():
+            writer.submit(lambda: send(loop, out_queue, item))
+            return
+        send(loop, out_queue, item)
+
+    _send._mlx_hub_after_writes = True  # type: ignore[attr-defined]
+    scheduler._send = staticmethod(_send)

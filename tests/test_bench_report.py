@@ -1,0 +1,37 @@
+"""``make bench`` bookkeeping: choosing parts, and a partial run's summary.json keeping the other parts' keys."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks.__main__ import PARTS, parts
+from benchmarks.report import merged_summary
+
+
+def test_parts_run_in_their_order_and_an_unknown_one_is_named() -> None:
+    assert parts("agent-swaps, load") == ["load", "agent_swaps"]
+    assert parts(",".join(reversed(PARTS))) == list(PARTS)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown part nosuch; choose from core,"):
+        parts("load,nosuch")
+
+
+def test_a_partial_run_updates_its_keys_and_keeps_the_others_with_their_date() -> None:
+    previous = {
+        "cold_start_vs_subprocess": 0.22,
+        "concurrency16_tps_vs_launch": 0.9,
+        "date": "2026-12-06",
+        "machine": "m",
+        "not_a_key": 1,
+    }
+    run = {"date": "2026-12-07", "machine": "m", "profile": "cpu", "stack": None}
+    summary = merged_summary(previous, run, {"concurrency16_tps_vs_launch": 2.51234})
+    assert summary["cold_start_vs_subprocess"] == 0.22 and summary["concurrency16_tps_vs_launch"] == 2.5123
+    assert summary["measured"] == {
+        "cold_start_vs_subprocess": "2026-12-06",
+        "concurrency16_tps_vs_launch": "2026-12-07",
+    }
+    assert "not_a_key" not in summary and summary["date"] == "2026-12-07"
+    again = merged_summary(summary, {**run, "date": "2026-12-08"}, {"cold_start_vs_subprocess": 0.18})
+    assert again["measured"]["concurrency16_tps_vs_launch"] == "2026-12-07"  # its own date stays
