@@ -41,11 +41,31 @@ def llama(models_dir: Path) -> Path:
     return make_model(models_dir / "sharded-llama", arch="llama", seed=4)  # greedy text that is not one token
 
 
+#: A tool call the qwen2 model holds as one token, so a logit_bias makes it "say" the call.
+CALL = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+#: A template that names ``<tool_call>`` and ``tool_call.name``: mlx-lm infers its JSON tool parser from it.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for tool_call in message.tool_calls or [] %}<tool_call>{{ tool_call.name }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def qwen2(models_dir: Path) -> Path:
     from mlx_hub.testing.tinymodel import make_model
 
-    return make_model(models_dir / "sharded-qwen2", arch="qwen2", seed=3)  # saved without an index file
+    # saved without an index file; CALL is one token of its vocabulary
+    return make_model(models_dir / "sharded-qwen2", arch="qwen2", seed=3, phrases=(CALL,))
 
 
 def _entries(path: Path, **distributed: Any) -> list[dict[str, Any]]:
@@ -113,6 +133,24 @@ def test_options_that_cannot_work_sharded_are_refused_by_name(tmp_path: Path) ->
     )
     with pytest.raises(ConfigError, match=r"field 'distributed.hostfile'.*does not exist"):
         load_config(config)
+    config.write_text(
+        "models:\n  - name: big\n    model_path: /m\n    context_length: 4096\n    max_concurrency: 2\n"
+        "    distributed: {hosts: [a, b]}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert "field 'context_length'" in str(caught.value) and "batch_completion_size" in str(caught.value)
+
+
+def test_a_sharded_request_gets_the_entrys_sampling_defaults_and_names_the_loaded_model() -> None:
+    from mlx_hub.config import ModelConfig
+    from mlx_hub.web.rank_proxy import for_rank, unserved
+
+    entry = ModelConfig(name="m", model_path="/m", default_seed=7, default_repetition_penalty=1.1)
+    body = json.loads(for_rank({"model": "m", "seed": 3, "messages": []}, entry))
+    assert body == {"model": "default_model", "seed": 3, "repetition_penalty": 1.1, "messages": []}
+    assert unserved({"response_format": {"type": "text"}}) is None
+    assert unserved({"response_format": {"type": "json_object"}})[0] == "response_format"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -124,6 +162,11 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
     parallel = "tensor" if arch == "llama" else "pipeline"
     entries = _entries(path, parallel=parallel)
     entries[1]["aliases"] = ["big-model"]
+    if arch == "qwen2":  # an entry's chat_template_file reaches every rank
+        template = path.parent / "sharded-tools.jinja"
+        template.write_text(TOOLS_TEMPLATE)
+        for one in entries:
+            one["chat_template_file"] = str(template)
     live = await start(hub_config(entries, prompt_cache_disk_size=0, api_keys=["sk-test"]))
     async with httpx.AsyncClient(timeout=300, headers={"Authorization": "Bearer sk-test"}) as client:
         plain = await _chat(client, live.url, "plain")
@@ -147,6 +190,8 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
         assert "sharded" in {m["id"] for m in listed["data"]}
         metrics = (await client.get(live.url + "/metrics")).text
         assert 'mlx_hub_rank_memory_bytes{host="127.0.0.1",model="sharded",rank="1"}' in metrics
+        if arch == "qwen2":
+            await _tools_and_response_format(client, live.url, path)
     ranks = meta(live.hub, "sharded")["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["state"] == "loaded" for r in ranks)
     assert all(r["memory_bytes"] > 0 and _alive(r["pid"]) for r in ranks)
@@ -154,6 +199,30 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
     await live.hub.stop_model("sharded")
     assert not any(_alive(r["pid"]) for r in ranks), "a rank outlived stop-model"
     assert meta(live.hub, "sharded")["ranks"] == []
+
+
+async def _tools_and_response_format(client: httpx.AsyncClient, url: str, path: Path) -> None:
+    """Tools reach the ranks' parser through the entry's template; a JSON schema is refused, not ignored."""
+    from mlx_hub.testing.tinymodel import phrase_token
+
+    body = {
+        "model": "sharded",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logit_bias": {str(phrase_token(path, CALL)): 100},
+    }
+    answer = await client.post(url + "/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    (call,) = answer.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    refused = await client.post(url + "/v1/chat/completions", json={**body, "response_format": schema})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "response_format"
+    assert "distributed" in refused.json()["error"]["message"]
 
 
 async def _wait_failed(live: Any, name: str, seconds: float) -> dict[str, Any]:

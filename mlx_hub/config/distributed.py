@@ -25,6 +25,11 @@ NOT_SHARDED: dict[str, str] = {
     "enable_auto_tool_choice": "the sharded server parses tool calls with the model's own tokenizer",
     "config_name": "only lm models can be sharded",
     "quantize": "only lm models can be sharded",
+    "disable_auto_resize": "only multimodal models resize images, and they cannot be sharded",
+    "num_draft_tokens": "speculative decoding is not supported across ranks",
+    "context_length": "the sharded server sizes each request's cache itself",
+    "max_concurrency": "the sharded server batches on its own: set batch_completion_size and batch_prefill_size",
+    "queue_size": "the sharded server queues on its own; queue_timeout still bounds the wait for the model",
 }
 
 Backend = Literal["ring", "jaccl", "mpi"]
@@ -93,9 +98,15 @@ class DistributedConfig(BaseModel):
 
 
 def sharded_refusals(entry: Any) -> list[tuple[str, str]]:
-    """The entry's options that cannot work sharded, as (field, why); empty when none is set."""
+    """The entry's options that cannot work sharded, as (field, why); empty when none is set.
+
+    Only options the entry (or hub.yaml's defaults) set count: one that merely
+    has a default value is not the user's choice.
+    """
     found = [
-        (name, why) for name, why in NOT_SHARDED.items() if getattr(entry, name) not in (None, False, [])
+        (name, why)
+        for name, why in NOT_SHARDED.items()
+        if name in entry.model_fields_set and getattr(entry, name) not in (None, False, [])
     ]
     if entry.model_type != "lm":
         found.insert(0, ("model_type", f"{entry.model_type} models cannot be sharded, only lm"))

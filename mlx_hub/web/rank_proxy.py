@@ -74,9 +74,39 @@ async def _upstream(slot: ModelSlot, path: str, body: bytes) -> tuple[Any, httpx
         raise GroupGone(await _reason(slot, group, exc)) from None
 
 
-def _for_rank(body: dict[str, Any]) -> bytes:
-    """The body rank 0 gets: mlx-lm's server reads ``model`` as a path to load, so it names the loaded one."""
-    return json.dumps({**body, "model": RANK_MODEL}).encode()
+#: Entry sampling defaults mlx-lm's server has no flag for, and the request field each fills in.
+BODY_DEFAULTS: dict[str, str] = {
+    "default_repetition_penalty": "repetition_penalty",
+    "default_repetition_context_size": "repetition_context_size",
+    "default_presence_penalty": "presence_penalty",
+    "default_xtc_probability": "xtc_probability",
+    "default_xtc_threshold": "xtc_threshold",
+    "default_seed": "seed",
+}
+#: Request fields mlx-lm's server would ignore without a word: refused, so no client trusts an unmet contract.
+UNSERVED: dict[str, str] = {
+    "response_format": "structured output (response_format) is not supported by a distributed entry: "
+    "mlx-lm's sharded server has no constrained decoding; serve the model unsharded for it",
+}
+
+
+def unserved(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The field rank 0 cannot honour and why, or None (it would answer a JSON-mode request with free text)."""
+    for field, why in UNSERVED.items():
+        value = body.get(field)
+        if value is not None and not (isinstance(value, dict) and value.get("type") == "text"):
+            return field, why
+    return None
+
+
+def for_rank(body: dict[str, Any], entry: Any) -> bytes:
+    """The body rank 0 gets: the entry's sampling defaults filled in, ``model`` naming the loaded one.
+
+    mlx-lm's server reads ``model`` as a path to load; "default_model" is the one it started with.
+    """
+    out = {field: getattr(entry, option) for option, field in BODY_DEFAULTS.items()}
+    out = {field: value for field, value in out.items() if value is not None}
+    return json.dumps({**out, **body, "model": RANK_MODEL}).encode()
 
 
 def _named(line: str, model: str) -> str:
@@ -97,9 +127,13 @@ async def _forward(slot: ModelSlot, raw: Request) -> Response:
         return error_json(400, f"the request body is not valid JSON: {exc}", "invalid_request_error", None)
     if not isinstance(body, dict):
         return error_json(400, "the request body must be a JSON object", "invalid_request_error", None)
+    refused = unserved(body)
+    if refused is not None:
+        field, why = refused
+        return error_json(400, why, "invalid_request_error", "unsupported_parameter", param=field)
     model = body.get("model") or slot.entry.served_name
     try:
-        group, client, answer = await _upstream(slot, raw.url.path, _for_rank(body))
+        group, client, answer = await _upstream(slot, raw.url.path, for_rank(body, slot.entry))
     except GroupGone as exc:
         return error_json(502, str(exc), "server_error", "rank_failed")
     kind = answer.headers.get("content-type", "application/json")
@@ -164,7 +198,7 @@ def _chunk(data: dict[str, Any]) -> list[Any]:
 
 async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[Any]:
     chat = {**chat, "stream": True, "stream_options": {"include_usage": True}}
-    group, client, answer = await _upstream(slot, "/v1/chat/completions", _for_rank(chat))
+    group, client, answer = await _upstream(slot, "/v1/chat/completions", for_rank(chat, slot.entry))
     try:
         if answer.status_code != 200:
             text = (await answer.aread()).decode(errors="replace")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine.base import EngineError, Loaded
@@ -31,6 +32,7 @@ FLAGS: dict[str, str] = {
     "batch_prefill_size": "--prompt-concurrency",
     "batch_prefill_step_size": "--prefill-step-size",
     "prompt_cache_size": "--prompt-cache-size",
+    "prompt_cache_max_bytes": "--prompt-cache-bytes",
     "kv_bits": "--kv-bits",
     "kv_group_size": "--kv-group-size",
     "quantized_kv_start": "--quantized-kv-start",
@@ -49,7 +51,18 @@ def server_args(entry: ModelConfig) -> list[str]:
         ):
             continue
         args += [flag] if value is True else [flag, str(value)]
+    if entry.chat_template_file:  # mlx-lm's server takes the template itself, not a file
+        args += ["--chat-template", _template(entry)]
+    if entry.disable_batching:  # one request at a time, as upstream's flag means
+        args += ["--decode-concurrency", "1", "--prompt-concurrency", "1"]
     return args
+
+
+def _template(entry: ModelConfig) -> str:
+    try:
+        return Path(entry.chat_template_file or "").expanduser().read_text()
+    except OSError as exc:
+        raise EngineError(f"model '{entry.name}': chat_template_file: {exc}") from None
 
 
 def is_group(handler: object) -> bool:
