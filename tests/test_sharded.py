@@ -169,6 +169,9 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
             one["chat_template_file"] = str(template)
     live = await start(hub_config(entries, prompt_cache_disk_size=0, api_keys=["sk-test"]))
     async with httpx.AsyncClient(timeout=300, headers={"Authorization": "Bearer sk-test"}) as client:
+        lacking = await client.post(live.url + "/v1/embeddings", json={"model": "sharded", "input": "x"})
+        assert lacking.status_code == 404 and "distributed group" in lacking.json()["error"]["message"]
+        assert meta(live.hub, "sharded")["memory_state"] == "unloaded"  # refused before any rank started
         plain = await _chat(client, live.url, "plain")
         assert await _chat(client, live.url, "big-model") == plain  # an alias, through /v1
         refused = await httpx.AsyncClient().post(live.url + "/v1/chat/completions", json={"model": "sharded"})
@@ -186,6 +189,12 @@ async def test_a_sharded_model_answers_as_the_same_model_unsharded(
         assert await _chat(client, port, "sharded") == plain  # its own port as well as /v1
         await live.hub.unload("plain")  # a fresh prompt cache: Messages compared cold on both
         assert await _messages(client, live.url, "sharded") == await _messages(client, live.url, "plain")
+        counted = [
+            (await client.post(live.url + "/v1/messages/count_tokens", json={"model": m, "messages": CHAT}))
+            for m in ("plain", "sharded")
+        ]
+        assert counted[1].status_code == 200, counted[1].text
+        assert counted[0].json()["input_tokens"] == counted[1].json()["input_tokens"] > 0  # as rank 0 renders
         listed = (await client.get(live.url + "/v1/models")).json()
         assert "sharded" in {m["id"] for m in listed["data"]}
         metrics = (await client.get(live.url + "/metrics")).text

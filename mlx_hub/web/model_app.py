@@ -34,6 +34,7 @@ from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.hosts import HostGuard
 from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
+from mlx_hub.web.rank_proxy import SERVED as RANK_SERVED
 from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
@@ -109,9 +110,11 @@ def reserving(path: str, data: dict[str, Any] | None, entry: Any) -> dict[str, A
     return data
 
 
-def _gated(scope: Scope) -> bool:
-    """Inference routes need weights; listings and health checks must not trigger a load."""
-    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/")
+def _gated(scope: Scope, slot: ModelSlot) -> bool:
+    """Inference routes need weights; listings, health checks and routes the entry lacks must not load it."""
+    if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        return False
+    return slot.entry.distributed is None or scope["path"] in RANK_SERVED
 
 
 class LoadGate:
@@ -127,7 +130,7 @@ class LoadGate:
         self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _gated(scope):
+        if not _gated(scope, self.slot):
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log

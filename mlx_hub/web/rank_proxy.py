@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mlx_hub.web import translate as tr
+from mlx_hub.web.rank_tokens import NoTokenizer, count_prompt
 from mlx_hub.web.responses import error_json
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
+#: Every inference route a sharded entry answers; other POSTs are refused before anything loads.
+SERVED = frozenset({*FORWARDED, "/v1/messages", "/v1/messages/count_tokens"})
 RANK_MODEL = "default_model"  # the name mlx-lm's server gives the model it was started with
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: No read timeout: a long prefill is silent, and a stuck group is ended by its own watchdog.
@@ -254,6 +257,21 @@ async def _messages(slot: ModelSlot, raw: Request) -> Response:
         return JSONResponse(tr.error_body(502, str(exc)), status_code=502)
 
 
+async def _count_tokens(slot: ModelSlot, raw: Request) -> Response:
+    """Anthropic count_tokens, counted here with the model's tokenizer (web/rank_tokens.py)."""
+    try:
+        body = json.loads(await raw.body() or b"null")
+        chat = tr.to_chat_request(body, count_only=True)
+        return JSONResponse({"input_tokens": await count_prompt(_group(slot), slot.entry, chat)})
+    except ValueError as exc:
+        return JSONResponse(tr.error_body(400, f"the request body is not valid JSON: {exc}"), status_code=400)
+    except tr.RequestError as exc:
+        return JSONResponse(tr.error_body(exc.status, exc.message), status_code=exc.status)
+    except (NoTokenizer, GroupGone) as exc:
+        status = 501 if isinstance(exc, NoTokenizer) else 502
+        return JSONResponse(tr.error_body(status, str(exc)), status_code=status)
+
+
 async def _sse(events: AsyncIterator[tr.Event]) -> AsyncIterator[str]:
     try:
         async for event in events:
@@ -272,6 +290,21 @@ def add_rank_routes(app: FastAPI, slot: ModelSlot) -> None:
     async def messages(raw: Request) -> Response:
         return await _messages(slot, raw)
 
+    async def count_tokens(raw: Request) -> Response:
+        return await _count_tokens(slot, raw)
+
+    async def unserved_route(raw: Request) -> Response:
+        served = ", ".join(sorted(SERVED))
+        return error_json(
+            404,
+            f"model '{slot.name}' is served by a distributed group (mlx-lm's server), which answers "
+            f"{served}; {raw.url.path} is not among them",
+            "invalid_request_error",
+            "unsupported_route",
+        )
+
     for path in FORWARDED:
         app.add_api_route(path, forward, methods=["POST"], response_model=None)
     app.add_api_route("/v1/messages", messages, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/{rest:path}", unserved_route, methods=["POST"], response_model=None)
