@@ -53,3 +53,22 @@ def test_queued_bytes_hold_back_the_next_payload() -> None:
     assert submitted.wait(30)
     thread.join(30)
     assert writer.close(30)
+
+
+def test_an_idle_writer_holds_nothing_of_the_job_it_ran() -> None:
+    """A job carries a cache's arrays; the thread waiting for the next job must not keep it alive."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    writer = WriteBehind("t")
+    payload = Payload()
+    gone = weakref.ref(payload)
+    writer.submit(lambda p=payload: None)
+    del payload
+    assert writer.flush(30)
+    gc.collect()
+    assert gone() is None, "the writer thread still holds the last job"
+    assert writer.close(30)

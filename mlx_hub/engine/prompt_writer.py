@@ -111,6 +111,9 @@ class WriteBehind:
             except Exception:  # one entry lost is a cold prefill later, never a failed request
                 log.exception("prompt cache %s: a background write failed", self.name)
             finally:
+                # The job holds its cache's arrays: dropped now, not when the next job comes,
+                # or an idle writer would keep the last request's KV alive.
+                del fn
                 with self._changed:
                     self._running = None
                     self._queued_bytes -= nbytes
