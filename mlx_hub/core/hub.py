@@ -35,8 +35,7 @@ from mlx_hub.core.signals import Background, Changes
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import HubStatus, Supervision
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_store import PromptStore
+from mlx_hub.engine.base import Engine, PromptCacheStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class Hub:
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
         self.observers: list[Callable[[], None]] = []  # called on every state change (a supervisor's report)
         self.supervision: Supervision | None = None  # restarts and the last crash, from a supervisor
-        self.prompt_store: PromptStore | None = None  # prompt caches kept on disk (prompt_caches.py)
+        self.prompt_store: PromptCacheStore | None = None  # prompt caches kept on disk (prompt_caches.py)
         self.adopt(config)
         self.metrics = HubMetrics(self.status_document)
         self.activity = Activity(config)  # request log, live feed, memory history

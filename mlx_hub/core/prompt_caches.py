@@ -15,10 +15,7 @@ from typing import Any
 from mlx_hub.config import ConfigError, HubConfig, ModelConfig
 from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.slot import ModelSlot
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_files import PromptStoreError
-from mlx_hub.engine.prompt_listing import listing
-from mlx_hub.engine.prompt_store import PromptStore, open_store
+from mlx_hub.engine.base import Engine, PromptCacheStore, PromptStoreError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +33,7 @@ def persists(entry: ModelConfig) -> bool:
     return entry.model_type in CACHING_TYPES and entry.prompt_cache_size > 0 and not entry.prompt_cache_dir
 
 
-def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) -> PromptStore | None:
+def store_for(config: HubConfig, engine: Engine, current: PromptCacheStore | None) -> PromptCacheStore | None:
     """The store ``config`` asks for (``current`` again when the folder is the same); None when it is off.
 
     A folder the hub cannot use safely is a ``ConfigError`` naming it and the fix,
@@ -49,7 +46,11 @@ def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) ->
         return None
     folder = config.prompt_cache_folder.resolve()
     try:
-        store = current if current is not None and current.root == folder else open_store(folder, cap)
+        store = (
+            current
+            if current is not None and current.root == folder
+            else engine.open_prompt_store(folder, cap)
+        )
     except PromptStoreError as exc:
         raise ConfigError([str(exc)]) from None
     if current is not None and store is not current:
@@ -59,7 +60,7 @@ def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) ->
     return store
 
 
-def attach(store: PromptStore | None, engine: Engine, slot: ModelSlot, handler: Any) -> None:
+def attach(store: PromptCacheStore | None, engine: Engine, slot: ModelSlot, handler: Any) -> None:
     """Give a freshly loaded handler its persistent prompt cache (restoring what earlier loads kept)."""
     if store is None or not persists(slot.entry):
         return
@@ -71,20 +72,16 @@ def attach(store: PromptStore | None, engine: Engine, slot: ModelSlot, handler: 
         log.exception("model '%s': its prompt caches cannot be kept on disk", slot.name)
 
 
-def clear(store: PromptStore | None, models: Collection[str], name: str | None) -> list[str]:
+def clear(store: PromptCacheStore | None, models: Collection[str], name: str | None) -> list[str]:
     """Delete the prompt caches of model ``name`` (all models when None); the identity folders emptied.
 
     ``models`` are the hub's entry names: one of them, or a name some folder
     records (a model since removed from hub.yaml), may be cleared.
     """
-    if name is not None and name not in models and (store is None or not _named(store, name)):
+    if name is not None and name not in models and (store is None or not store.records(name)):
         raise UnknownModelError(f"no model named '{name}' has prompt caches", model=name)
     if store is None:
         return []
     cleared = store.clear(None if name is None else [name])
     log.info("prompt caches cleared: %s", ", ".join(cleared) or "none")
     return cleared
-
-
-def _named(store: PromptStore, name: str) -> bool:
-    return any(name in row.names for row in listing(store))

@@ -23,8 +23,7 @@ from mlx_hub.core.status import (
     PromptCacheStatus,
     Supervision,
 )
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_store import PromptStore
+from mlx_hub.engine.base import Engine, PromptCacheStore
 
 
 class Reportable(Protocol):
@@ -38,7 +37,7 @@ class Reportable(Protocol):
     budget: int | None
     budget_source: str | None
     supervision: Supervision | None
-    prompt_store: PromptStore | None
+    prompt_store: PromptCacheStore | None
 
     def log_file(self, slot: ModelSlot) -> str | None: ...
 
@@ -103,7 +102,7 @@ def build_status(hub: Reportable) -> HubStatus:
     )
 
 
-def _with_prompt_cache(row: ModelStatus, store: PromptStore | None) -> ModelStatus:
+def _with_prompt_cache(row: ModelStatus, store: PromptCacheStore | None) -> ModelStatus:
     """A model's row with its prompt-cache lookups and disk bytes, where caches persist."""
     if store is not None:
         counters, meta = store.counters(row.id), row.metadata
@@ -113,7 +112,7 @@ def _with_prompt_cache(row: ModelStatus, store: PromptStore | None) -> ModelStat
     return row
 
 
-def _prompt_cache(store: PromptStore | None) -> PromptCacheStatus:
+def _prompt_cache(store: PromptCacheStore | None) -> PromptCacheStatus:
     if store is None:
         return PromptCacheStatus(enabled=False, path=None, disk_bytes=0, cap_bytes=0)
     return PromptCacheStatus(

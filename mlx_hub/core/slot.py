@@ -24,8 +24,7 @@ from mlx_hub.core.ports import PortError
 from mlx_hub.core.serving import PortServer, ServeFactory
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import ModelMetadata, ModelStatus
-from mlx_hub.engine.base import Engine, EngineError, Loaded
-from mlx_hub.engine.weights import SharedWeights
+from mlx_hub.engine.base import Engine, EngineError, Loaded, SharedWeights
 
 log = logging.getLogger(__name__)
 
