@@ -1,8 +1,10 @@
-"""The hub's side of persistent prompt caches: its store, each load's cache, and what status shows.
+"""The hub's side of persistent prompt caches: its store, each load's cache, clearing, and what status shows.
 
-The store (prompt_store.py) is opened from hub.yaml's ``prompt_cache_path`` and
-``prompt_cache_disk_size``; ``0`` leaves upstream's temporary caches alone. Each
-load hands its handler's prompt cache to the store through the engine
+Everything the core does with prompt caches is here, and it reaches the
+engine's store only as ``engine.base.PromptCacheStore``. The store is opened
+(``Engine.open_prompt_store``) from hub.yaml's ``prompt_cache_path`` and
+``prompt_cache_disk_size``; ``0`` leaves upstream's temporary caches alone.
+Each load hands its handler's prompt cache to the store through the engine
 (``persist_prompt_cache``), before the model serves its first request.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 from mlx_hub.config import ConfigError, HubConfig, ModelConfig
 from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.slot import ModelSlot
+from mlx_hub.core.status import ModelStatus, PromptCacheStatus
 from mlx_hub.engine.base import Engine, PromptCacheStore, PromptStoreError
 
 log = logging.getLogger(__name__)
@@ -85,3 +88,26 @@ def clear(store: PromptCacheStore | None, models: Collection[str], name: str | N
     cleared = store.clear(None if name is None else [name])
     log.info("prompt caches cleared: %s", ", ".join(cleared) or "none")
     return cleared
+
+
+def model_row(row: ModelStatus, store: PromptCacheStore | None) -> ModelStatus:
+    """A model's row with its prompt-cache lookups and disk bytes, where caches persist."""
+    if store is not None:
+        counters, meta = store.counters(row.id), row.metadata
+        meta.prompt_cache_hits, meta.prompt_cache_misses = counters.hits, counters.misses
+        meta.prompt_cache_tokens_reused = counters.tokens_reused
+        meta.prompt_cache_disk_bytes = store.model_bytes(row.id)
+    return row
+
+
+def status(store: PromptCacheStore | None) -> PromptCacheStatus:
+    """The status document's ``prompt_cache``: the store's folder, bytes on disk, cap and bytes written."""
+    if store is None:
+        return PromptCacheStatus(enabled=False, path=None, disk_bytes=0, cap_bytes=0)
+    return PromptCacheStatus(
+        enabled=True,
+        path=str(store.root),
+        disk_bytes=store.total_bytes(),
+        cap_bytes=store.cap,
+        bytes_written=store.bytes_written,
+    )
