@@ -20,7 +20,7 @@ import pytest
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import reservation
 from mlx_hub.engine.cache_plan import GROW, STATE, WINDOW, CachePlan, LayerCache, measure
-from mlx_hub.testing.archs import ARCHS
+from mlx_hub.engine.tinymodel_archs import ARCHS
 
 from .helpers import long_chat
 from .test_hub import lm

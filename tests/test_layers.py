@@ -2,9 +2,15 @@
 
 Every ``import`` of an mlx_hub module counts, wherever it sits: at top level,
 inside a function, or under ``TYPE_CHECKING``. An arrow may point down the
-layer table or stay inside a layer, and the graph has no cycle. A failure lists
-the offending arrows. The last test checks what a fresh interpreter loads, so
-the CLI's client stays light.
+layer table or stay inside a layer, and the graph has no cycle. Four rules
+narrow that: the core reaches the engine only through ``engine.base``;
+``engine.base`` imports no other engine module (it is the seam, not a door
+into the engine); the core imports no HTTP library; and no product module
+imports ``mlx_hub.testing``. A failure lists the offending arrows, and
+``test_the_checks_can_fail`` plants one of each to show every detector
+catches it. ``test_light_modules_stay_light``
+checks what a fresh interpreter loads, so the CLI's client, the engine's seam
+and the core stay free of MLX and the web stack.
 """
 
 from __future__ import annotations
@@ -87,20 +93,107 @@ def imports_of(module: str) -> set[str]:
 
 GRAPH = {m: imports_of(m) for m in MODULES}
 
+#: Libraries that speak HTTP; the core knows none of them (the web layer hands it servers and apps).
+HTTP_LIBRARIES = ("starlette", "fastapi", "uvicorn", "httpx", "h11")
+
+
+def libraries_of(module: str) -> set[str]:
+    """The top-level names of everything ``module`` imports absolutely (``starlette`` for ``starlette.types``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.partition(".")[0] for alias in node.names)
+    return found
+
+
+LIBRARIES = {m: libraries_of(m) for m in MODULES}
+
 
 def test_every_module_sits_in_a_layer() -> None:
+    """Every module of the package belongs to a row of ``LAYERS``."""
     for module in MODULES:
         layer_of(module)
 
 
-def test_no_arrow_points_up() -> None:
-    upward = [
+def within(module: str, package: str) -> bool:
+    """Whether ``module`` is ``package`` or one of its submodules."""
+    return module == package or module.startswith(package + ".")
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    """The imports that point from a lower layer to a higher one."""
+    return [
         f"{m} (layer {layer_of(m)}) -> {t} (layer {layer_of(t)})"
-        for m, targets in GRAPH.items()
+        for m, targets in graph.items()
         for t in sorted(targets)
         if layer_of(t) > layer_of(m)
     ]
+
+
+def engine_past_its_seam(graph: dict[str, set[str]]) -> list[str]:
+    """Core imports of an engine module other than ``engine.base``, and ``engine.base``'s own imports
+    of the engine: the core knows the engine only as that seam, and the seam leads nowhere further."""
+    core = [
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if within(m, "mlx_hub.core")
+        for t in sorted(targets)
+        if within(t, "mlx_hub.engine") and t != "mlx_hub.engine.base"
+    ]
+    seam = [
+        f"mlx_hub.engine.base -> {t}"
+        for t in sorted(graph.get("mlx_hub.engine.base", ()))
+        if within(t, "mlx_hub.engine")
+    ]
+    return core + seam
+
+
+def product_importing_testing(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of ``mlx_hub.testing`` from any module outside it: what tests need is no part of the product."""
+    return [
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if not within(m, "mlx_hub.testing")
+        for t in sorted(targets)
+        if within(t, "mlx_hub.testing")
+    ]
+
+
+def http_in_core(libraries: dict[str, set[str]]) -> list[str]:
+    """Core modules that import an HTTP library."""
+    return [
+        f"{m} -> {lib}"
+        for m, libs in libraries.items()
+        if within(m, "mlx_hub.core")
+        for lib in sorted(libs)
+        if lib in HTTP_LIBRARIES
+    ]
+
+
+def test_no_arrow_points_up() -> None:
+    """No module imports one from a higher layer."""
+    upward = upward_arrows(GRAPH)
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+def test_the_core_knows_the_engine_only_through_its_seam() -> None:
+    """The core imports ``engine.base`` and no other engine module; ``engine.base`` imports none."""
+    arrows = engine_past_its_seam(GRAPH)
+    assert not arrows, "the engine reached past engine.base:\n" + "\n".join(arrows)
+
+
+def test_the_core_knows_no_http() -> None:
+    """No core module imports starlette, FastAPI, uvicorn or an HTTP client: ports and apps are given to it."""
+    arrows = http_in_core(LIBRARIES)
+    assert not arrows, "the core imports HTTP:\n" + "\n".join(arrows)
+
+
+def test_no_product_module_imports_testing() -> None:
+    """Only ``mlx_hub.testing`` itself imports ``mlx_hub.testing``."""
+    arrows = product_importing_testing(GRAPH)
+    assert not arrows, "product code imports mlx_hub.testing:\n" + "\n".join(arrows)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -131,17 +224,39 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_import_graph_has_no_cycle() -> None:
+    """The import graph has no cycle."""
     cycle = find_cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_the_checks_can_fail() -> None:
-    """The detectors themselves: a planted cycle and a planted upward arrow are both caught."""
+    """The detectors themselves: a planted cycle, upward arrow, core import past ``engine.base``, import
+    from ``engine.base`` into the engine, product import of ``testing`` and HTTP import in the core are
+    each caught, and the real graph is one they read (it holds arrows each detector looks at)."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layer_of("mlx_hub.core.hub") > layer_of("mlx_hub.engine.base")
-    assert layer_of("mlx_hub.web.controller") > layer_of("mlx_hub.core.hub")
-    assert "mlx_hub.core.hub" in GRAPH["mlx_hub.service.api"]  # the graph sees real arrows
+    planted = {m: set(t) for m, t in GRAPH.items()}
+    planted["mlx_hub.core.hub"].add("mlx_hub.web.controller")
+    planted["mlx_hub.core.slot"].add("mlx_hub.engine.weights")
+    planted["mlx_hub.engine.base"].add("mlx_hub.engine.prompt_store")
+    planted["mlx_hub.cli.demo"].add("mlx_hub.testing.tinymodel")
+    assert upward_arrows(planted) == [
+        f"mlx_hub.core.hub (layer {layer_of('mlx_hub.core.hub')}) -> mlx_hub.web.controller "
+        f"(layer {layer_of('mlx_hub.web.controller')})"
+    ]
+    assert engine_past_its_seam(planted) == [
+        "mlx_hub.core.slot -> mlx_hub.engine.weights",
+        "mlx_hub.engine.base -> mlx_hub.engine.prompt_store",
+    ]
+    assert product_importing_testing(planted) == ["mlx_hub.cli.demo -> mlx_hub.testing.tinymodel"]
+    assert http_in_core({**LIBRARIES, "mlx_hub.core.activity": {"starlette"}}) == [
+        "mlx_hub.core.activity -> starlette"
+    ]
+    # The real graph has the arrows the detectors read: each would see a change to them.
+    assert "mlx_hub.core.hub" in GRAPH["mlx_hub.service.api"]
+    assert "mlx_hub.engine.base" in GRAPH["mlx_hub.core.hub"]
+    assert "mlx_hub.engine.tinymodel" in GRAPH["mlx_hub.testing.tinymodel"]
+    assert "starlette" in LIBRARIES["mlx_hub.web.model_app"]
 
 
 @pytest.mark.parametrize(
@@ -157,6 +272,7 @@ def test_the_checks_can_fail() -> None:
     ],
 )
 def test_light_modules_stay_light(module: str, heavy: tuple[str, ...]) -> None:
+    """A fresh interpreter that imports ``module`` has loaded none of ``heavy``."""
     probe = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True

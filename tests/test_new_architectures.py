@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from mlx_hub.engine import memory
-from mlx_hub.testing.archs import ARCHS
+from mlx_hub.engine.tinymodel_archs import ARCHS
 from mlx_hub.testing.tinyvlm import VLM_ARCHS
 
 from .helpers import base_url, meta, text_only

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mlx_hub.engine.prompt_identity import Identity
+from mlx_hub.engine.base import Identity
 from mlx_hub.engine.prompt_listing import listing
 from mlx_hub.engine.prompt_store import IDENTITY, PromptStore, open_store
 
@@ -30,7 +30,7 @@ OTHER_HUB = """
 import sys, time
 sys.path.insert(0, {root!r})
 from tests.test_prompt_store import put
-from mlx_hub.engine.prompt_identity import Identity
+from mlx_hub.engine.base import Identity
 from mlx_hub.engine.prompt_store import PromptStore
 store = PromptStore({folder!r}, {cap})
 store.known = {{"c": "c-1"}}

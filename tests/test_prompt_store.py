@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from mlx_hub.engine import prompt_store
-from mlx_hub.engine.prompt_files import PromptStoreError, temp_path
+from mlx_hub.engine.base import PromptStoreError
+from mlx_hub.engine.prompt_files import temp_path
 from mlx_hub.engine.prompt_identity import model_identity
 from mlx_hub.engine.prompt_listing import describe, listing
 from mlx_hub.engine.prompt_locks import StoreLock

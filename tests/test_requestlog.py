@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from mlx_hub.config import ConfigError, parse_config
-from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.requestlog import RequestLog, RequestRecord, db_path, parse_since, query
-from mlx_hub.core.tracing import answer_text
 from mlx_hub.testing.fake_engine import FakeEngine, fake, port
 from mlx_hub.web.controller import build_controller_app
+from mlx_hub.web.response_watch import ResponseWatch
+from mlx_hub.web.tracing import answer_text
 
 from .helpers import hello
 

@@ -350,11 +350,12 @@ def test_no_rank_outlives_a_hub_that_is_killed(llama: Path, hub_config: Any, tmp
     script.write_text(
         "import asyncio, json\n"
         "from mlx_hub import Hub\n"
+        "from mlx_hub.core.slot_status import ranks\n"
         f"DOC = {doc!r}\n"
         "async def main():\n"
         "    async with Hub.from_config(DOC) as hub:\n"
         "        await hub.load('sharded')\n"
-        "        pids = [r['pid'] for r in hub.slots['sharded'].ranks()]\n"
+        "        pids = [r['pid'] for r in ranks(hub.slots['sharded'])]\n"
         "        print('RANKS', json.dumps(pids), flush=True)\n"
         "        await asyncio.Event().wait()\n"
         "asyncio.run(main())\n"

@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.core.slot import MEMORY_MOVES, PORT_MOVES, MemoryState, ModelSlot, PortState, StateError
+from mlx_hub.core.slot import ModelSlot
+from mlx_hub.core.states import MEMORY_MOVES, PORT_MOVES, MemoryState, PortState, StateError
 from mlx_hub.engine.base import Loaded
 
 
@@ -18,13 +19,14 @@ def slot() -> ModelSlot:
 @pytest.mark.parametrize(("start", "end"), list(itertools.product(PortState, PortState)))
 def test_port_moves(start: PortState, end: PortState) -> None:
     s = slot()
-    s.port_state = start
+    s.model_port.state = start
     if end in PORT_MOVES[start]:
-        s.move_port(end, "why" if end is PortState.FAILED else None)
+        s.model_port.move(end, "why" if end is PortState.FAILED else None)
         assert s.port_state is end and s.port_changed_at is not None
+        assert s.port_error == ("why" if end is PortState.FAILED else None)
     else:
         with pytest.raises(StateError, match=f"from {start} to {end}"):
-            s.move_port(end)
+            s.model_port.move(end)
         assert s.port_state is start
 
 

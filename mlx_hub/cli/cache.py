@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mlx_hub.cli.client import ClientError, find_running
 from mlx_hub.cli.terminal import config_option, console, fail, load, ok, warn
-from mlx_hub.engine.prompt_files import PromptStoreError
+from mlx_hub.engine.base import PromptStoreError
 from mlx_hub.engine.prompt_listing import describe
 from mlx_hub.engine.prompt_store import PromptStore, open_store
 

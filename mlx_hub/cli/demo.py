@@ -37,7 +37,7 @@ models:
 
 def prepare(cache: Path, port: int = 8000, starting_port: int = 47850) -> Path:
     """Make the demo models (once) and the demo hub.yaml; return the config path."""
-    from mlx_hub.testing.tinymodel import make_model
+    from mlx_hub.engine.tinymodel import make_model
 
     cache.mkdir(parents=True, exist_ok=True)
     for name, arch in (("demo-llama", "llama"), ("demo-qwen", "qwen2")):

@@ -1,7 +1,8 @@
 """What the hub is doing, for the dashboard and ``/hub/events``: finished requests, state changes, memory.
 
-``Activity`` belongs to the hub (``hub.activity``). The model ports' gate asks
-it for a ``RequestTrace`` per request; a finished one goes to the request log
+``Activity`` belongs to the hub (``hub.activity``). The model ports' gate
+traces each request (``web/tracing.py``) and hands the finished request here as
+a plain ``RequestRecord`` (``finished``); it goes to the request log
 (``requestlog``), to the live feed (``feed``) and into the next memory sample's
 decode speeds (``history``). One task watches the hub: after each state change
 (gathered for a moment, so a burst is one update) it publishes the models
@@ -17,15 +18,12 @@ import logging
 import time
 from typing import Any, Protocol
 
-from starlette.types import Scope
-
 from mlx_hub.config import HubConfig
 from mlx_hub.core import logs
 from mlx_hub.core.feed import EventFeed
 from mlx_hub.core.history import MemoryHistory
 from mlx_hub.core.requestlog import RequestLog, RequestRecord, db_path
 from mlx_hub.core.status import HubStatus
-from mlx_hub.core.tracing import RequestTrace
 
 log = logging.getLogger("mlx_hub.hub")
 
@@ -80,10 +78,6 @@ class Activity:
         self.feed.close()
 
     # ------------------------------------------------------------ requests
-
-    def trace(self, model: str, port: int, scope: Scope) -> RequestTrace:
-        """A trace for one request to ``model`` (served on ``port``); ``finish`` records it."""
-        return RequestTrace(model, port, scope, self.finished, bodies=self.requests.bodies)
 
     def finished(self, record: RequestRecord) -> None:
         """Log a finished request, tell the listeners, count its speed into the memory history."""

@@ -28,8 +28,7 @@ from mlx_hub.core.errors import (
 from mlx_hub.core.metrics import HubMetrics
 from mlx_hub.core.slot import NO_RESERVATION, ModelSlot, Reservation
 from mlx_hub.core.states import MemoryState, PortState
-from mlx_hub.engine.base import Engine, EngineError
-from mlx_hub.engine.prompt_store import PromptStore
+from mlx_hub.engine.base import Engine, EngineError, PromptCacheStore
 
 
 class AdmissionHost(Protocol):
@@ -43,7 +42,7 @@ class AdmissionHost(Protocol):
     budget: int | None
     reap_interval: float
     memory_lock: asyncio.Lock
-    prompt_store: PromptStore | None
+    prompt_store: PromptCacheStore | None
 
     async def wait_change(self, timeout: float | None = None) -> bool: ...
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]: ...

@@ -18,25 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ConfigSource, HubConfig, ModelConfig, read_config
-from mlx_hub.core import admission, logs, prompt_caches, reload
+from mlx_hub.core import admission, logs, model_ops, reload
 from mlx_hub.core.activity import Activity
 from mlx_hub.core.errors import (
-    HubError,
-    NoConfigFileError,
-    NotRunningError,
-    PortStartError,
     UnknownModelError,
 )
 from mlx_hub.core.metrics import HubMetrics
-from mlx_hub.core.ports import PortBook, PortError
 from mlx_hub.core.report import build_status
 from mlx_hub.core.serving import ServeFactory
 from mlx_hub.core.signals import Background, Changes
 from mlx_hub.core.slot import ModelSlot
-from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
+from mlx_hub.core.states import MemoryState, PortState
 from mlx_hub.core.status import HubStatus, Supervision
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_store import PromptStore
+from mlx_hub.engine.base import Engine, PromptCacheStore
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +63,7 @@ class Hub:
         freeze_gc: bool = False,
     ):
         self.app_factory = app_factory  # the ASGI app each model port serves (web.model_app)
-        self.serve = (
-            serve  # what serves that app on the model's port (web.server); the core knows no HTTP server
-        )
+        self.serve = serve  # what serves that app on its port (web.server): the core knows no HTTP server
         self.engine: Engine = engine or self._make_engine()  # what loads, frees and measures models
         self.config_path = config_path
         self.reap_interval = reap_interval
@@ -92,8 +84,8 @@ class Hub:
         self.api_keys: frozenset[str] = frozenset()  # what the model ports and the controller accept
         self.observers: list[Callable[[], None]] = []  # called on every state change (a supervisor's report)
         self.supervision: Supervision | None = None  # restarts and the last crash, from a supervisor
-        self.prompt_store: PromptStore | None = None  # prompt caches kept on disk (prompt_caches.py)
-        self.adopt(config)
+        self.prompt_store: PromptCacheStore | None = None  # prompt caches kept on disk (prompt_caches.py)
+        reload.adopt(self, config)
         self.metrics = HubMetrics(self.status_document)
         self.activity = Activity(config)  # request log, live feed, memory history
 
@@ -129,10 +121,7 @@ class Hub:
         the others start regardless. Returns the names that started.
         """
         if self.started_at is None:
-            ports = PortBook.for_config(self.config).assign(self.config)
-            host = self.config.host_of
-            self.slots = {m.name: self.new_slot(m, ports[m.name], host(m)) for m in self.config.models}
-            self.link_groups()
+            reload.register(self)
             self._reaper = asyncio.create_task(self._reap_forever(), name="hub:idle-reaper")
             await self.activity.start(self)
             self.started_at = time.time()
@@ -154,38 +143,18 @@ class Hub:
     async def start_each(self, names: list[str]) -> tuple[list[str], dict[str, str]]:
         """Start each model in turn; one failing does not stop the rest. Returns those started, and why
         each of the others failed (name: error)."""
-        started, failed = [], {}
-        for name in names:
-            try:
-                await self.start_model(name)
-                started.append(name)
-            except HubError as exc:
-                log.error("model '%s' did not start: %s", name, exc)
-                failed[name] = exc.message
-        return started, failed
+        return await model_ops.start_each(self, names)
 
     async def start_defaults(self) -> tuple[list[str], dict[str, str]]:
         """Start the startup set's models that are not running (``start`` on a running hub, the Start button)."""
-        names = [
-            n
-            for n in self.config.startup_models()
-            if n in self.slots and self.slots[n].port_state not in (PortState.RUNNING, PortState.STARTING)
-        ]
-        return await self.start_each(names)
+        return await model_ops.start_defaults(self)
 
     async def stop_all(self, *, drain_timeout: float | None = None) -> list[str]:
         """Stop every running model, keeping the hub (the CLI's ``stop``). Returns those stopped.
 
         One model failing to stop does not keep the others running; its error is logged by name.
         """
-        names = list(self.slots)
-        results = await asyncio.gather(
-            *(self.stop_model(n, drain_timeout=drain_timeout) for n in names), return_exceptions=True
-        )
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                log.error("model '%s' did not stop cleanly: %s", name, result, exc_info=result)
-        return [n for n, r in zip(names, results, strict=True) if r == "stopped"]
+        return await model_ops.stop_all(self, drain_timeout)
 
     async def shutdown(self, *, drain_timeout: float | None = None) -> None:
         """Stop every model (requests get ``drain_timeout`` s to finish), free memory, close every port."""
@@ -211,20 +180,7 @@ class Hub:
         A load failure leaves the port open, answering 503 with the error, and
         raises ``ModelLoadError``; a taken port raises ``PortStartError``.
         """
-        slot = self._slot(name)
-        async with slot.op_lock:
-            if slot.port_state is PortState.RUNNING:
-                return "already_running"
-            if self.model_logs:
-                logs.attach_model(slot.entry, self.config)
-            try:
-                await slot.start_port(self.app_factory(self, slot))
-            except PortError as exc:
-                raise PortStartError(f"model '{name}': {exc}", model=name) from None
-            log.info("model '%s' serving on http://%s:%d", name, slot.host, slot.port)
-        if not slot.entry.jit_enabled and not slot.held_back:
-            await self.load(name)
-        return "started"
+        return await model_ops.start_model(self, self._slot(name))
 
     async def stop_model(self, name: str, *, drain_timeout: float | None = None) -> str:
         """Stop accepting, let in-flight requests finish, unload, close. ``stopped`` or ``not_running``.
@@ -234,20 +190,7 @@ class Hub:
         is, a request not yet answered gets 503 ``model_stopped``. So neither a
         stuck generation nor a client that never reads holds a stop forever.
         """
-        slot = self._slot(name)
-        if drain_timeout is None:
-            drain_timeout = self.config.drain_timeout
-        async with slot.op_lock:
-            if slot.port_state not in (PortState.RUNNING, PortState.STARTING, PortState.FAILED):
-                return "not_running"
-            was_running = await slot.stop_port(drain_timeout, self.wait_change)
-            if slot.memory_state in OCCUPYING:
-                await self.unload(name, wait_for_requests=False)
-            if self.model_logs:
-                logs.detach_model(name)
-            slot.stopped()
-            log.info("model '%s' stopped", name)
-        return "stopped" if was_running else "not_running"
+        return await model_ops.stop_model(self, self._slot(name), drain_timeout)
 
     async def load(self, name: str) -> str:
         """Load the weights now, opening the port first if it is closed. ``loaded`` or ``already_loaded``.
@@ -255,22 +198,7 @@ class Hub:
         A JIT model "stays off until explicitly loaded": one ``load-model`` is
         that explicit request, so it opens the port as well.
         """
-        slot = self._slot(name)
-        if slot.port_state is PortState.STOPPING:
-            raise NotRunningError(f"model '{name}' is stopping; load it once it has stopped", model=name)
-        slot.held_back = None  # an explicit load is the one way a model held back after a crash loads again
-        if slot.port_state is not PortState.RUNNING and slot.port_state is not PortState.STARTING:
-            await self.start_model(name)  # loads a non-JIT model as well
-            if slot.memory_state is MemoryState.LOADED:
-                return "loaded"
-        if slot.memory_state is MemoryState.LOADED:
-            return "already_loaded"
-        if slot.memory_state is MemoryState.UNLOADING:
-            await admission.unload_slot(self, slot)
-        task = admission.load_task(self, slot)
-        slot.load_for_requests = False  # asked for by name: it loads whoever leaves
-        await asyncio.shield(task)
-        return "loaded"
+        return await model_ops.load(self, self._slot(name))
 
     async def unload(self, name: str, *, wait_for_requests: bool = True) -> str:
         """Free the weights, keeping the port open. ``unloaded`` or ``not_loaded``.
@@ -279,16 +207,7 @@ class Hub:
         already drained and cancelled them); requests that arrive meanwhile
         wait, then load the model again if it is JIT.
         """
-        slot = self._slot(name)
-        if slot.load_task is not None and not slot.load_task.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(slot.load_task)
-        if slot.memory_state not in (MemoryState.LOADED, MemoryState.UNLOADING):
-            return "not_loaded"
-        await admission.unload_slot(
-            self, slot, reason="manual" if wait_for_requests else "stop", patient=wait_for_requests
-        )
-        return "unloaded"
+        return await model_ops.unload(self, self._slot(name), wait_for_requests)
 
     # ----------------------------------------------------------- idle reaper
 
@@ -306,39 +225,12 @@ class Hub:
         config that does not validate raises ``ConfigError`` before anything
         changes. ``source`` defaults to re-reading the file the hub came from.
         """
-        if source is None:
-            if self.config_path is None:
-                raise NoConfigFileError(
-                    "this hub was started from an in-memory config, so there is no hub.yaml to re-read; "
-                    "pass the new config to reload()"
-                )
-            source = self.config_path
-        new, path = read_config(source, self.engine.option_choices())
-        # An unusable prompt_cache_path fails the reload here, before anything changes.
-        self.prompt_store = prompt_caches.store_for(new, self.engine, self.prompt_store)
+        new, path = reload.read(self, source)
         async with self._reload_lock:
             result = await reload.apply(self, new)
             if path is not None:
                 self.config_path = path
         return result
-
-    def adopt(self, config: HubConfig) -> None:
-        """Take ``config`` as the running one: the memory budget, API keys and group timers follow it."""
-        self.prompt_store = prompt_caches.store_for(config, self.engine, self.prompt_store)
-        self.config = config
-        self.link_groups()
-        self.budget, self.budget_source = admission.resolve_budget(config.max_memory, self.engine)
-        self.engine.set_memory_limit(self.budget)
-        for slot in self.slots.values():  # a new budget bounds the prompt caches already held
-            if slot.handler is not None:
-                self.engine.bound_prompt_cache(slot.handler, self.budget)
-        self.api_keys = config.keys
-
-    def link_groups(self) -> None:
-        """Give each slot its group's ``idle_unload_trigger_min`` (its idle timer where it sets none)."""
-        for slot in self.slots.values():
-            group = self.config.group(slot.entry.group)
-            slot.group_idle_minutes = group.idle_unload_trigger_min if group is not None else None
 
     # ---------------------------------------------------------------- status
 
@@ -370,15 +262,8 @@ class Hub:
 
     def new_slot(self, entry: ModelConfig, port: int, host: str) -> ModelSlot:
         """A slot for ``entry`` that reports to this hub and reads its engine's shares and caches."""
-        return ModelSlot(
-            entry,
-            port,
-            host,
-            self.notify,
-            self.engine.shared,
-            self.engine.prompt_cache_bytes,
-            serve=self.serve,
-        )
+        engine = self.engine
+        return ModelSlot(entry, port, host, self.notify, engine.shared, engine.prompt_cache_bytes, self.serve)
 
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)

@@ -44,6 +44,18 @@ def idle_expired(models: Iterable[Candidate], now: float) -> list[str]:
     return [m.name for m in models if is_idle_expired(m, now)]
 
 
+def idle_timeout(
+    keep_alive: float | None, minutes: float | None, group_minutes: float | None
+) -> float | None:
+    """Seconds idle before unloading: a request's keep_alive, else the entry's ``auto_unload_minutes``,
+    else its group's ``idle_unload_trigger_min`` (the group's idle rule, where the member sets none)."""
+    if keep_alive is not None:
+        return None if keep_alive == float("inf") else keep_alive
+    if minutes is None:
+        minutes = group_minutes
+    return None if minutes is None else minutes * 60.0
+
+
 def seconds_until_idle_unload(model: Candidate, now: float) -> float | None:
     """Countdown for status displays; None where no timer runs (busy, no timer, unloaded)."""
     if not (model.loaded and model.jit and model.auto_unload_seconds is not None) or model.busy:

@@ -1,8 +1,10 @@
-"""The hub's side of persistent prompt caches: its store, each load's cache, and what status shows.
+"""The hub's side of persistent prompt caches: its store, each load's cache, clearing, and what status shows.
 
-The store (prompt_store.py) is opened from hub.yaml's ``prompt_cache_path`` and
-``prompt_cache_disk_size``; ``0`` leaves upstream's temporary caches alone. Each
-load hands its handler's prompt cache to the store through the engine
+Everything the core does with prompt caches is here, and it reaches the
+engine's store only as ``engine.base.PromptCacheStore``. The store is opened
+(``Engine.open_prompt_store``) from hub.yaml's ``prompt_cache_path`` and
+``prompt_cache_disk_size``; ``0`` leaves upstream's temporary caches alone.
+Each load hands its handler's prompt cache to the store through the engine
 (``persist_prompt_cache``), before the model serves its first request.
 """
 
@@ -15,10 +17,8 @@ from typing import Any
 from mlx_hub.config import ConfigError, HubConfig, ModelConfig
 from mlx_hub.core.errors import UnknownModelError
 from mlx_hub.core.slot import ModelSlot
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_files import PromptStoreError
-from mlx_hub.engine.prompt_listing import listing
-from mlx_hub.engine.prompt_store import PromptStore, open_store
+from mlx_hub.core.status import ModelStatus, PromptCacheStatus
+from mlx_hub.engine.base import Engine, PromptCacheStore, PromptStoreError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def persists(entry: ModelConfig) -> bool:
     return entry.model_type in CACHING_TYPES and entry.prompt_cache_size > 0 and not entry.prompt_cache_dir
 
 
-def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) -> PromptStore | None:
+def store_for(config: HubConfig, engine: Engine, current: PromptCacheStore | None) -> PromptCacheStore | None:
     """The store ``config`` asks for (``current`` again when the folder is the same); None when it is off.
 
     A folder the hub cannot use safely is a ``ConfigError`` naming it and the fix,
@@ -49,7 +49,11 @@ def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) ->
         return None
     folder = config.prompt_cache_folder.resolve()
     try:
-        store = current if current is not None and current.root == folder else open_store(folder, cap)
+        store = (
+            current
+            if current is not None and current.root == folder
+            else engine.open_prompt_store(folder, cap)
+        )
     except PromptStoreError as exc:
         raise ConfigError([str(exc)]) from None
     if current is not None and store is not current:
@@ -59,7 +63,7 @@ def store_for(config: HubConfig, engine: Engine, current: PromptStore | None) ->
     return store
 
 
-def attach(store: PromptStore | None, engine: Engine, slot: ModelSlot, handler: Any) -> None:
+def attach(store: PromptCacheStore | None, engine: Engine, slot: ModelSlot, handler: Any) -> None:
     """Give a freshly loaded handler its persistent prompt cache (restoring what earlier loads kept)."""
     if store is None or not persists(slot.entry):
         return
@@ -71,13 +75,13 @@ def attach(store: PromptStore | None, engine: Engine, slot: ModelSlot, handler: 
         log.exception("model '%s': its prompt caches cannot be kept on disk", slot.name)
 
 
-def clear(store: PromptStore | None, models: Collection[str], name: str | None) -> list[str]:
+def clear(store: PromptCacheStore | None, models: Collection[str], name: str | None) -> list[str]:
     """Delete the prompt caches of model ``name`` (all models when None); the identity folders emptied.
 
     ``models`` are the hub's entry names: one of them, or a name some folder
     records (a model since removed from hub.yaml), may be cleared.
     """
-    if name is not None and name not in models and (store is None or not _named(store, name)):
+    if name is not None and name not in models and (store is None or not store.records(name)):
         raise UnknownModelError(f"no model named '{name}' has prompt caches", model=name)
     if store is None:
         return []
@@ -86,5 +90,24 @@ def clear(store: PromptStore | None, models: Collection[str], name: str | None) 
     return cleared
 
 
-def _named(store: PromptStore, name: str) -> bool:
-    return any(name in row.names for row in listing(store))
+def model_row(row: ModelStatus, store: PromptCacheStore | None) -> ModelStatus:
+    """A model's row with its prompt-cache lookups and disk bytes, where caches persist."""
+    if store is not None:
+        counters, meta = store.counters(row.id), row.metadata
+        meta.prompt_cache_hits, meta.prompt_cache_misses = counters.hits, counters.misses
+        meta.prompt_cache_tokens_reused = counters.tokens_reused
+        meta.prompt_cache_disk_bytes = store.model_bytes(row.id)
+    return row
+
+
+def status(store: PromptCacheStore | None) -> PromptCacheStatus:
+    """The status document's ``prompt_cache``: the store's folder, bytes on disk, cap and bytes written."""
+    if store is None:
+        return PromptCacheStatus(enabled=False, path=None, disk_bytes=0, cap_bytes=0)
+    return PromptCacheStatus(
+        enabled=True,
+        path=str(store.root),
+        disk_bytes=store.total_bytes(),
+        cap_bytes=store.cap,
+        bytes_written=store.bytes_written,
+    )

@@ -12,19 +12,18 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from mlx_hub.config import HubConfig
+from mlx_hub.core import prompt_caches
 from mlx_hub.core.slot import ModelSlot
+from mlx_hub.core.slot_status import model_status
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
 from mlx_hub.core.status import (
     Counts,
     GroupStatus,
     HubStatus,
     MemoryStatus,
-    ModelStatus,
-    PromptCacheStatus,
     Supervision,
 )
-from mlx_hub.engine.base import Engine
-from mlx_hub.engine.prompt_store import PromptStore
+from mlx_hub.engine.base import Engine, PromptCacheStore
 
 
 class Reportable(Protocol):
@@ -38,7 +37,7 @@ class Reportable(Protocol):
     budget: int | None
     budget_source: str | None
     supervision: Supervision | None
-    prompt_store: PromptStore | None
+    prompt_store: PromptCacheStore | None
 
     def log_file(self, slot: ModelSlot) -> str | None: ...
 
@@ -97,31 +96,11 @@ def build_status(hub: Reportable) -> HubStatus:
         ),
         warnings=warnings,
         groups=groups,
-        models=[_with_prompt_cache(s.status(now, hub.log_file(s)), hub.prompt_store) for s in slots],
-        prompt_cache=_prompt_cache(hub.prompt_store),
+        models=[
+            prompt_caches.model_row(model_status(s, now, hub.log_file(s)), hub.prompt_store) for s in slots
+        ],
+        prompt_cache=prompt_caches.status(hub.prompt_store),
         **(hub.supervision.model_dump() if hub.supervision is not None else {}),
-    )
-
-
-def _with_prompt_cache(row: ModelStatus, store: PromptStore | None) -> ModelStatus:
-    """A model's row with its prompt-cache lookups and disk bytes, where caches persist."""
-    if store is not None:
-        counters, meta = store.counters(row.id), row.metadata
-        meta.prompt_cache_hits, meta.prompt_cache_misses = counters.hits, counters.misses
-        meta.prompt_cache_tokens_reused = counters.tokens_reused
-        meta.prompt_cache_disk_bytes = store.model_bytes(row.id)
-    return row
-
-
-def _prompt_cache(store: PromptStore | None) -> PromptCacheStatus:
-    if store is None:
-        return PromptCacheStatus(enabled=False, path=None, disk_bytes=0, cap_bytes=0)
-    return PromptCacheStatus(
-        enabled=True,
-        path=str(store.root),
-        disk_bytes=store.total_bytes(),
-        cap_bytes=store.cap,
-        bytes_written=store.bytes_written,
     )
 
 

@@ -3,25 +3,95 @@
 The core (slots, admission, the hub) is written against ``Engine`` and the
 small value types here, never against MLX or mlx-openai-server; ``mlx.py``
 is the real engine and ``mlx_hub.testing.fake_engine`` the fast-tier one.
-Importing this module imports no MLX.
+The value types that cross the seam are defined here and the engine's own
+modules import them from here, so this module imports no other engine module
+(``tests/test_layers.py`` holds it to that) and no MLX.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine.prompt_identity import Identity
-from mlx_hub.engine.prompt_store import PromptStore
-from mlx_hub.engine.reservation import RequestNeed
-from mlx_hub.engine.weights import SharedWeights
 
 
 class EngineError(RuntimeError):
     """A model cannot be built or loaded; the message says why and what to do."""
+
+
+class PromptStoreError(RuntimeError):
+    """The cache folder cannot be used safely; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a model's KV caches depend on, and the folder name it hashes to."""
+
+    key: str
+    description: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RequestNeed:
+    """One request's reservation: the tokens it can reach and the bytes they cost."""
+
+    @property
+    def bytes(self) -> int:
+        return self.kv_bytes + self.prefill_bytes
+
+    prompt_tokens: int
+    max_tokens: int
+    tokens: int  # prompt + max_tokens, capped by the context
+    kv_bytes: int  # its KV cache, with the copies upstream's prompt cache takes of it while it runs
+    prefill_bytes: int
+
+
+@dataclass
+class SharedWeights:
+    """One copy of a model's weights and the entries holding it (``weights.py`` shares them)."""
+
+    folder: str
+    bytes: int  # what reading them added to MLX's active memory
+    holders: list[str] = field(default_factory=list)  # entry names, in load order
+    model: Callable[[], Any] = lambda: None  # a weak reference to the model
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelCounters:
+    """Per model, since the hub started: lookups that found a cache, those that did not, tokens reused."""
+
+    hits: int = 0
+    misses: int = 0
+    tokens_reused: int = 0
+
+
+class PromptCacheStore(Protocol):
+    """The engine's store of prompt caches on disk, as the core uses it (``prompt_store.PromptStore``).
+
+    The core opens it (``Engine.open_prompt_store``), tells it hub.yaml's
+    entries (``known``), reads its figures for status and clears it; the
+    engine's handlers write and read the caches themselves.
+    """
+
+    root: Path
+    cap: int
+    bytes_written: int
+
+    @property
+    def known(self) -> dict[str, str]: ...
+    @known.setter
+    def known(self, value: dict[str, str]) -> None: ...
+    def close(self) -> None: ...
+    def clear(self, names: list[str] | None = None) -> list[str]: ...
+    def records(self, name: str) -> bool: ...
+    def counters(self, name: str) -> ModelCounters: ...
+    def model_bytes(self, name: str) -> int: ...
+    def total_bytes(self) -> int: ...
 
 
 @dataclass
@@ -66,8 +136,9 @@ class Engine(Protocol):
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None: ...
     def prompt_identity(self, entry: ModelConfig) -> Identity: ...
     def persist_prompt_cache(
-        self, handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity
+        self, handler: Any, entry: ModelConfig, store: PromptCacheStore, identity: Identity
     ) -> bool: ...
+    def open_prompt_store(self, root: Path, cap: int) -> PromptCacheStore: ...
     def peak_memory(self) -> int: ...
     def reset_peak_memory(self) -> None: ...
     def working_set(self) -> int | None: ...

@@ -53,7 +53,7 @@ from typing import Any
 
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import memory
-from mlx_hub.engine.base import EngineError, Loaded
+from mlx_hub.engine.base import EngineError, Identity, Loaded, RequestNeed, SharedWeights
 from mlx_hub.engine.cache_plan import CachePlan, PlanMemo
 from mlx_hub.engine.handlers import (
     batches,
@@ -67,12 +67,12 @@ from mlx_hub.engine.handlers import (
 )
 from mlx_hub.engine.model_files import model_folder, weight_files_bytes
 from mlx_hub.engine.patches.mlx_openai_server import bound_prompt_cache
-from mlx_hub.engine.prompt_identity import Identity, entry_identity
-from mlx_hub.engine.prompt_store import PromptStore
-from mlx_hub.engine.reservation import PromptCounter, RequestNeed, estimate_request
+from mlx_hub.engine.prompt_identity import entry_identity
+from mlx_hub.engine.prompt_store import PromptStore, open_store
+from mlx_hub.engine.reservation import PromptCounter, estimate_request
 from mlx_hub.engine.sharded import engine as sharded
 from mlx_hub.engine.versions import upstream_version
-from mlx_hub.engine.weights import SharedWeights, WeightRegistry
+from mlx_hub.engine.weights import WeightRegistry
 from mlx_hub.engine.whisper import WhisperWeights
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,10 @@ class MLXEngine:
         from mlx_hub.engine.patches import prompt_cache  # upstream and MLX: only where a handler has a cache
 
         return prompt_cache.persist(handler, entry, store, identity)
+
+    def open_prompt_store(self, root: Path, cap: int) -> PromptStore:
+        """The store at ``root`` (``prompt_store.open_store``); ``PromptStoreError`` if it is unsafe to use."""
+        return open_store(root, cap)
 
     # ------------------------------------------------- upstream and MLX, as they are
 

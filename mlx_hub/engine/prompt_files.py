@@ -11,14 +11,12 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.engine.base import PromptStoreError
+
 INDEX = "index.json"  # an identity's entries (prompt_index.py)
 IDENTITY = "identity.json"  # what the identity hashes, and the hub.yaml names that used it
 PAYLOAD = ".safetensors"  # an entry's tensors, in mlx-lm's format
 TOKENS = ".tokens"  # an entry's token ids
-
-
-class PromptStoreError(RuntimeError):
-    """The cache folder cannot be used safely; the message names the path and the fix."""
 
 
 def new_entry_id() -> str:

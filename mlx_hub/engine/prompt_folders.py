@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.engine.base import Identity
 from mlx_hub.engine.prompt_files import IDENTITY, names_in, new_entry_id
-from mlx_hub.engine.prompt_identity import Identity
 from mlx_hub.engine.prompt_listeners import Listeners
 from mlx_hub.engine.prompt_locks import Leases, StoreLock, writer_lock
 from mlx_hub.fsutil import atomic_write_json, read_json

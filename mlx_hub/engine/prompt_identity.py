@@ -18,24 +18,16 @@ import contextlib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ModelConfig
+from mlx_hub.engine.base import Identity
 from mlx_hub.engine.model_files import WEIGHT_SUFFIXES, model_folder
 from mlx_hub.engine.versions import package_version
 
 #: Bumped when what a folder holds changes shape; part of every identity, so old folders are never read.
 FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a model's KV caches depend on, and the folder name it hashes to."""
-
-    key: str
-    description: dict[str, Any]
 
 
 def _weight_files(folder: Path | None) -> list[list[Any]]:

@@ -7,9 +7,10 @@ small lock, never the store lock, which a disk write or another hub may hold.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Protocol
 
+from mlx_hub.engine.base import ModelCounters
 from mlx_hub.engine.prompt_index import Entry
 
 
@@ -61,15 +62,6 @@ class Listeners:
             for listener in self.of(key):
                 if listener is not origin:
                     listener.forget(ids)
-
-
-@dataclass
-class ModelCounters:
-    """Per model, since the hub started: lookups that found a cache, those that did not, tokens reused."""
-
-    hits: int = 0
-    misses: int = 0
-    tokens_reused: int = 0
 
 
 class Counters:

@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from mlx_hub.engine.base import Identity, ModelCounters
 from mlx_hub.engine.prompt_background import CLOSE_SECONDS, FLUSH_SECONDS, Background, Figures, Touches
 from mlx_hub.engine.prompt_files import (
     IDENTITY,
@@ -56,9 +57,9 @@ from mlx_hub.engine.prompt_files import (
     token_bytes,
 )
 from mlx_hub.engine.prompt_folders import Folders
-from mlx_hub.engine.prompt_identity import FORMAT, Identity
+from mlx_hub.engine.prompt_identity import FORMAT
 from mlx_hub.engine.prompt_index import Entry, IndexUnreadable, read_index
-from mlx_hub.engine.prompt_listeners import Counters, Listener, Listeners, ModelCounters
+from mlx_hub.engine.prompt_listeners import Counters, Listener, Listeners
 from mlx_hub.engine.prompt_locks import LEASE, StoreLock, delete_unowned
 from mlx_hub.fsutil import atomic_write_json, read_json
 
@@ -362,6 +363,11 @@ class PromptStore:
 
     def _names(self, key: str) -> list[str]:
         return names_in(read_json(self.folder(key) / IDENTITY, {}))
+
+    def records(self, name: str) -> bool:
+        """Whether some identity folder records hub.yaml name ``name`` (a model since removed may)."""
+        with self.locked():
+            return any(name in self._names(key) for key in self.keys())
 
     def refresh_usage(self) -> dict[str, int]:
         """Read every index for the bytes on disk by identity (another hub may have changed them)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ModelConfig
+from mlx_hub.engine.base import RequestNeed
 from mlx_hub.engine.cache_plan import STEP, CachePlan, kv_blocks, quantized_bytes
 from mlx_hub.engine.model_files import config_json, model_folder, native_context_length
 
@@ -71,21 +72,6 @@ class KVShape:
             * self.kv_heads
             * quantized_bytes(self.head_dim, self.kv_bits, self.kv_group_size, self.dtype_bytes)
         )
-
-
-@dataclass(frozen=True)
-class RequestNeed:
-    """One request's reservation: the tokens it can reach and the bytes they cost."""
-
-    @property
-    def bytes(self) -> int:
-        return self.kv_bytes + self.prefill_bytes
-
-    prompt_tokens: int
-    max_tokens: int
-    tokens: int  # prompt + max_tokens, capped by the context
-    kv_bytes: int  # its KV cache, with the copies upstream's prompt cache takes of it while it runs
-    prefill_bytes: int
 
 
 def _int(section: dict[str, Any], *keys: str) -> int | None:

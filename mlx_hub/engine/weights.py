@@ -26,21 +26,11 @@ import json
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.engine.base import SharedWeights
 from mlx_hub.engine.memory import active_memory
-
-
-@dataclass
-class SharedWeights:
-    folder: str
-    bytes: int  # what reading them added to MLX's active memory
-    holders: list[str] = field(default_factory=list)  # entry names, in load order
-    model: Callable[[], Any] = lambda: None  # a weak reference to the model
-    config: dict[str, Any] = field(default_factory=dict)
-
 
 Key = tuple[str, str | None, str]
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from mlx_hub.config import ModelConfig
-from mlx_hub.engine.base import EngineError, Loaded
-from mlx_hub.engine.prompt_identity import Identity, model_identity
-from mlx_hub.engine.prompt_store import PromptStore
-from mlx_hub.engine.reservation import RequestNeed
+from mlx_hub.engine.base import EngineError, Identity, Loaded, PromptCacheStore, RequestNeed
+from mlx_hub.engine.prompt_identity import model_identity
+from mlx_hub.engine.prompt_store import open_store
 
 
 class FakeHandler:
@@ -133,9 +133,12 @@ class FakeEngine:
         return model_identity(entry.model_path, None)
 
     def persist_prompt_cache(
-        self, handler: Any, entry: ModelConfig, store: PromptStore, identity: Identity
+        self, handler: Any, entry: ModelConfig, store: PromptCacheStore, identity: Identity
     ) -> bool:
         return False  # fake handlers keep no prompt cache
+
+    def open_prompt_store(self, root: Path, cap: int) -> PromptCacheStore:
+        return open_store(root, cap)  # the real store: hub.yaml's folder rules hold in the fast tier too
 
     def peak_memory(self) -> int:
         return self.active

@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mlx_hub.core import admission
 from mlx_hub.core.errors import InvalidKeepAliveError, MemoryExhaustedError, StoppedError
 from mlx_hub.core.logs import current_model
-from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
@@ -36,8 +35,10 @@ from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.rank_proxy import SERVED as RANK_SERVED
 from mlx_hub.web.rank_proxy import add_rank_routes
+from mlx_hub.web.response_watch import ResponseWatch
 from mlx_hub.web.responses import error_response
 from mlx_hub.web.security import ApiKeyGuard
+from mlx_hub.web.tracing import request_trace
 from mlx_hub.web.transcripts import Transcripts
 from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
 
@@ -134,7 +135,7 @@ class LoadGate:
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
-        trace = self.hub.activity.trace(self.slot.name, self.slot.port, scope)  # for the request log
+        trace = request_trace(self.hub.activity, self.slot.name, self.slot.port, scope)  # for the request log
         receive, watch = trace.receive(receive), trace.send(send)
         try:
             keep_alive = None

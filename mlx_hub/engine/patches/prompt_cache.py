@@ -54,9 +54,10 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache
 
 from mlx_hub.config import ModelConfig
+from mlx_hub.engine.base import Identity
 from mlx_hub.engine.patches.switch import enabled
 from mlx_hub.engine.prompt_files import new_entry_id, publish, temp_path
-from mlx_hub.engine.prompt_identity import FORMAT, Identity
+from mlx_hub.engine.prompt_identity import FORMAT
 from mlx_hub.engine.prompt_store import Entry, PromptStore
 from mlx_hub.engine.prompt_writer import WriteBehind
 

@@ -1,10 +1,12 @@
 """One request's trace: when it arrived, was admitted, first answered and ended, and what it reported.
 
-The model port's gate makes one per inference request (``Activity.trace``),
+The model port's gate makes one per inference request (``request_trace``),
 lets it watch ``receive`` (a client that goes away) and ``send`` (through
-``metrics.ResponseWatch``), marks the moment admission let it in, and calls
-``finish`` in its ``finally``, which turns the trace into a ``RequestRecord``.
-All of it is arithmetic on the loop; writing the record is the log's thread's job.
+``response_watch.ResponseWatch``), marks the moment admission let it in, and
+calls ``finish`` in its ``finally``, which turns the trace into a ``RequestRecord``
+and hands it to the core (``Activity.finished``): the core gets a plain record
+and never sees ASGI. All of it is arithmetic on the loop; writing the record is
+the log's thread's job.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from mlx_hub.core.metrics import ResponseWatch
+from mlx_hub.core.activity import Activity
 from mlx_hub.core.requestlog import BODY_LIMIT, RequestRecord
+from mlx_hub.web.response_watch import ResponseWatch
 
 #: What a client that closed the connection before any answer gets in the log (nginx's convention).
 CLIENT_CLOSED = 499
@@ -26,6 +29,11 @@ CLIENT_CLOSED = 499
 def api_of(path: str) -> str:
     """Which API a route belongs to: Anthropic's Messages, or OpenAI's (every other route)."""
     return "anthropic" if path.rstrip("/").startswith("/v1/messages") else "openai"
+
+
+def request_trace(activity: Activity, model: str, port: int, scope: Scope) -> RequestTrace:
+    """A trace for one request to ``model`` (served on ``port``); ``finish`` hands its record to ``activity``."""
+    return RequestTrace(model, port, scope, activity.finished, bodies=activity.requests.bodies)
 
 
 class RequestTrace:
@@ -70,12 +78,14 @@ class RequestTrace:
         self.admitted_at = time.monotonic()
 
     def finish(self) -> None:
+        """Hand the record to the sink, once (the gate's ``finally`` may run after an early return)."""
         if self._done:
             return
         self._done = True
         self._sink(self.record(time.time(), time.monotonic()))
 
     def record(self, wall: float, now: float) -> RequestRecord:
+        """The finished request as the core logs it: times from the trace, figures from the watch."""
         watch = self.watch or ResponseWatch(_nowhere)
         status = watch.status if watch.started else (CLIENT_CLOSED if self.disconnected else watch.status)
         tokens = watch.tokens or None
