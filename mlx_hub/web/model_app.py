@@ -32,7 +32,7 @@ from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
 from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
 from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.hosts import HostGuard
-from mlx_hub.web.model_cards import model_card, unknown_model
+from mlx_hub.web.model_cards import model_card, names_another, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.responses import error_response
@@ -57,7 +57,7 @@ class SlotRegistry:
         self.slot = slot
 
     def has_model(self, model_id: str) -> bool:
-        return model_id in self.slot.entry.names
+        return self.slot.entry.answers_to(model_id)
 
     def get_handler(self, model_id: str) -> Any:
         if not self.has_model(model_id):
@@ -74,12 +74,6 @@ class SlotRegistry:
     def list_models(self) -> list[dict[str, Any]]:
         """Upstream's model card (served name, load time, ``local``), plus the hub's view beside it."""
         return [model_card(self.slot, self.slot.entry.served_name, "local")]
-
-
-def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
-    """The body asks for a model this port does not serve: upstream's route answers 404, nothing loads."""
-    requested = data.get("model") if data else None
-    return isinstance(requested, str) and bool(requested) and requested not in slot.entry.names
 
 
 def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> bool:
@@ -143,7 +137,8 @@ class LoadGate:
                     return
                 listen = receive
                 data = json_object(body)
-                if _names_another_model(data, self.slot):
+                if data is not None and names_another(data.get("model"), self.slot.entry):
+                    # upstream's route answers 404, nothing loads
                     await self.app(scope, replay(body, receive), watch.send)
                     return
                 edited = False

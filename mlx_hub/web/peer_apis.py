@@ -36,6 +36,7 @@ from mlx_hub.engine.generation_watch import watching
 from mlx_hub.engine.patches.mlx_openai_server import accept_raw_prompts, count_prompt_tokens
 from mlx_hub.engine.patches.mlx_openai_server import raw_prompt as raw_prompt_for
 from mlx_hub.web import translate as tr
+from mlx_hub.web.model_cards import names_another
 from mlx_hub.web.responses import error_json
 from mlx_hub.web.stopping import StopEnding
 
@@ -90,12 +91,10 @@ class Driver:
 
     def model_name(self, body: Any) -> str:
         requested = body.get("model") if isinstance(body, dict) else None
-        if isinstance(requested, str) and requested:
-            if requested not in self.slot.entry.names:
-                served = self.slot.entry.served_name
-                raise RouteError(404, f"model '{requested}' not found; this port serves '{served}'")
-            return requested
-        return self.slot.entry.served_name
+        if names_another(requested, self.slot.entry):
+            served = self.slot.entry.served_name
+            raise RouteError(404, f"model '{requested}' not found; this port serves '{served}'")
+        return requested if isinstance(requested, str) and requested else self.slot.entry.served_name
 
     def handler(self) -> Any:
         handler = self.slot.handler

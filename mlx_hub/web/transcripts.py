@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_hub.web.asgi import header, read_body, replay
-from mlx_hub.web.model_cards import unknown_model
+from mlx_hub.web.model_cards import names_another, unknown_model
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
@@ -168,7 +168,7 @@ class Transcripts:
         stream = str(form.get("stream", "")).lower() in ("true", "1", "on", "yes")
         if response_format not in FORMATS or stream:
             return None
-        if model and model not in self.slot.entry.names:  # upstream's 404, not its 422 for the format
+        if names_another(model, self.slot.entry):  # upstream's 404, not its 422 for the format
             return unknown_model(str(model), self.slot.entry.served_name)
         try:
             request = TranscriptionRequest(
