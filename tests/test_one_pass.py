@@ -65,3 +65,100 @@ def test_one_function_says_whether_a_name_is_an_entry() -> None:
             ):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == [], "match names with ModelConfig.answers_to:\n" + "\n".join(offenders)
+
+
+def declared(routes: list[Any], prefix: str = "") -> list[tuple[str, set[str]]]:
+    """Every (path, methods) of an app's routes, through the routers it includes."""
+    found = []
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI 0.13x and later: an include
+        if included is not None:
+            found += declared(included.routes, prefix + route.include_context.prefix)
+        else:
+            found.append((prefix + route.path, set(getattr(route, "methods", None) or ()) - {"HEAD"}))
+    return found
+
+
+async def test_the_route_table_names_every_route_the_apps_serve(fast: Make) -> None:
+    """Each app's routes are in the table, for that app and its methods; upstream's are all named."""
+    from app.api.endpoints import router
+    from fastapi import FastAPI
+
+    from mlx_hub.web.controller import build_controller_app
+    from mlx_hub.web.routes import TABLE, App, route_of
+
+    hub = await fast([fake("m")])
+    model_app = hub.slots["m"].app
+    controller_app = build_controller_app(hub, request_shutdown=lambda: None)
+    while not isinstance(controller_app, FastAPI):  # under the guards and /v1 routing
+        controller_app = controller_app.app
+    missing = []
+    for served_by, app in ((App.MODEL, model_app), (App.CONTROLLER, controller_app)):
+        for path, methods in declared(app.routes):
+            found = route_of(path, served_by)
+            if TABLE.get(path) is not found or not methods <= found.methods:
+                missing.append(f"{served_by}: {sorted(methods)} {path}")
+    for route in router.routes:
+        if route.path not in TABLE:
+            missing.append(f"upstream: {route.path}")
+    assert missing == [], "add these to web/routes.py's TABLE:\n" + "\n".join(missing)
+
+
+def test_the_layers_name_no_paths_of_their_own() -> None:
+    """Outside web/routes.py a path appears only where a route is declared (``@router.get(path)``)."""
+    declaring = {"get", "post", "add_api_route", "api_route"}
+    offenders = []
+    for path in sorted((PACKAGE / "web").rglob("*.py")):
+        if path.name == "routes.py":
+            continue
+        tree = ast.parse(path.read_text())
+        declared = {
+            id(node.args[0])
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in declaring
+            and node.args
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith(("/v1", "/hub", "/health", "/metrics"))
+                and id(node) not in declared
+            ):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
+    assert offenders == [], "read the route table (web/routes.py) instead:\n" + "\n".join(offenders)
+
+
+async def test_a_body_is_parsed_once_and_a_key_checked_once(fast: Make, monkeypatch: Any) -> None:
+    """Through /v1 a request meets the router, the port's key guard, the gate, the finish-reason
+    writer and the route: the hub parses its body once and checks its key once. Upstream's chat
+    route parses the body itself (FastAPI), which is upstream's, not the hub's."""
+    import json
+
+    from mlx_hub.web import security
+
+    from .test_fast import controller
+
+    hub = await fast([fake("m")])
+    hub.api_keys = frozenset({"sesame"})
+    parsed: list[bytes] = []
+    checked: list[object] = []
+    loads, names_one = json.loads, security._names_one
+    monkeypatch.setattr(json, "loads", lambda text, *a, **k: (parsed.append(text), loads(text, *a, **k))[1])
+    monkeypatch.setattr(security, "_names_one", lambda *a: (checked.append(a), names_one(*a))[1])
+    messages = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]}
+    headers = {"authorization": "Bearer sesame", "content-type": "application/json"}
+    async with controller(hub) as http:
+        for path, body, route_parses in (
+            ("/v1/messages", messages, 0),
+            ("/v1/chat/completions", hello("m", 4), 1),
+        ):
+            raw = json.dumps(body).encode()
+            parsed.clear()
+            checked.clear()
+            reply = await http.post(path, content=raw, headers=headers)
+            assert reply.status_code == 200, reply.text
+            assert parsed.count(raw) == 1 + route_parses, path
+            assert len(checked) == 1, path

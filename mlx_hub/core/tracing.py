@@ -54,11 +54,16 @@ class RequestTrace:
             message = await receive()
             if message["type"] == "http.disconnect" and not (self.watch and self.watch.complete):
                 self.disconnected = True
-            elif message["type"] == "http.request" and self._bodies and len(self._request) < BODY_LIMIT:
-                self._request += message.get("body", b"")[: BODY_LIMIT - len(self._request)]
+            elif message["type"] == "http.request":
+                self.keep_body(message.get("body", b""))
             return message
 
         return watched
+
+    def keep_body(self, chunk: bytes) -> None:
+        """Keep (the start of) the request body for the log: one read before ``receive`` was watched."""
+        if self._bodies and len(self._request) < BODY_LIMIT:
+            self._request += chunk[: BODY_LIMIT - len(self._request)]
 
     def send(self, send: Send) -> ResponseWatch:
         """The watcher the gate sends through (status, usage, first text, error code)."""

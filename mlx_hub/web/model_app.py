@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -29,13 +28,14 @@ from mlx_hub.core.metrics import ResponseWatch
 from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
-from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
+from mlx_hub.web.asgi import BodyReplay, is_json, request_body, rewrite_body, seen
 from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.hosts import HostGuard
 from mlx_hub.web.model_cards import model_card, names_another, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.responses import error_response
+from mlx_hub.web.routes import COMPLETIONS, COUNT_TOKENS, App, Route, route_of
 from mlx_hub.web.security import ApiKeyGuard
 from mlx_hub.web.transcripts import Transcripts
 from mlx_hub.web.waiting import Listening, WaitingRoom, client_left, streams
@@ -86,26 +86,19 @@ def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> 
     return bool(missing)
 
 
-def reserving(path: str, data: dict[str, Any] | None, entry: Any) -> dict[str, Any] | None:
+def reserving(route: Route, data: dict[str, Any] | None, entry: Any) -> dict[str, Any] | None:
     """The body a request's memory is reserved for, as its route will run it.
 
     Counting tokens generates nothing; a completion without ``max_tokens``
     generates OpenAI's 16 (or the entry's default), not an open-ended answer.
     """
-    if data is None or path.rstrip("/").endswith("/count_tokens"):
+    if data is None or route.path == COUNT_TOKENS:
         return None
-    if path.rstrip("/") == "/v1/completions" and not any(
-        data.get(k) for k in ("max_tokens", "max_completion_tokens")
-    ):
+    if route.path == COMPLETIONS and not any(data.get(k) for k in ("max_tokens", "max_completion_tokens")):
         from mlx_hub.web.translate import OPENAI_MAX_TOKENS
 
         return {**data, "max_tokens": entry.default_max_tokens or OPENAI_MAX_TOKENS}
     return data
-
-
-def _gated(scope: Scope) -> bool:
-    """Inference routes need weights; listings and health checks must not trigger a load."""
-    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/")
 
 
 class LoadGate:
@@ -121,43 +114,35 @@ class LoadGate:
         self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _gated(scope):
+        # Inference routes need weights; listings and health checks must not trigger a load.
+        route = route_of(scope["path"]) if scope["type"] == "http" else None
+        if route is None or not route.admits(scope["method"]):
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
         trace = self.hub.activity.trace(self.slot.name, self.slot.port, scope)  # for the request log
+        read = seen(scope).body is not None  # by /v1, which routed it here by its ``model``
         receive, watch = trace.receive(receive), trace.send(send)
         try:
-            keep_alive = None
-            data = None
-            listen: Receive | None = None  # the client's own receive, once its body is read
+            keep_alive, data = None, None
             if is_json(scope):
-                body, gone = await read_body(receive)
-                if gone:
+                body = await request_body(scope, receive)
+                if read:
+                    trace.keep_body(body.raw)  # not read through the trace, which keeps what the client sent
+                if body.gone:
                     return
-                listen = receive
-                data = json_object(body)
+                data = body.data
                 if data is not None and names_another(data.get("model"), self.slot.entry):
-                    # upstream's route answers 404, nothing loads
-                    await self.app(scope, replay(body, receive), watch.send)
+                    await self.app(scope, receive, watch.send)  # upstream's route answers 404, nothing loads
                     return
-                edited = False
-                if data is not None and "keep_alive" in data:
-                    try:
-                        keep_alive = parse_keep_alive(data.pop("keep_alive"))
-                    except ValueError as exc:
-                        error = InvalidKeepAliveError(str(exc), model=self.slot.name)
-                        await error_response(error)(scope, receive, watch.send)
-                        return
-                    edited = True
-                if data is not None and with_request_params(data, self.slot.entry.request_params):
-                    edited = True
-                if edited:
-                    body = json.dumps(data).encode()
-                    scope = with_length(scope, len(body))
-                receive = replay(body, receive)
-            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(scope, data))
-            reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
+                try:
+                    keep_alive, scope = self._own_options(scope, data)
+                except InvalidKeepAliveError as error:
+                    await error_response(error)(scope, receive, watch.send)
+                    return
+            listen = receive if seen(scope).body is not None else None  # past the body: a disconnect
+            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(route, data))
+            reserved = await room.acquire(reserving(route, data, self.slot.entry), listen)
             if reserved is None:
                 return  # the client left, or its refusal has been sent
             trace.admitted()
@@ -166,6 +151,22 @@ class LoadGate:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
             trace.finish()
+
+    def _own_options(self, scope: Scope, data: dict[str, Any] | None) -> tuple[float | None, Scope]:
+        """Take ``keep_alive`` out of the body and fill in the entry's ``request_params``: the keep_alive,
+        and the scope the route gets (the body re-encoded only where it changed)."""
+        if data is None:
+            return None, scope
+        keep_alive = None
+        edited = "keep_alive" in data
+        if edited:
+            try:
+                keep_alive = parse_keep_alive(data.pop("keep_alive"))
+            except ValueError as exc:
+                raise InvalidKeepAliveError(str(exc), model=self.slot.name) from None
+        if with_request_params(data, self.slot.entry.request_params):
+            edited = True
+        return keep_alive, rewrite_body(scope, data) if edited else scope
 
     async def _serve(
         self,
@@ -294,6 +295,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
             return unknown_model(model_id, slot.entry.served_name)
         return model_card(slot, slot.entry.served_name, "local")
 
+    app.add_middleware(BodyReplay)  # innermost: the route reads the body a layer before it has read
     if slot.entry.distributed is not None:
         add_rank_routes(app, slot)  # its ranks serve it: forwarded to rank 0 (web/rank_proxy.py)
     else:
@@ -302,7 +304,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
         app.add_middleware(LengthFinish, handler=lambda: slot.handler)  # inside the gate: once admitted
         app.add_middleware(Transcripts, slot=slot)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
-    app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
+    app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, served_by=App.MODEL)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(HostGuard, hosts=lambda: (hub.config.host, slot.host, *hub.config.allowed_hosts))
     return app

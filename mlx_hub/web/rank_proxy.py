@@ -24,13 +24,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mlx_hub.web import translate as tr
 from mlx_hub.web.responses import error_json
+from mlx_hub.web.routes import CHAT, COMPLETIONS, MESSAGES
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
-FORWARDED = ("/v1/chat/completions", "/v1/completions")
+FORWARDED = (CHAT, COMPLETIONS)
 RANK_MODEL = "default_model"  # the name mlx-lm's server gives the model it was started with
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: No read timeout: a long prefill is silent, and a stuck group is ended by its own watchdog.
@@ -164,7 +165,7 @@ def _chunk(data: dict[str, Any]) -> list[Any]:
 
 async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[Any]:
     chat = {**chat, "stream": True, "stream_options": {"include_usage": True}}
-    group, client, answer = await _upstream(slot, "/v1/chat/completions", _for_rank(chat))
+    group, client, answer = await _upstream(slot, CHAT, _for_rank(chat))
     try:
         if answer.status_code != 200:
             text = (await answer.aread()).decode(errors="replace")
@@ -240,4 +241,4 @@ def add_rank_routes(app: FastAPI, slot: ModelSlot) -> None:
 
     for path in FORWARDED:
         app.add_api_route(path, forward, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/messages", messages, methods=["POST"], response_model=None)
+    app.add_api_route(MESSAGES, messages, methods=["POST"], response_model=None)
