@@ -158,8 +158,10 @@ def test_error_envelope_per_status() -> None:
     assert tr.error_body(503, "x")["error"]["type"] == "api_error"  # a load that failed
     assert tr.error_body(503, "x", "memory_budget_exceeded")["error"]["type"] == "overloaded_error"
     assert tr.error_body(502, "x")["error"]["type"] == "api_error"
-    assert tr.is_anthropic_path("/v1/messages") and tr.is_anthropic_path("/v1/messages/count_tokens")
-    assert not tr.is_anthropic_path("/v1/chat/completions")
+    from mlx_hub.web.routes import Api, api_of
+
+    assert api_of("/v1/messages") is Api.ANTHROPIC and api_of("/v1/messages/count_tokens/") is Api.ANTHROPIC
+    assert api_of("/v1/chat/completions") is Api.OPENAI
 
 
 def test_handler_chunks_become_typed_pieces() -> None:

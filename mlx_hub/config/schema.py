@@ -226,6 +226,20 @@ class ModelConfig(_Strict):
         """Every ``model`` value a request may use for this entry: served name, entry name, path."""
         return tuple(dict.fromkeys((self.served_name, self.name, self.model_path, *self.aliases)))
 
+    def answers_to(self, requested: object) -> bool:
+        """Whether a request's ``model`` names this entry: one of ``names``.
+
+        The one test of a name, wherever one is matched (the /v1 router, the port's
+        gate, upstream's registry, the hub's own routes), so that a name one layer
+        accepts is never refused by the next. Builds nothing: it runs per request.
+        """
+        return (
+            requested == self.served_name
+            or requested == self.name
+            or requested == self.model_path
+            or requested in self.aliases
+        )
+
 
 class GroupConfig(_Strict):
     """Caps how many members hold weights at once."""

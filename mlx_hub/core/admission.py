@@ -206,13 +206,13 @@ async def admit_request(hub: AdmissionHost, slot: ModelSlot, need: Any) -> Reser
     with Retry-After). A request that could not fit beside its own model alone
     gets ``RequestTooLargeError`` (400) at once. None: the model left LOADED
     while this waited; the caller starts over. On a model that batches, the
-    reservation includes the padding its batch adds (``policy.batch_padding``).
+    reservation includes the padding its batch adds (``policy.batch_padding``); whether it
+    batches was judged when it loaded (``Loaded.batches``), not here.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + slot.entry.queue_timeout
-    batched = hub.engine.batches(slot.entry, slot.handler)
     while slot.memory_state is MemoryState.LOADED:
-        reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, batched)
+        reservation = slot.reservation(need.kv_bytes, need.prefill_bytes, slot.batches)
         decision = policy.request_admission(
             slot.name,
             reservation.bytes,

@@ -256,7 +256,7 @@ class Hub:
         """
         if requested in self.slots:
             return self.slots[requested]
-        matches = [s for s in self.slots.values() if requested in s.entry.names]
+        matches = [s for s in self.slots.values() if s.entry.answers_to(requested)]
         rank = lambda s: (s.memory_state is not MemoryState.LOADED, s.port_state is not PortState.RUNNING)  # noqa: E731
         return min(matches, key=rank, default=None)
 

@@ -82,6 +82,7 @@ class ModelSlot:
         self.keep_alive: float | None = None  # a request's keep_alive, for this residency
         self.group_idle_minutes: float | None = None  # its group's idle_unload_trigger_min (Hub sets it)
         self.load_seconds: float | None = None
+        self.batches = False  # this residency's requests run as one batch (``Loaded.batches``)
         self.freed_bytes: int | None = None
         self.load_count = 0
         self.held_back: str | None = None  # why it is not loaded automatically (it crashed the hub)
@@ -123,6 +124,7 @@ class ModelSlot:
         self.memory_bytes = max(loaded.memory_bytes - loaded.created_bytes, 0)
         self.peak_bytes = self.held_bytes
         self.load_seconds = loaded.load_seconds
+        self.batches = loaded.batches  # the value, not ``loaded``: the slot keeps no second handle
         self.load_count += 1
         self.memory_error = None
         self.touch()

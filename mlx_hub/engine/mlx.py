@@ -103,7 +103,9 @@ class MLXEngine:
         """
         _check_local_path(entry)
         if entry.distributed is not None:  # its ranks are other processes: nothing loads here
-            return await sharded.load(entry)
+            loaded = await sharded.load(entry)
+            loaded.batches = batches(entry, loaded.handler)
+            return loaded
         # The first import of a handler module pulls in mlx-lm and transformers
         # (seconds); in a thread it does not stall every other port on the loop.
         await asyncio.to_thread(handler_class, entry.model_type)
@@ -125,9 +127,16 @@ class MLXEngine:
             seconds = time.perf_counter() - started
             used = memory.active_memory() - before
         created = sum(g.bytes for g in self.weights.held_by(entry.name) if g.holders[0] == entry.name)
-        if entry.model_type in ("lm", "multimodal") and (why := one_at_a_time(entry, handler)):
+        why = one_at_a_time(entry, handler)
+        if why and entry.model_type in ("lm", "multimodal"):
             log.info("model '%s' serves its requests one at a time: %s", entry.name, why)
-        return Loaded(handler=handler, memory_bytes=max(used, 0), load_seconds=seconds, created_bytes=created)
+        return Loaded(
+            handler=handler,
+            memory_bytes=max(used, 0),
+            load_seconds=seconds,
+            created_bytes=created,
+            batches=why is None,
+        )
 
     async def _construct(self, entry: ModelConfig) -> Any:
         """Run the constructor in a thread without the handler passing through a future.

@@ -86,7 +86,10 @@ class FakeEngine:
         size = self.estimate(entry)
         self.active += size
         self.loads[entry.name] += 1
-        return Loaded(handler=FakeHandler(entry, size, self), memory_bytes=size, load_seconds=0.01)
+        handler = FakeHandler(entry, size, self)
+        return Loaded(
+            handler=handler, memory_bytes=size, load_seconds=0.01, batches=self.batches(entry, handler)
+        )
 
     async def unload(self, handler: FakeHandler, name: str) -> None:
         await handler.cleanup()
@@ -124,6 +127,7 @@ class FakeEngine:
         return 0
 
     def batches(self, entry: ModelConfig, handler: Any = None) -> bool:
+        """Whether a load of ``entry`` batches its requests (as ``MLXEngine.load`` judges it): never, here."""
         return False
 
     def bound_prompt_cache(self, handler: Any, budget: int | None) -> None:

@@ -32,6 +32,7 @@ from mlx_hub.web.local_control import LocalControlGuard
 from mlx_hub.web.openai_routes import OpenAIRoutes
 from mlx_hub.web.prompt_cache_routes import prompt_cache_router
 from mlx_hub.web.responses import error_json, error_response
+from mlx_hub.web.routes import App
 from mlx_hub.web.security import ApiKeyGuard, SameOriginGuard
 
 if TYPE_CHECKING:
@@ -105,11 +106,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _open_path(path: str) -> bool:
-    """Reachable without a key: health checks, and the dashboard page that asks for one."""
-    return path in ("/health", "/hub", "/hub/") or path.startswith("/hub/assets/")
-
-
 def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> ASGIApp:
     """The app on the hub's own ``host:port``; ``request_shutdown`` ends the daemon.
 
@@ -121,7 +117,7 @@ def build_controller_app(hub: Hub, *, request_shutdown: Callable[[], None]) -> A
     app.include_router(activity_router(hub))  # /hub/requests, /hub/events, /hub/history, /hub/logs
     routed = OpenAIRoutes(app, hub)
     local = LocalControlGuard(SameOriginGuard(routed), keys=lambda: hub.api_keys)
-    keyed = ApiKeyGuard(local, keys=lambda: hub.api_keys, open_paths=_open_path)
+    keyed = ApiKeyGuard(local, keys=lambda: hub.api_keys, served_by=App.CONTROLLER)
     return HostGuard(keyed, hosts=lambda: (hub.config.host, *hub.config.allowed_hosts))
 
 

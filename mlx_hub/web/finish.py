@@ -21,9 +21,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_hub.engine.generation_watch import GenerationWatch, watching
-from mlx_hub.web.asgi import is_json, json_object, read_body, replay
-
-CHAT_PATH = "/v1/chat/completions"
+from mlx_hub.web.asgi import is_json, json_object, request_body
+from mlx_hub.web.routes import CHAT, route_of
 
 
 def ended_at_limit(watch: GenerationWatch, completion_tokens: int | None, limit: int | None) -> bool:
@@ -57,18 +56,17 @@ class LengthFinish:
         if not (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"].rstrip("/") == CHAT_PATH
+            and route_of(scope["path"]).path == CHAT
             and is_json(scope)
         ):
             await self.app(scope, receive, send)
             return
-        body, gone = await read_body(receive)
-        if gone:
+        body = await request_body(scope, receive)  # the gate's: read and parsed before this
+        if body.gone:
             return
-        data = json_object(body)
-        answer = _Answer(send, GenerationWatch(), _limit(data, self.handler()))
+        answer = _Answer(send, GenerationWatch(), _limit(body.data, self.handler()))
         with watching(answer.watch):
-            await self.app(scope, replay(body, receive), answer.send)
+            await self.app(scope, receive, answer.send)
 
 
 class _Answer:

@@ -25,10 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .hosts import is_loopback
 from .responses import error_json
+from .routes import Api, App, route_of
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
-#: Reads that may show prompts and answers: the request log, the logs, the event stream.
-PRIVATE_READS = frozenset({"/hub/requests", "/hub/logs", "/hub/events"})
 
 
 def is_local_client(scope: Scope) -> bool:
@@ -49,13 +48,15 @@ def is_local_client(scope: Scope) -> bool:
 def changes_state(scope: Scope) -> bool:
     """A control request that changes the hub: ``/hub/*`` with a writing method."""
     return (
-        scope["type"] == "http" and scope["method"] not in READ_METHODS and scope["path"].startswith("/hub")
+        scope["type"] == "http"
+        and scope["method"] not in READ_METHODS
+        and route_of(scope["path"], App.CONTROLLER).api is Api.HUB
     )
 
 
 def reads_private(scope: Scope) -> bool:
     """A request for the request log, a log file or the event stream."""
-    return scope["type"] == "http" and (scope["path"].rstrip("/") or "/") in PRIVATE_READS
+    return scope["type"] == "http" and route_of(scope["path"], App.CONTROLLER).private
 
 
 class LocalControlGuard:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -28,15 +27,16 @@ from mlx_hub.core.logs import current_model
 from mlx_hub.core.policy import parse_keep_alive
 from mlx_hub.core.slot import PortState
 from mlx_hub.engine.base import ALLOCATION_ERRORS, is_allocation_error
-from mlx_hub.web.asgi import is_json, json_object, read_body, replay, with_length
+from mlx_hub.web.asgi import BodyReplay, is_json, request_body, rewrite_body, seen
 from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.hosts import HostGuard
-from mlx_hub.web.model_cards import model_card, unknown_model
+from mlx_hub.web.model_cards import model_card, names_another, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
 from mlx_hub.web.rank_proxy import SERVED as RANK_SERVED
 from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.response_watch import ResponseWatch
 from mlx_hub.web.responses import error_response
+from mlx_hub.web.routes import COMPLETIONS, COUNT_TOKENS, App, Route, route_of
 from mlx_hub.web.security import ApiKeyGuard
 from mlx_hub.web.tracing import request_trace
 from mlx_hub.web.transcripts import Transcripts
@@ -59,7 +59,7 @@ class SlotRegistry:
         self.slot = slot
 
     def has_model(self, model_id: str) -> bool:
-        return model_id in self.slot.entry.names
+        return self.slot.entry.answers_to(model_id)
 
     def get_handler(self, model_id: str) -> Any:
         if not self.has_model(model_id):
@@ -78,12 +78,6 @@ class SlotRegistry:
         return [model_card(self.slot, self.slot.entry.served_name, "local")]
 
 
-def _names_another_model(data: dict[str, Any] | None, slot: ModelSlot) -> bool:
-    """The body asks for a model this port does not serve: upstream's route answers 404, nothing loads."""
-    requested = data.get("model") if data else None
-    return isinstance(requested, str) and bool(requested) and requested not in slot.entry.names
-
-
 def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> bool:
     """Fill in the entry's ``request_params`` the request leaves out; True if any was added.
 
@@ -94,28 +88,26 @@ def with_request_params(data: dict[str, Any], params: dict[str, Any] | None) -> 
     return bool(missing)
 
 
-def reserving(path: str, data: dict[str, Any] | None, entry: Any) -> dict[str, Any] | None:
+def reserving(route: Route, data: dict[str, Any] | None, entry: Any) -> dict[str, Any] | None:
     """The body a request's memory is reserved for, as its route will run it.
 
     Counting tokens generates nothing; a completion without ``max_tokens``
     generates OpenAI's 16 (or the entry's default), not an open-ended answer.
     """
-    if data is None or path.rstrip("/").endswith("/count_tokens"):
+    if data is None or route.path == COUNT_TOKENS:
         return None
-    if path.rstrip("/") == "/v1/completions" and not any(
-        data.get(k) for k in ("max_tokens", "max_completion_tokens")
-    ):
+    if route.path == COMPLETIONS and not any(data.get(k) for k in ("max_tokens", "max_completion_tokens")):
         from mlx_hub.web.translate import OPENAI_MAX_TOKENS
 
         return {**data, "max_tokens": entry.default_max_tokens or OPENAI_MAX_TOKENS}
     return data
 
 
-def _gated(scope: Scope, slot: ModelSlot) -> bool:
+def _gated(route: Route | None, method: str, slot: ModelSlot) -> bool:
     """Inference routes need weights; listings, health checks and routes the entry lacks must not load it."""
-    if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+    if route is None or not route.admits(method):
         return False
-    return slot.entry.distributed is None or scope["path"] in RANK_SERVED
+    return slot.entry.distributed is None or route.path in RANK_SERVED
 
 
 class LoadGate:
@@ -131,42 +123,34 @@ class LoadGate:
         self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _gated(scope, self.slot):
+        route = route_of(scope["path"]) if scope["type"] == "http" else None
+        if route is None or not _gated(route, scope["method"], self.slot):
             await self.app(scope, receive, send)
             return
         token = current_model.set(self.slot.name)  # upstream's lines for this request go to its log
         trace = request_trace(self.hub.activity, self.slot.name, self.slot.port, scope)  # for the request log
+        read = seen(scope).body is not None  # by /v1, which routed it here by its ``model``
         receive, watch = trace.receive(receive), trace.send(send)
         try:
-            keep_alive = None
-            data = None
-            listen: Receive | None = None  # the client's own receive, once its body is read
+            keep_alive, data = None, None
             if is_json(scope):
-                body, gone = await read_body(receive)
-                if gone:
+                body = await request_body(scope, receive)
+                if read:
+                    trace.keep_body(body.raw)  # not read through the trace, which keeps what the client sent
+                if body.gone:
                     return
-                listen = receive
-                data = json_object(body)
-                if _names_another_model(data, self.slot):
-                    await self.app(scope, replay(body, receive), watch.send)
+                data = body.data
+                if data is not None and names_another(data.get("model"), self.slot.entry):
+                    await self.app(scope, receive, watch.send)  # upstream's route answers 404, nothing loads
                     return
-                edited = False
-                if data is not None and "keep_alive" in data:
-                    try:
-                        keep_alive = parse_keep_alive(data.pop("keep_alive"))
-                    except ValueError as exc:
-                        error = InvalidKeepAliveError(str(exc), model=self.slot.name)
-                        await error_response(error)(scope, receive, watch.send)
-                        return
-                    edited = True
-                if data is not None and with_request_params(data, self.slot.entry.request_params):
-                    edited = True
-                if edited:
-                    body = json.dumps(data).encode()
-                    scope = with_length(scope, len(body))
-                receive = replay(body, receive)
-            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(scope, data))
-            reserved = await room.acquire(reserving(scope["path"], data, self.slot.entry), listen)
+                try:
+                    keep_alive, scope = self._own_options(scope, data)
+                except InvalidKeepAliveError as error:
+                    await error_response(error)(scope, receive, watch.send)
+                    return
+            listen = receive if seen(scope).body is not None else None  # past the body: a disconnect
+            room = WaitingRoom(self.hub, self.slot, scope, watch.send, streams(route, data))
+            reserved = await room.acquire(reserving(route, data, self.slot.entry), listen)
             if reserved is None:
                 return  # the client left, or its refusal has been sent
             trace.admitted()
@@ -175,6 +159,22 @@ class LoadGate:
             current_model.reset(token)
             self.hub.metrics.request(self.slot.name, scope["path"], watch.status, watch.tokens)
             trace.finish()
+
+    def _own_options(self, scope: Scope, data: dict[str, Any] | None) -> tuple[float | None, Scope]:
+        """Take ``keep_alive`` out of the body and fill in the entry's ``request_params``: the keep_alive,
+        and the scope the route gets (the body re-encoded only where it changed)."""
+        if data is None:
+            return None, scope
+        keep_alive = None
+        edited = "keep_alive" in data
+        if edited:
+            try:
+                keep_alive = parse_keep_alive(data.pop("keep_alive"))
+            except ValueError as exc:
+                raise InvalidKeepAliveError(str(exc), model=self.slot.name) from None
+        if with_request_params(data, self.slot.entry.request_params):
+            edited = True
+        return keep_alive, rewrite_body(scope, data) if edited else scope
 
     async def _serve(
         self,
@@ -303,6 +303,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
             return unknown_model(model_id, slot.entry.served_name)
         return model_card(slot, slot.entry.served_name, "local")
 
+    app.add_middleware(BodyReplay)  # innermost: the route reads the body a layer before it has read
     if slot.entry.distributed is not None:
         add_rank_routes(app, slot)  # its ranks serve it: forwarded to rank 0 (web/rank_proxy.py)
     else:
@@ -311,7 +312,7 @@ def build_model_app(hub: Hub, slot: ModelSlot) -> FastAPI:
         app.add_middleware(LengthFinish, handler=lambda: slot.handler)  # inside the gate: once admitted
         app.add_middleware(Transcripts, slot=slot)
     app.add_middleware(LoadGate, hub=hub, slot=slot)
-    app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, open_paths=lambda path: path == "/health")
+    app.add_middleware(ApiKeyGuard, keys=lambda: hub.api_keys, served_by=App.MODEL)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(HostGuard, hosts=lambda: (hub.config.host, slot.host, *hub.config.allowed_hosts))
     return app

@@ -76,3 +76,11 @@ def unknown_model(model_id: str, available: str) -> Response:
     """404 for a model id nobody here answers to, in OpenAI's envelope (the SDK raises NotFoundError)."""
     message = f"model '{model_id}' not found; available models: {available}"
     return error_json(404, message, "invalid_request_error", "model_not_found")
+
+
+def names_another(requested: object, entry: ModelConfig) -> bool:
+    """A request's ``model`` names some model other than ``entry``, which a port serving ``entry`` refuses.
+
+    An omitted or empty ``model`` means the port's own model, as upstream reads it.
+    """
+    return isinstance(requested, str) and bool(requested) and not entry.answers_to(requested)

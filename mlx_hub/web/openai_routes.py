@@ -8,7 +8,6 @@ group rules and keep_alive exactly as on its own port.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -16,27 +15,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_hub.core.errors import HubError, NotRunningError, UnknownModelError
-from mlx_hub.web.asgi import header, is_json, json_object, read_body, replay
+from mlx_hub.web.asgi import header, replay, request_body
 from mlx_hub.web.model_cards import model_card, unknown_model
 from mlx_hub.web.responses import error_json, error_response
+from mlx_hub.web.routes import MODELS, Api, App, model_posts, route_of
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
     from mlx_hub.core.slot import ModelSlot
-
-
-@functools.cache
-def _upstream_post_paths() -> frozenset[str]:
-    """The POST routes a model port serves: upstream's router decides, not a copy of its list, plus the hub's."""
-    from app.api.endpoints import router
-
-    from mlx_hub.web.peer_apis import HUB_POST_PATHS
-
-    return frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ())) | HUB_POST_PATHS
-
-
-def _is_v1(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
 
 
 class OpenAIRoutes:
@@ -45,33 +31,36 @@ class OpenAIRoutes:
         self.hub = hub
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_v1(scope["path"]) or scope["method"] == "OPTIONS":
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or route_of(scope["path"], App.CONTROLLER).api not in (Api.OPENAI, Api.ANTHROPIC)
+        ):
             await self.app(scope, receive, send)
             return
         if scope["method"] in ("GET", "HEAD"):
             path = scope["path"].rstrip("/")
-            if path == "/v1/models":
+            if path == MODELS:
                 await JSONResponse(self.models())(scope, receive, send)
-            elif path.startswith("/v1/models/"):
-                await self.model(path[len("/v1/models/") :])(scope, receive, send)
+            elif path.startswith(MODELS + "/"):
+                await self.model(path[len(MODELS) + 1 :])(scope, receive, send)
             else:
                 await self.app(scope, receive, send)  # 404 in the OpenAI envelope
             return
-        if scope["path"] not in _upstream_post_paths():
+        if scope["path"] not in model_posts():
             message = (
                 f"no route {scope['method']} {scope['path']}; see GET /v1/models and the OpenAI API paths"
             )
             await error_json(404, message, "invalid_request_error", "not_found")(scope, receive, send)
             return
-        body, gone = await read_body(receive)
-        if gone:
+        if (await request_body(scope, receive)).gone:
             return
         try:
-            slot = await self._target(scope, body, receive)
+            slot = await self._target(scope, receive)
         except HubError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        await slot.app(scope, replay(body, receive), send)
+        await slot.app(scope, receive, send)  # the body is on the scope: the model's app reads it there
 
     def models(self) -> dict[str, Any]:
         """Every configured model, loaded or not, with the hub's view of it."""
@@ -85,8 +74,8 @@ class OpenAIRoutes:
             return unknown_model(requested, ", ".join(self.hub.slots) or "none")
         return JSONResponse(model_card(slot, slot.name, "mlx-openai-server-hub"))
 
-    async def _target(self, scope: Scope, body: bytes, receive: Receive) -> ModelSlot:
-        requested = await self._requested_model(scope, body, receive)
+    async def _target(self, scope: Scope, receive: Receive) -> ModelSlot:
+        requested = await self._requested_model(scope, receive)
         available = ", ".join(self.hub.slots) or "none"
         if not requested:
             raise UnknownModelError(f"the request names no 'model'; this endpoint serves: {available}")
@@ -106,13 +95,13 @@ class OpenAIRoutes:
         return slot
 
     @staticmethod
-    async def _requested_model(scope: Scope, body: bytes, receive: Receive) -> str | None:
-        if is_json(scope):
-            data = json_object(body)
-            value = data.get("model") if data else None
-            return value if isinstance(value, str) else None
-        if header(scope, b"content-type").startswith("multipart/form-data"):  # audio, image edits
-            async with Request(scope, replay(body, receive)).form() as form:
+    async def _requested_model(scope: Scope, receive: Receive) -> str | None:
+        body = await request_body(scope, receive)
+        if body.data is not None:
+            value = body.data.get("model")
+        elif header(scope, b"content-type").startswith("multipart/form-data"):  # audio, image edits
+            async with Request(scope, replay(body.raw, receive)).form() as form:
                 value = form.get("model")
-            return value if isinstance(value, str) else None
-        return None
+        else:
+            return None
+        return value if isinstance(value, str) else None

@@ -36,7 +36,10 @@ from mlx_hub.engine.generation_watch import watching
 from mlx_hub.engine.patches.mlx_openai_server import accept_raw_prompts, count_prompt_tokens
 from mlx_hub.engine.patches.mlx_openai_server import raw_prompt as raw_prompt_for
 from mlx_hub.web import translate as tr
+from mlx_hub.web.asgi import parsed_json
+from mlx_hub.web.model_cards import names_another
 from mlx_hub.web.responses import error_json
+from mlx_hub.web.routes import COMPLETIONS, COUNT_TOKENS, MESSAGES
 from mlx_hub.web.stopping import StopEnding
 
 if TYPE_CHECKING:
@@ -44,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The POST routes this module adds; the controller's ``/v1`` forwards them beside upstream's.
-HUB_POST_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/completions"})
 #: Model types whose handlers stream chat.
 TEXT_TYPES = ("lm", "multimodal")
 
@@ -76,8 +77,10 @@ def _detail_message(exc: HTTPException) -> str:
 
 
 async def _body(raw: Request) -> Any:
+    """The request's JSON, as the gate parsed (and perhaps rewrote) it; parsed here only where the gate
+    did not (a body not sent as JSON), so that an unreadable one is refused in the route's envelope."""
     try:
-        return json.loads(await raw.body() or b"null")
+        return await parsed_json(raw)
     except ValueError as exc:
         raise RouteError(400, f"the request body is not valid JSON: {exc}") from exc
 
@@ -90,12 +93,10 @@ class Driver:
 
     def model_name(self, body: Any) -> str:
         requested = body.get("model") if isinstance(body, dict) else None
-        if isinstance(requested, str) and requested:
-            if requested not in self.slot.entry.names:
-                served = self.slot.entry.served_name
-                raise RouteError(404, f"model '{requested}' not found; this port serves '{served}'")
-            return requested
-        return self.slot.entry.served_name
+        if names_another(requested, self.slot.entry):
+            served = self.slot.entry.served_name
+            raise RouteError(404, f"model '{requested}' not found; this port serves '{served}'")
+        return requested if isinstance(requested, str) and requested else self.slot.entry.served_name
 
     def handler(self) -> Any:
         handler = self.slot.handler
@@ -203,9 +204,9 @@ def add_peer_routes(app: FastAPI, slot: ModelSlot) -> None:
     """
     driver = Driver(slot)
     for path, route in (
-        ("/v1/messages", _messages),
-        ("/v1/messages/count_tokens", _count_tokens),
-        ("/v1/completions", _completions),
+        (MESSAGES, _messages),
+        (COUNT_TOKENS, _count_tokens),
+        (COMPLETIONS, _completions),
     ):
         app.add_api_route(path, _bound(route, driver), methods=["POST"], response_model=None)
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from mlx_hub.web import translate as tr
+from mlx_hub.web.routes import CHAT, MESSAGES, route_of
 
 
 class ChatProgress:
@@ -93,9 +94,9 @@ def _shifted(event: bytes) -> bytes:
 
 def progress_for(path: str, model: str) -> ChatProgress | ThinkingProgress | None:
     """The writer for a route with a reasoning field: chat and Anthropic Messages."""
-    path = path.rstrip("/")
-    if path == "/v1/chat/completions":
+    route = route_of(path).path
+    if route == CHAT:
         return ChatProgress(model)
-    if path == "/v1/messages":
+    if route == MESSAGES:
         return ThinkingProgress(model)
     return None

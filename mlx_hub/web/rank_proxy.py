@@ -23,17 +23,19 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from mlx_hub.web import translate as tr
+from mlx_hub.web.asgi import parsed_json
 from mlx_hub.web.rank_tokens import NoTokenizer, count_prompt
 from mlx_hub.web.responses import error_json
+from mlx_hub.web.routes import CHAT, COMPLETIONS, COUNT_TOKENS, MESSAGES
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
-FORWARDED = ("/v1/chat/completions", "/v1/completions")
+FORWARDED = (CHAT, COMPLETIONS)
 #: Every inference route a sharded entry answers; other POSTs are refused before anything loads.
-SERVED = frozenset({*FORWARDED, "/v1/messages", "/v1/messages/count_tokens"})
+SERVED = frozenset({*FORWARDED, MESSAGES, COUNT_TOKENS})
 RANK_MODEL = "default_model"  # the name mlx-lm's server gives the model it was started with
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: No read timeout: a long prefill is silent, and a stuck group is ended by its own watchdog.
@@ -125,7 +127,7 @@ def _named(line: str, model: str) -> str:
 async def _forward(slot: ModelSlot, raw: Request) -> Response:
     """One OpenAI route, as rank 0 answers it; a failure mid-stream ends the stream with an error event."""
     try:
-        body = json.loads(await raw.body() or b"null")
+        body = await parsed_json(raw)
     except ValueError as exc:
         return error_json(400, f"the request body is not valid JSON: {exc}", "invalid_request_error", None)
     if not isinstance(body, dict):
@@ -201,7 +203,7 @@ def _chunk(data: dict[str, Any]) -> list[Any]:
 
 async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[Any]:
     chat = {**chat, "stream": True, "stream_options": {"include_usage": True}}
-    group, client, answer = await _upstream(slot, "/v1/chat/completions", for_rank(chat, slot.entry))
+    group, client, answer = await _upstream(slot, CHAT, for_rank(chat, slot.entry))
     try:
         if answer.status_code != 200:
             text = (await answer.aread()).decode(errors="replace")
@@ -224,7 +226,7 @@ async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[A
 async def _messages(slot: ModelSlot, raw: Request) -> Response:
     """Anthropic Messages: translated to chat for rank 0, its chunks translated back."""
     try:
-        body = json.loads(await raw.body() or b"null")
+        body = await parsed_json(raw)
         chat = tr.to_chat_request(body)
     except ValueError as exc:
         return JSONResponse(tr.error_body(400, f"the request body is not valid JSON: {exc}"), status_code=400)
@@ -260,7 +262,7 @@ async def _messages(slot: ModelSlot, raw: Request) -> Response:
 async def _count_tokens(slot: ModelSlot, raw: Request) -> Response:
     """Anthropic count_tokens, counted here with the model's tokenizer (web/rank_tokens.py)."""
     try:
-        body = json.loads(await raw.body() or b"null")
+        body = await parsed_json(raw)
         chat = tr.to_chat_request(body, count_only=True)
         return JSONResponse({"input_tokens": await count_prompt(_group(slot), slot.entry, chat)})
     except ValueError as exc:
@@ -305,6 +307,6 @@ def add_rank_routes(app: FastAPI, slot: ModelSlot) -> None:
 
     for path in FORWARDED:
         app.add_api_route(path, forward, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/messages", messages, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"], response_model=None)
+    app.add_api_route(MESSAGES, messages, methods=["POST"], response_model=None)
+    app.add_api_route(COUNT_TOKENS, count_tokens, methods=["POST"], response_model=None)
     app.add_api_route("/v1/{rest:path}", unserved_route, methods=["POST"], response_model=None)

@@ -14,7 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from mlx_hub.core.errors import HubError
-from mlx_hub.web.translate import error_body, is_anthropic_path
+from mlx_hub.web.routes import Api, api_of
+from mlx_hub.web.translate import error_body
 
 
 class ErrorResponse(JSONResponse):
@@ -26,7 +27,7 @@ class ErrorResponse(JSONResponse):
         self.code = body["error"].get("code")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") == "http" and is_anthropic_path(scope.get("path", "")):
+        if scope.get("type") == "http" and api_of(scope.get("path", "")) is Api.ANTHROPIC:
             headers = {
                 k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "content-type")
             }

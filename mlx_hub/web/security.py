@@ -15,14 +15,28 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mlx_hub.web.asgi import header
+from mlx_hub.web.asgi import header, seen
 from mlx_hub.web.responses import error_json
+from mlx_hub.web.routes import Api, App, route_of
 
 
 def key_accepted(scope: Scope, keys: frozenset[str]) -> bool:
-    """Whether the request names one of ``keys`` (either header); True when there are none."""
-    if not keys:
+    """Whether the request names one of ``keys`` (either header); True when there are none.
+
+    Checked once per request: a yes is kept on the scope with the keys it was
+    checked against, so the next guard (the model's app behind /v1, the guard
+    behind a restoring hub's gate) reads it instead of comparing again.
+    """
+    state = seen(scope)
+    if state.keys is keys:
         return True
+    if keys and not _names_one(scope, keys):
+        return False
+    state.keys = keys
+    return True
+
+
+def _names_one(scope: Scope, keys: frozenset[str]) -> bool:
     scheme, _, token = header(scope, b"authorization").partition(" ")
     offered = [token.strip()] if scheme.lower() == "bearer" else []
     offered.append(header(scope, b"x-api-key").strip())
@@ -33,20 +47,17 @@ class ApiKeyGuard:
     """401 unless ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` names a configured key.
 
     ``x-api-key`` is how Anthropic's clients send their key; either header is accepted on every route.
+    Routes the table marks open (``Route.keyed``) need none. A request /v1 hands to a model's
+    app meets this guard twice; the second reads the first's verdict (``key_accepted``).
     """
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]], open_paths: Callable[[str], bool]):
+    def __init__(self, app: ASGIApp, keys: Callable[[], frozenset[str]], served_by: App):
         self.app = app
         self.keys = keys
-        self.open_paths = open_paths
+        self.served_by = served_by
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] == "OPTIONS"
-            or self.open_paths(scope["path"])
-            or key_accepted(scope, self.keys())
-        ):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self._passes(scope):
             await self.app(scope, receive, send)
             return
         message = (
@@ -56,6 +67,9 @@ class ApiKeyGuard:
         await error_json(
             401, message, "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )(scope, receive, send)
+
+    def _passes(self, scope: Scope) -> bool:
+        return not route_of(scope["path"], self.served_by).keyed or key_accepted(scope, self.keys())
 
 
 class SameOriginGuard:
@@ -68,7 +82,7 @@ class SameOriginGuard:
         if (
             scope["type"] == "http"
             and scope["method"] not in ("GET", "HEAD", "OPTIONS")
-            and scope["path"].startswith("/hub")
+            and route_of(scope["path"], App.CONTROLLER).api is Api.HUB
         ):
             reason = self._cross_site(scope)
             if reason:

@@ -21,14 +21,10 @@ from starlette.types import Message, Receive, Scope, Send
 from mlx_hub.core.activity import Activity
 from mlx_hub.core.requestlog import BODY_LIMIT, RequestRecord
 from mlx_hub.web.response_watch import ResponseWatch
+from mlx_hub.web.routes import api_of
 
 #: What a client that closed the connection before any answer gets in the log (nginx's convention).
 CLIENT_CLOSED = 499
-
-
-def api_of(path: str) -> str:
-    """Which API a route belongs to: Anthropic's Messages, or OpenAI's (every other route)."""
-    return "anthropic" if path.rstrip("/").startswith("/v1/messages") else "openai"
 
 
 def request_trace(activity: Activity, model: str, port: int, scope: Scope) -> RequestTrace:
@@ -62,11 +58,16 @@ class RequestTrace:
             message = await receive()
             if message["type"] == "http.disconnect" and not (self.watch and self.watch.complete):
                 self.disconnected = True
-            elif message["type"] == "http.request" and self._bodies and len(self._request) < BODY_LIMIT:
-                self._request += message.get("body", b"")[: BODY_LIMIT - len(self._request)]
+            elif message["type"] == "http.request":
+                self.keep_body(message.get("body", b""))
             return message
 
         return watched
+
+    def keep_body(self, chunk: bytes) -> None:
+        """Keep (the start of) the request body for the log: one read before ``receive`` was watched."""
+        if self._bodies and len(self._request) < BODY_LIMIT:
+            self._request += chunk[: BODY_LIMIT - len(self._request)]
 
     def send(self, send: Send) -> ResponseWatch:
         """The watcher the gate sends through (status, usage, first text, error code)."""
@@ -97,7 +98,7 @@ class RequestTrace:
             ts=wall,
             model=self.model,
             route=self.route,
-            api=api_of(self.route),
+            api=str(api_of(self.route)),
             via=self.via,
             status=status,
             total_s=round(now - self.started, 4),

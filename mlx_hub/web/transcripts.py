@@ -27,13 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mlx_hub.web.asgi import header, read_body, replay
-from mlx_hub.web.model_cards import unknown_model
+from mlx_hub.web.asgi import header, replay, request_body
+from mlx_hub.web.model_cards import names_another, unknown_model
+from mlx_hub.web.routes import TRANSCRIPTIONS, route_of
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
 
-PATH = "/v1/audio/transcriptions"
 #: The formats the hub answers itself; ``json`` is upstream's own answer.
 FORMATS = ("text", "srt", "vtt", "verbose_json")
 SEGMENT_KEYS = (
@@ -137,7 +137,7 @@ class Transcripts:
         return (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"].rstrip("/") == PATH
+            and route_of(scope["path"]).path == TRANSCRIPTIONS
             and header(scope, b"content-type").startswith("multipart/form-data")
             and hasattr(self.slot.handler, "_prepare_transcription_request")
         )
@@ -148,13 +148,13 @@ class Transcripts:
         if not self._ours(scope):
             await self.app(scope, receive, send)
             return
-        body, gone = await read_body(receive)
-        if gone:
+        body = await request_body(scope, receive)
+        if body.gone:
             return
-        async with Request(scope, replay(body, receive)).form() as form:
+        async with Request(scope, replay(body.raw, receive)).form() as form:
             response = await self._answer(self.slot.handler, dict(form))
         if response is None:
-            await self.app(scope, replay(body, receive), send)
+            await self.app(scope, receive, send)  # the route reads the body from the scope (BodyReplay)
         else:
             await response(scope, receive, send)
 
@@ -168,7 +168,7 @@ class Transcripts:
         stream = str(form.get("stream", "")).lower() in ("true", "1", "on", "yes")
         if response_format not in FORMATS or stream:
             return None
-        if model and model not in self.slot.entry.names:  # upstream's 404, not its 422 for the format
+        if names_another(model, self.slot.entry):  # upstream's 404, not its 422 for the format
             return unknown_model(str(model), self.slot.entry.served_name)
         try:
             request = TranscriptionRequest(

@@ -30,7 +30,7 @@ from mlx_hub.core.errors import HubError
 from mlx_hub.core.states import MemoryState
 from mlx_hub.web.progress import progress_for
 from mlx_hub.web.responses import error_response
-from mlx_hub.web.translate import is_anthropic_path
+from mlx_hub.web.routes import Route, route_of
 
 if TYPE_CHECKING:
     from mlx_hub.core.hub import Hub
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 HEARTBEAT_SECONDS = 1.0
 #: A loaded model admits a request in milliseconds; waiting longer than this opens the stream.
 OPEN_AFTER_SECONDS = 0.5
-#: Routes whose ``stream: true`` answers server-sent events.
-STREAM_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -52,9 +50,9 @@ SSE_HEADERS = [
 _QUEUES: weakref.WeakKeyDictionary[Any, list[object]] = weakref.WeakKeyDictionary()
 
 
-def streams(scope: Scope, data: dict[str, Any] | None) -> bool:
+def streams(route: Route, data: dict[str, Any] | None) -> bool:
     """The request asks for server-sent events on a route that sends them."""
-    return bool(data and data.get("stream") is True and scope["path"].rstrip("/") in STREAM_PATHS)
+    return bool(route.streams and data and data.get("stream") is True)
 
 
 async def _disconnect(receive: Receive) -> None:
@@ -185,8 +183,7 @@ class WaitingRoom:
         await self._error_event(b"".join(captured))
 
     async def _error_event(self, body: bytes) -> None:
-        path = self.scope["path"].rstrip("/")
-        if is_anthropic_path(path) or path == "/v1/responses":
+        if route_of(self.scope["path"]).named_events:
             text = b"event: error\ndata: " + body + b"\n\n"
         else:
             text = b"data: " + body + b"\n\ndata: [DONE]\n\n"

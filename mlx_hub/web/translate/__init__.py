@@ -44,7 +44,6 @@ from mlx_hub.web.translate.events import (
     tool_use_id,
 )
 from mlx_hub.web.translate.requests import (
-    ANTHROPIC_PATHS,
     ERROR_TYPES,
     OPENAI_MAX_TOKENS,
     OVERLOADED_CODES,
@@ -54,7 +53,6 @@ from mlx_hub.web.translate.requests import (
     completion_id,
     error_body,
     finish_reason,
-    is_anthropic_path,
     stop_sequences,
     to_chat_request,
     to_completion_requests,
@@ -62,7 +60,6 @@ from mlx_hub.web.translate.requests import (
 )
 
 __all__ = [
-    "ANTHROPIC_PATHS",
     "ERROR_TYPES",
     "Event",
     "MessageStream",
@@ -84,7 +81,6 @@ __all__ = [
     "completion_id",
     "error_body",
     "finish_reason",
-    "is_anthropic_path",
     "message_id",
     "pieces",
     "run",

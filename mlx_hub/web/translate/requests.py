@@ -24,9 +24,6 @@ ERROR_TYPES: dict[int, str] = {
 #: The hub's own error codes that mean "busy, retry later", which Anthropic calls overloaded.
 OVERLOADED_CODES = frozenset({"memory_budget_exceeded", "memory_exhausted"})
 
-#: Paths whose errors are written in Anthropic's envelope.
-ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
-
 #: Chat fields upstream takes that a Messages body may add as hub extensions.
 PASSTHROUGH = (
     "seed",
@@ -40,10 +37,6 @@ PASSTHROUGH = (
     "xtc_threshold",
     "chat_template_kwargs",
 )
-
-
-def is_anthropic_path(path: str) -> bool:
-    return path.rstrip("/") in ANTHROPIC_PATHS
 
 
 class RequestError(Exception):
