@@ -196,6 +196,31 @@ def test_no_product_module_imports_testing() -> None:
     assert not arrows, "product code imports mlx_hub.testing:\n" + "\n".join(arrows)
 
 
+#: The longest class the core may hold: a bigger one mixes jobs (issue 35: ModelSlot, Hub).
+CORE_CLASS_LINES = 250
+
+
+def big_classes(sources: dict[str, str], limit: int = CORE_CLASS_LINES) -> list[str]:
+    """Classes of core modules (module name -> source) longer than ``limit`` lines."""
+    found = []
+    for module, source in sorted(sources.items()):
+        if not within(module, "mlx_hub.core"):
+            continue
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef) and (n := node.end_lineno - node.lineno + 1) > limit:
+                found.append(f"{module}.{node.name}: {n} lines")
+    return found
+
+
+SOURCES = {m: p.read_text() for m, p in MODULES.items()}
+
+
+def test_no_core_class_holds_several_jobs() -> None:
+    """No class in core/ is longer than 250 lines."""
+    found = big_classes(SOURCES)
+    assert not found, f"core classes over {CORE_CLASS_LINES} lines (split them by job):\n" + "\n".join(found)
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` as a list of modules (first repeated at the end), or None."""
     state: dict[str, int] = {}
@@ -231,8 +256,8 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 def test_the_checks_can_fail() -> None:
     """The detectors themselves: a planted cycle, upward arrow, core import past ``engine.base``, import
-    from ``engine.base`` into the engine, product import of ``testing`` and HTTP import in the core are
-    each caught, and the real graph is one they read (it holds arrows each detector looks at)."""
+    from ``engine.base`` into the engine, product import of ``testing``, HTTP import in the core and
+    an oversized core class are each caught, and the real graph is one they read (it holds arrows each detector looks at)."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     planted = {m: set(t) for m, t in GRAPH.items()}
@@ -252,6 +277,11 @@ def test_the_checks_can_fail() -> None:
     assert http_in_core({**LIBRARIES, "mlx_hub.core.activity": {"starlette"}}) == [
         "mlx_hub.core.activity -> starlette"
     ]
+    long_class = "class Big:\n" + "    x = 1\n" * CORE_CLASS_LINES
+    assert big_classes({"mlx_hub.core.big": long_class, "mlx_hub.web.big": long_class}) == [
+        f"mlx_hub.core.big.Big: {CORE_CLASS_LINES + 1} lines"
+    ]
+    assert big_classes(SOURCES, limit=100)  # the real core has classes the check measures
     # The real graph has the arrows the detectors read: each would see a change to them.
     assert "mlx_hub.core.hub" in GRAPH["mlx_hub.service.api"]
     assert "mlx_hub.engine.base" in GRAPH["mlx_hub.core.hub"]

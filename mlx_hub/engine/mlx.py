@@ -26,8 +26,14 @@ Which thread does what, for every model:
   mlx-lm 0.32 and mlx-vlm 0.7 take that stream as an argument, and 0.31/0.4's
   module-level streams are made per thread (patches/). The cache plan's
   one-token probe (cache_plan.py) runs on the build thread, before any of
-  these start. The event loop thread never evaluates an array; it only reads
-  memory counters.
+  these start. The event loop thread evaluates no model; it reads memory
+  counters, and one thing more (next item).
+- **Prompt cache**: the thread that generated an entry evaluates it before
+  handing it on; its cache's writer thread (prompt_writer.py, one per loaded
+  model) then slices and saves only finished arrays, under its own stream.
+  Upstream's one-request path looks caches up on the event loop, so a hit
+  read from disk (or copied while its write is queued) is evaluated there,
+  whole, before the worker thread takes it: nothing lazy crosses.
 - **Free**: on the loop thread, ``handler.cleanup()`` stops and joins those
   threads first; then the hub drops its references and ``free_memory`` runs
   ``gc.collect()`` and ``mx.clear_cache()``, neither of which uses a stream.
