@@ -282,7 +282,8 @@ def markdown(r: dict[str, Any], ratio: dict[str, float]) -> str:
     ]
     for key, value in ratio.items():
         what, test, text = TARGETS.get(key, (key, lambda r: True, "reported"))
-        lines.append(f"| `{key}` | {what} | {value:.3f} | {text} | {'yes' if test(value) else '**no**'} |")
+        met = "–" if text == "reported" else ("yes" if test(value) else "**no**")
+        lines.append(f"| `{key}` | {what} | {value:.3f} | {text} | {met} |")
     if "cold_start" in r:
         lines += _core_markdown(r)
     if "long_prompts" in r:
