@@ -380,3 +380,23 @@ def test_no_rank_outlives_a_hub_that_is_killed(llama: Path, hub_config: Any, tmp
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "a rank outlived its hub"
+
+
+async def test_rank_0_refusing_a_translated_request_is_a_refusal_with_its_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-200 from rank 0 under Anthropic Messages becomes a RequestError carrying that status and text."""
+    from types import SimpleNamespace
+
+    from mlx_hub.web import rank_proxy
+    from mlx_hub.web import translate as tr
+
+    async def refusing(slot: Any, path: str, body: bytes) -> tuple[Any, Any, httpx.Response]:
+        return None, httpx.AsyncClient(), httpx.Response(422, content=b"logit_bias must be a dict")
+
+    monkeypatch.setattr(rank_proxy, "_upstream", refusing)
+    slot = SimpleNamespace(entry=SimpleNamespace(**dict.fromkeys(rank_proxy.BODY_DEFAULTS)))
+    with pytest.raises(tr.RequestError) as caught:
+        async for _ in rank_proxy._chat_chunks(slot, {"messages": CHAT}):  # type: ignore[arg-type]
+            pass
+    assert caught.value.status == 422 and "logit_bias must be a dict" in caught.value.message

@@ -207,7 +207,7 @@ async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[A
     try:
         if answer.status_code != 200:
             text = (await answer.aread()).decode(errors="replace")
-            raise tr.RequestError(answer.status_code, f"rank 0 refused the request: {text[:300]}")
+            raise tr.RequestError(f"rank 0 refused the request: {text[:300]}", answer.status_code)
         done = False
         async for line in answer.aiter_lines():
             done = done or line.strip() == "data: [DONE]"
