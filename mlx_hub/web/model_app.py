@@ -103,11 +103,9 @@ def reserving(route: Route, data: dict[str, Any] | None, entry: Any) -> dict[str
     return data
 
 
-def _gated(route: Route | None, method: str, slot: ModelSlot) -> bool:
+def _gated(route: Route, method: str, slot: ModelSlot) -> bool:
     """Inference routes need weights; listings, health checks and routes the entry lacks must not load it."""
-    if route is None or not route.admits(method):
-        return False
-    return slot.entry.distributed is None or route.path in RANK_SERVED
+    return route.admits(method) and (slot.entry.distributed is None or route.path in RANK_SERVED)
 
 
 class LoadGate:

@@ -109,9 +109,12 @@ def for_rank(body: dict[str, Any], entry: Any) -> bytes:
 
     mlx-lm's server reads ``model`` as a path to load; "default_model" is the one it started with.
     """
-    out = {field: getattr(entry, option) for option, field in BODY_DEFAULTS.items()}
-    out = {field: value for field, value in out.items() if value is not None}
-    return json.dumps({**out, **body, "model": RANK_MODEL}).encode()
+    defaults = {
+        field: value
+        for option, field in BODY_DEFAULTS.items()
+        if (value := getattr(entry, option)) is not None
+    }
+    return json.dumps({**defaults, **body, "model": RANK_MODEL}).encode()
 
 
 def _named(line: str, model: str) -> str:
@@ -223,15 +226,25 @@ async def _chat_chunks(slot: ModelSlot, chat: dict[str, Any]) -> AsyncIterator[A
         await client.aclose()
 
 
+def _anthropic_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(tr.error_body(status, message), status_code=status)
+
+
+async def _as_chat(raw: Request, *, count_only: bool = False) -> tuple[Any, dict[str, Any]]:
+    """A Messages body and the chat request it becomes; ``RequestError`` for one that is not JSON or not valid."""
+    try:
+        body = await parsed_json(raw)
+    except ValueError as exc:
+        raise tr.RequestError(f"the request body is not valid JSON: {exc}") from None
+    return body, tr.to_chat_request(body, count_only=count_only)
+
+
 async def _messages(slot: ModelSlot, raw: Request) -> Response:
     """Anthropic Messages: translated to chat for rank 0, its chunks translated back."""
     try:
-        body = await parsed_json(raw)
-        chat = tr.to_chat_request(body)
-    except ValueError as exc:
-        return JSONResponse(tr.error_body(400, f"the request body is not valid JSON: {exc}"), status_code=400)
+        body, chat = await _as_chat(raw)
     except tr.RequestError as exc:
-        return JSONResponse(tr.error_body(exc.status, exc.message), status_code=exc.status)
+        return _anthropic_error(exc.status, exc.message)
     model = body.get("model") or slot.entry.served_name
     stream = tr.MessageStream(
         model=model, max_tokens=chat["max_tokens"], stops=tr.stop_sequences(body, "stop_sequences")
@@ -254,24 +267,22 @@ async def _messages(slot: ModelSlot, raw: Request) -> Response:
     try:
         return JSONResponse(tr.collect([event async for event in events()]))
     except tr.RequestError as exc:
-        return JSONResponse(tr.error_body(exc.status, exc.message), status_code=exc.status)
+        return _anthropic_error(exc.status, exc.message)
     except GroupGone as exc:
-        return JSONResponse(tr.error_body(502, str(exc)), status_code=502)
+        return _anthropic_error(502, str(exc))
 
 
 async def _count_tokens(slot: ModelSlot, raw: Request) -> Response:
     """Anthropic count_tokens, counted here with the model's tokenizer (web/rank_tokens.py)."""
     try:
-        body = await parsed_json(raw)
-        chat = tr.to_chat_request(body, count_only=True)
+        _, chat = await _as_chat(raw, count_only=True)
         return JSONResponse({"input_tokens": await count_prompt(_group(slot), slot.entry, chat)})
-    except ValueError as exc:
-        return JSONResponse(tr.error_body(400, f"the request body is not valid JSON: {exc}"), status_code=400)
     except tr.RequestError as exc:
-        return JSONResponse(tr.error_body(exc.status, exc.message), status_code=exc.status)
-    except (NoTokenizer, GroupGone) as exc:
-        status = 501 if isinstance(exc, NoTokenizer) else 502
-        return JSONResponse(tr.error_body(status, str(exc)), status_code=status)
+        return _anthropic_error(exc.status, exc.message)
+    except NoTokenizer as exc:
+        return _anthropic_error(501, str(exc))
+    except GroupGone as exc:
+        return _anthropic_error(502, str(exc))
 
 
 async def _sse(events: AsyncIterator[tr.Event]) -> AsyncIterator[str]:
