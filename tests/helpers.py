@@ -13,6 +13,17 @@ from typing import IO, Any
 
 from mlx_hub.testing.tinymodel import text_only_logit_bias
 
+#: The checkout under test: a child Python imports mlx_hub from here, not from another install.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkout_env() -> dict[str, str]:
+    """This process's environment with the checkout first on ``PYTHONPATH``, for a child Python script."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -15,10 +15,9 @@ import yaml
 
 from mlx_hub import Hub
 
-from .helpers import free_port, hello, text_only
+from .helpers import REPO, checkout_env, free_port, hello, text_only
 from .test_hub import lm
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "embed_in_fastapi.py"
 
 
@@ -119,10 +118,7 @@ def test_the_process_exits_cleanly(tmp_path: Path, tiny_llama: Path, tiny_vlm: P
         "                print(name, reply.status_code, flush=True)\n"
         "asyncio.run(main())\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env()
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["batched", "200", "single", "200", "see", "200"], out.stdout

@@ -24,9 +24,7 @@ from mlx_hub.config import ConfigError, load_config
 from mlx_hub.engine.sharded.group import SSH_ENV
 from mlx_hub.engine.sharded.rank import FAULT_ENV
 
-from .helpers import meta
-
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import checkout_env, meta
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -360,10 +358,7 @@ def test_no_rank_outlives_a_hub_that_is_killed(llama: Path, hub_config: Any, tmp
         "        await asyncio.Event().wait()\n"
         "asyncio.run(main())\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = checkout_env()
     hub = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
