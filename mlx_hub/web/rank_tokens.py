@@ -14,6 +14,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from mlx_hub.engine.sharded.engine import chat_template
+
 #: Attribute on the rank group (the entry's "handler") that holds its tokenizer: it ends with the group.
 _ATTRIBUTE = "_mlx_hub_tokenizer"
 
@@ -31,10 +33,8 @@ def _load(entry: Any) -> Any:
             f"count_tokens needs model '{entry.name}''s tokenizer on this machine, and {folder} has none "
             "(its ranks read the model elsewhere); copy the folder's tokenizer files here to count"
         )
-    extra = None
-    if entry.chat_template_file:
-        extra = {"chat_template": Path(entry.chat_template_file).expanduser().read_text()}
-    return load(folder, tokenizer_config_extra=extra)
+    template = chat_template(entry)
+    return load(folder, tokenizer_config_extra=None if template is None else {"chat_template": template})
 
 
 def _count(tokenizer: Any, chat: dict[str, Any]) -> int:
@@ -45,7 +45,7 @@ def _count(tokenizer: Any, chat: dict[str, Any]) -> int:
     ids = tokenizer.apply_chat_template(
         messages, tools=chat.get("tools"), add_generation_prompt=True, tokenize=True
     )
-    return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a list, or transformers' BatchEncoding
 
 
 async def count_prompt(group: Any, entry: Any, chat: dict[str, Any]) -> int:

@@ -51,16 +51,20 @@ def server_args(entry: ModelConfig) -> list[str]:
         ):
             continue
         args += [flag] if value is True else [flag, str(value)]
-    if entry.chat_template_file:  # mlx-lm's server takes the template itself, not a file
-        args += ["--chat-template", _template(entry)]
+    template = chat_template(entry)
+    if template is not None:  # mlx-lm's server takes the template itself, not a file
+        args += ["--chat-template", template]
     if entry.disable_batching:  # one request at a time, as upstream's flag means
         args += ["--decode-concurrency", "1", "--prompt-concurrency", "1"]
     return args
 
 
-def _template(entry: ModelConfig) -> str:
+def chat_template(entry: ModelConfig) -> str | None:
+    """The text of the entry's ``chat_template_file``, or None; ``EngineError`` naming the file's problem."""
+    if not entry.chat_template_file:
+        return None
     try:
-        return Path(entry.chat_template_file or "").expanduser().read_text()
+        return Path(entry.chat_template_file).expanduser().read_text()
     except OSError as exc:
         raise EngineError(f"model '{entry.name}': chat_template_file: {exc}") from None
 
