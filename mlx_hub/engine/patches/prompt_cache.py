@@ -279,8 +279,6 @@ class PersistentPromptCache(LRUPromptCache):
             self._writing.request = (list(tokens_ids), cache_type, source, nbytes)
             try:
                 super().insert_cache(tokens_ids, prompt_cache, cache_type=cache_type, source=source)
-            except OSError as exc:  # a full disk, a folder made unusable: the answer stands, uncached
-                log.warning("model '%s': a prompt cache could not be written (%s); not kept", self.model, exc)
             finally:
                 self._writing.active = False
             self._apply_pending()
@@ -341,11 +339,14 @@ class PersistentPromptCache(LRUPromptCache):
                 token_size, entry.digest = self.store.write_tokens(self.key, entry.id, tokens)
                 entry.bytes = payload.stat().st_size + token_size
                 self.store.commit(self.key, entry, origin=self)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
             payload.unlink(missing_ok=True)
             self.forget([entry.id])  # a miss next time, never a file that is not there
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            # A full disk, a folder made unusable: the answer stood, only its cache is lost.
+            log.warning("model '%s': a prompt cache could not be written (%s); not kept", self.model, exc)
         finally:
             self._unwritten.pop(entry.id, None)
 
