@@ -87,6 +87,32 @@ async def test_jit_first_request_loads_once_for_concurrent_waiters(
     assert m["memory_state"] == "loaded" and m["load_count"] == 1
 
 
+async def test_ready_waits_for_what_runs_before_it(hub_config, tiny_llama: Path) -> None:
+    """The CLI's ``start`` prints its table once status says ready. A supervised hub restores what a
+    crash took after its models started (held-back ports, reloads): ready before that let the CLI
+    print a held-back model as still starting (a CI failure of the crash-recovery test)."""
+    from mlx_hub import Hub
+
+    hub = Hub.from_config(hub_config([lm("a", tiny_llama, default=True)]))
+    release = asyncio.Event()
+    seen: list[bool] = []
+
+    async def restore(owner: Any) -> None:
+        seen.append(owner.ready)
+        await release.wait()
+
+    starting = asyncio.create_task(hub.start(before_ready=restore))
+    try:
+        await eventually(lambda: bool(seen))
+        assert meta(hub, "a")["process_state"] == "running" and hub.status()["ready"] is False
+        release.set()
+        assert await starting == ["a"]
+        assert hub.status()["ready"] is True and seen == [False]
+    finally:
+        release.set()
+        await hub.shutdown()
+
+
 async def test_idle_unload_keeps_port_and_reloads_on_demand(make_hub, hub_config, tiny_llama: Path) -> None:
     # 0.005 min = 0.3 s of idleness.
     hub = await make_hub(

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +114,19 @@ class Hub:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, names: Iterable[str] | None = None) -> list[str]:
+    async def start(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        before_ready: Callable[[Hub], Awaitable[None]] | None = None,
+    ) -> list[str]:
         """Register every model, then start ``names``, else the startup set (``HubConfig.startup_models``).
 
         A model that fails to start is marked failed and reported in status;
         the others start regardless. Returns the names that started.
+        ``before_ready`` runs after the models started (a supervised hub
+        restores what a crash took there), and ``ready`` turns true only once it
+        ended, so a CLI waiting for ``ready`` never reads a half-restored table.
         """
         if self.started_at is None:
             reload.register(self)
@@ -132,13 +140,17 @@ class Hub:
             if self.freeze_gc:  # nothing is loaded yet: later collections skip import-time objects
                 gc.collect()
                 gc.freeze()
-        wanted = list(names) if names is not None else self.config.startup_models()
-        for name in wanted:
-            self._slot(name)  # unknown names fail before anything starts
         try:
+            wanted = list(names) if names is not None else self.config.startup_models()
+            for name in wanted:
+                self._slot(name)  # unknown names fail before anything starts
             return (await self.start_each(wanted))[0]
         finally:
-            self.ready = True
+            try:
+                if before_ready is not None:
+                    await before_ready(self)
+            finally:
+                self.ready = True
 
     async def start_each(self, names: list[str]) -> tuple[list[str], dict[str, str]]:
         """Start each model in turn; one failing does not stop the rest. Returns those started, and why

@@ -9,7 +9,7 @@ the config's ``host:port`` or hand it over as an ASGI app to mount elsewhere.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -67,10 +67,15 @@ class Hub(CoreHub):
             await server.start()
             self._controller_server = server
 
-    async def start(self, names: Iterable[str] | None = None) -> list[str]:
+    async def start(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        before_ready: Callable[[CoreHub], Awaitable[None]] | None = None,
+    ) -> list[str]:
         if self.controller:
             await self.open_controller()  # before any model loads
-        return await super().start(names)
+        return await super().start(names, before_ready=before_ready)
 
     async def shutdown(self, *, drain_timeout: float | None = None) -> None:
         self.activity.close_streams()  # an open dashboard's event stream must not hold the controller

@@ -128,11 +128,7 @@ def _write_runtime(config: HubConfig, config_path: Path | None, supervised: Supe
 
 async def _start(hub: Hub, names: Sequence[str] | None, supervised: Supervised | None) -> None:
     """Start the models; under a supervisor, then restore what a crash took and say we are ready."""
-    try:
-        await hub.start(names)
-    finally:
-        if supervised is not None:
-            await supervised.after_start(hub)
+    await hub.start(names, before_ready=supervised.after_start if supervised is not None else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
