@@ -183,3 +183,24 @@ def test_the_supervisor_never_waits_without_a_timeout() -> None:
     for module in (supervisor, supervision):
         unbounded = re.findall(r"\.(?:wait|join|communicate)\(\)", inspect.getsource(module))
         assert not unbounded, f"{module.__name__}: {unbounded}"
+
+
+async def test_a_start_that_raises_ends_the_daemon_with_the_reason(
+    hub_config, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error out of the models' start (an import that fails in the preload, say) used to leave the
+    daemon running and never ready: the CLI waited out its timeout with nothing in hub.log."""
+    import asyncio
+
+    from mlx_hub.config import read_config
+    from mlx_hub.service import api
+    from mlx_hub.service.daemon import DaemonError, serve
+
+    async def broken(self: object, names: object = None, **kwargs: object) -> list[str]:
+        raise ModuleNotFoundError("import of torch halted; None in sys.modules")
+
+    monkeypatch.setattr(api.Hub, "start", broken)
+    config, _ = read_config(hub_config([{"name": "a", "model_path": str(tiny_llama)}]))
+    with pytest.raises(DaemonError, match="the hub could not start: ModuleNotFoundError: import of torch"):
+        await asyncio.wait_for(serve(config), 60)
+    assert not (config.log_dir / "hub_runtime.json").exists()  # it cleaned up as any stop does

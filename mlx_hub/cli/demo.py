@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     from mlx_hub.cli.terminal import print_status
     from mlx_hub.core import logs
     from mlx_hub.core.ports import connect_host
+    from mlx_hub.engine.patches.transformers_imports import transformers_without_torch
     from mlx_hub.service.daemon import serve
 
     cfg = load_config(path)
+    transformers_without_torch(
+        m.model_type for m in cfg.models
+    )  # a text model: no torch in transformers (patches/)
     logs.setup(cfg, console=True)
 
     def ready(hub) -> None:

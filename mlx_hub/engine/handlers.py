@@ -20,6 +20,7 @@ from typing import Any
 from mlx_hub.config import ModelConfig
 from mlx_hub.engine import patches
 from mlx_hub.engine.base import EngineError
+from mlx_hub.engine.patches import transformers_imports
 from mlx_hub.engine.patches.mlx_openai_server import serve_like_launch
 from mlx_hub.engine.versions import package_version, untested_stack, upstream_version
 from mlx_hub.engine.whisper import WhisperWeights, ensure_ffmpeg
@@ -125,6 +126,7 @@ def handler_class(model_type: str) -> type:
     """The upstream class for ``model_type``; image types need the optional mflux package."""
     if model_type not in HANDLER_CLASSES:
         raise EngineError(f"unknown model_type {model_type!r}")
+    transformers_imports.check_can_serve(model_type)
     if model_type in IMAGE_TYPES and importlib.util.find_spec("mflux") is None:
         raise EngineError(
             f"model_type '{model_type}' needs the mflux package, which is not installed; "

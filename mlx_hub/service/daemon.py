@@ -21,6 +21,7 @@ from mlx_hub.config import ConfigError, HubConfig, find_config, load_config
 from mlx_hub.core import logs
 from mlx_hub.core.ports import PortError, connect_host
 from mlx_hub.engine.handlers import option_choices
+from mlx_hub.engine.patches.transformers_imports import transformers_without_torch
 from mlx_hub.service import faults
 from mlx_hub.service.api import Hub
 from mlx_hub.service.runtime import Runtime, clear_runtime, write_runtime
@@ -68,8 +69,14 @@ async def serve(
         starting = asyncio.create_task(_start(hub, names, supervised))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done() and not starting.cancelled() and starting.exception() is None and on_ready:
-            on_ready(hub)
+        if starting.done() and not starting.cancelled():
+            if (error := starting.exception()) is not None:
+                # Not a crash to retry: the same start would fail the same way. Without this the
+                # hub sat there never ready, and the CLI waited out its whole timeout in silence.
+                log.error("the hub could not start", exc_info=error)
+                raise DaemonError(f"the hub could not start: {type(error).__name__}: {error}")
+            if on_ready:
+                on_ready(hub)
         await stopping
     finally:
         log.info("shutting down")
@@ -146,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_CONFIG if supervised is not None else 2  # a supervisor does not retry it
     logs.setup(config, console=args.console, detached=not args.console)
+    transformers_without_torch(m.model_type for m in config.models)  # before anything imports transformers
     names = supervised.names(config) if supervised is not None else (args.names or None)
     try:
         asyncio.run(serve(config, config_path=path, names=names, supervised=supervised))

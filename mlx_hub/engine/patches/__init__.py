@@ -36,6 +36,7 @@ PROOFS: dict[str, str] = {
     "vlm_last_step_usage": "tests/test_vlm_answers.py::test_an_empty_answer_is_an_answer[off]",
     "rank_steps": "tests/test_sharded.py::test_a_stopped_rank_fails_the_group_with_its_name",
     "idle_workers_hold_no_kv": "tests/test_memory.py::test_a_finished_request_leaves_no_kv_in_memory[single]",
+    "transformers_without_torch": "tests/test_lean_process.py::test_a_text_hub_leaves_torch_to_its_core",
 }
 
 
