@@ -6,6 +6,8 @@ The web layers render every one of these the same way (an OpenAI-style
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class HubError(RuntimeError):
     status: int = 500
@@ -24,6 +26,11 @@ class UnknownModelError(HubError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
+
+    @classmethod
+    def among(cls, name: str, known: Iterable[str]) -> UnknownModelError:
+        """``name`` is none of ``known``: the error that lists them."""
+        return cls(f"no model named '{name}' (models: {', '.join(known) or 'none'})", model=name)
 
 
 class InvalidKeepAliveError(HubError):

@@ -123,10 +123,8 @@ class Hub:
         """Register every model, then start ``names``, else the startup set (``HubConfig.startup_models``).
 
         A model that fails to start is marked failed and reported in status;
-        the others start regardless. Returns the names that started.
-        ``before_ready`` runs after the models started (a supervised hub
-        restores what a crash took there), and ``ready`` turns true only once it
-        ended, so a CLI waiting for ``ready`` never reads a half-restored table.
+        the others start regardless. Returns the names that started. Then
+        ``before_ready``, then ``ready`` (``model_ops.start_then_ready``).
         """
         if self.started_at is None:
             reload.register(self)
@@ -140,17 +138,8 @@ class Hub:
             if self.freeze_gc:  # nothing is loaded yet: later collections skip import-time objects
                 gc.collect()
                 gc.freeze()
-        try:
-            wanted = list(names) if names is not None else self.config.startup_models()
-            for name in wanted:
-                self._slot(name)  # unknown names fail before anything starts
-            return (await self.start_each(wanted))[0]
-        finally:
-            try:
-                if before_ready is not None:
-                    await before_ready(self)
-            finally:
-                self.ready = True
+        wanted = list(names) if names is not None else self.config.startup_models()
+        return await model_ops.start_then_ready(self, wanted, before_ready)
 
     async def start_each(self, names: list[str]) -> tuple[list[str], dict[str, str]]:
         """Start each model in turn; one failing does not stop the rest. Returns those started, and why
@@ -280,8 +269,7 @@ class Hub:
     def _slot(self, name: str) -> ModelSlot:
         slot = self.slots.get(name)
         if slot is None:
-            known = ", ".join(self.slots) or "none"
-            raise UnknownModelError(f"no model named '{name}' (models: {known})", model=name)
+            raise UnknownModelError.among(name, self.slots)
         return slot
 
     def notify(self) -> None:

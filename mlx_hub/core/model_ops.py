@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from mlx_hub.core import admission, logs
 from mlx_hub.core.admission import AdmissionHost
-from mlx_hub.core.errors import HubError, NotRunningError, PortStartError
+from mlx_hub.core.errors import HubError, NotRunningError, PortStartError, UnknownModelError
 from mlx_hub.core.ports import PortError
 from mlx_hub.core.slot import ModelSlot
 from mlx_hub.core.states import OCCUPYING, MemoryState, PortState
@@ -36,6 +36,7 @@ class ModelHost(AdmissionHost, Protocol):
     """What the verbs read and call on the hub (``core.hub.Hub`` is one)."""
 
     model_logs: bool
+    ready: bool
     app_factory: Callable[[Any, ModelSlot], Any]
 
     async def load(self, name: str) -> str: ...
@@ -123,6 +124,27 @@ async def start_each(hub: ModelHost, names: list[str]) -> tuple[list[str], dict[
             log.error("model '%s' did not start: %s", name, exc)
             failed[name] = exc.message
     return started, failed
+
+
+async def start_then_ready(
+    hub: ModelHost, names: list[str], before_ready: Callable[[Any], Awaitable[None]] | None
+) -> list[str]:
+    """``Hub.start``'s models, each in turn (unknown names fail first); those that started.
+
+    ``before_ready`` runs after them (a supervised hub restores what a crash
+    took there), and ``hub.ready`` turns true only once it ended, whatever
+    failed: a CLI waiting for ``ready`` never reads a half-restored table.
+    """
+    try:
+        if unknown := [n for n in names if n not in hub.slots]:
+            raise UnknownModelError.among(unknown[0], hub.slots)
+        return (await start_each(hub, names))[0]
+    finally:
+        try:
+            if before_ready is not None:
+                await before_ready(hub)
+        finally:
+            hub.ready = True
 
 
 async def start_defaults(hub: ModelHost) -> tuple[list[str], dict[str, str]]:

@@ -115,8 +115,7 @@ def _log_path(hub: Hub, model: str | None) -> Path:
         return hub.config.log_dir / logs.HUB_LOG
     slot = hub.slots.get(model)
     if slot is None:
-        known = ", ".join(hub.slots) or "none"
-        raise UnknownModelError(f"no model named '{model}' (models: {known})", model=model)
+        raise UnknownModelError.among(model, hub.slots)
     own = hub.log_file(slot)
     if own is None:
         raise UnknownModelError(
