@@ -27,8 +27,9 @@ engine = MLXEngine()  # one real engine for this module's direct loads
 pytestmark = pytest.mark.reliability
 
 LONG_WORDS = 1300  # about 1500 tokens with the test tokenizer: tens of MB of prefill, beside MBs of weights
-#: Each client sends this many long and this many short requests: 2 in CI's 15 s soak, 3 from `make soak`'s 60 s.
-ROUNDS = 3 if float(os.environ.get("MLX_HUB_SOAK_SECONDS", "15")) >= 60 else 2
+#: Each client sends this many long and this many short requests: 1 in CI's 15 s soak (four long prompts
+#: at once already ask for more than the budget holds), 3 from `make soak`'s 60 s.
+ROUNDS = 3 if float(os.environ.get("MLX_HUB_SOAK_SECONDS", "15")) >= 60 else 1
 CLIENTS = 4
 EXTRA: dict[str, Any] = {}
 

@@ -25,8 +25,9 @@ One that did not, asked later to load one (a reload added it), refuses that
 load by name and says to restart: what transformers decided at import cannot
 be undone in a running process.
 
-Only the daemon and the demo install it: they read hub.yaml before anything
-imports transformers. A Python program that embeds the hub keeps its imports.
+Only the daemon, the demo and a sharded model's ranks (mlx-lm's server) install
+it: they know their models before anything imports transformers. A Python
+program that embeds the hub keeps its imports.
 
 Proof: tests/test_lean_process.py::test_a_text_hub_leaves_torch_to_its_core
 (scikit-learn and scipy are not mapped into the hub process; chat, a

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid:
         threading.Thread(target=_follow_parent, args=(args.parent_pid,), daemon=True).start()
     say(rank, state="joining")
+    from mlx_hub.engine.patches.transformers_imports import transformers_without_torch
+
+    transformers_without_torch({"lm"})  # mlx-lm's server asks transformers for no torch tensor
     import mlx.core as mx
 
     try:
