@@ -65,7 +65,8 @@ lint: setup
 # Three workers (pytest-xdist) on a 2-core machine: much of a test's time is a
 # client waiting on a port or a daemon starting, so a third worker fills the gaps
 # (measured on one quiet 2-core machine: the whole suite 18.4 min with 2 workers,
-# 16.2 min with 3; both green). loadfile keeps each test module on one worker:
+# 16.2 min with 3; both green; 4 workers measured slower, 17.8 min against 16.9: past three
+# the suite is bound by its two cores). loadfile keeps each test module on one worker:
 # several share a module-scoped daemon or server pair that serves their tests in order.
 # TEST_WORKERS=0 runs in one process (for debugging with -s or pdb).
 TEST_WORKERS ?= 3
