@@ -56,17 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--starting-port", type=int, default=47850)
     args = parser.parse_args(argv)
+    from mlx_hub.engine.patches.transformers_imports import transformers_without_torch
+
+    # The demo's models are text models, and writing them imports transformers: decided first.
+    transformers_without_torch({"lm"})
     path = prepare(Path(args.cache).resolve(), args.port, args.starting_port)
     from mlx_hub.cli.terminal import print_status
     from mlx_hub.core import logs
     from mlx_hub.core.ports import connect_host
-    from mlx_hub.engine.patches.transformers_imports import transformers_without_torch
     from mlx_hub.service.daemon import serve
 
     cfg = load_config(path)
-    transformers_without_torch(
-        m.model_type for m in cfg.models
-    )  # a text model: no torch in transformers (patches/)
     logs.setup(cfg, console=True)
 
     def ready(hub) -> None:
