@@ -104,6 +104,19 @@ async def test_the_route_table_names_every_route_the_apps_serve(fast: Make) -> N
     assert missing == [], "add these to web/routes.py's TABLE:\n" + "\n".join(missing)
 
 
+def test_the_route_table_says_which_routes_a_sharded_entry_answers() -> None:
+    """The load gate reads ``sharded`` from the table; the rank proxy's own routes must be those."""
+    from fastapi import FastAPI
+
+    from mlx_hub.web.rank_proxy import add_rank_routes
+    from mlx_hub.web.routes import TABLE
+
+    app = FastAPI()
+    add_rank_routes(app, slot=None)  # type: ignore[arg-type]  # the handlers read the slot per request
+    answered = {path for path, methods in declared(app.routes) if "POST" in methods and "{" not in path}
+    assert answered == {path for path, route in TABLE.items() if route.sharded}
+
+
 def test_the_layers_name_no_paths_of_their_own() -> None:
     """Outside web/routes.py a path appears only where a route is declared (``@router.get(path)``)."""
     declaring = {"get", "post", "add_api_route", "api_route"}

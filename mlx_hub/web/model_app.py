@@ -32,7 +32,6 @@ from mlx_hub.web.finish import LengthFinish
 from mlx_hub.web.hosts import HostGuard
 from mlx_hub.web.model_cards import model_card, names_another, unknown_model
 from mlx_hub.web.peer_apis import add_peer_routes
-from mlx_hub.web.rank_proxy import SERVED as RANK_SERVED
 from mlx_hub.web.rank_proxy import add_rank_routes
 from mlx_hub.web.response_watch import ResponseWatch
 from mlx_hub.web.responses import error_response
@@ -105,7 +104,7 @@ def reserving(route: Route, data: dict[str, Any] | None, entry: Any) -> dict[str
 
 def _gated(route: Route, method: str, slot: ModelSlot) -> bool:
     """Inference routes need weights; listings, health checks and routes the entry lacks must not load it."""
-    return route.admits(method) and (slot.entry.distributed is None or route.path in RANK_SERVED)
+    return route.admits(method) and (slot.entry.distributed is None or route.sharded)
 
 
 class LoadGate:

@@ -26,7 +26,7 @@ from mlx_hub.web import translate as tr
 from mlx_hub.web.asgi import parsed_json
 from mlx_hub.web.rank_tokens import NoTokenizer, count_prompt
 from mlx_hub.web.responses import error_json
-from mlx_hub.web.routes import CHAT, COMPLETIONS, COUNT_TOKENS, MESSAGES
+from mlx_hub.web.routes import CHAT, COMPLETIONS, COUNT_TOKENS, MESSAGES, TABLE
 
 if TYPE_CHECKING:
     from mlx_hub.core.slot import ModelSlot
@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORWARDED = (CHAT, COMPLETIONS)
-#: Every inference route a sharded entry answers; other POSTs are refused before anything loads.
-SERVED = frozenset({*FORWARDED, MESSAGES, COUNT_TOKENS})
+#: Every inference route a sharded entry answers (``sharded`` in the route table); other POSTs are
+#: refused before anything loads.
+SERVED = frozenset(path for path, route in TABLE.items() if route.sharded)
 RANK_MODEL = "default_model"  # the name mlx-lm's server gives the model it was started with
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 #: No read timeout: a long prefill is silent, and a stuck group is ended by its own watchdog.

@@ -69,6 +69,7 @@ class Route:
     keyed: bool = True  # needs one of the hub's API keys, where it has any
     private: bool = False  # a read that may show prompts and answers: this machine only, without keys
     upstream: bool = False  # mlx-openai-server's: exists where the installed version has it
+    sharded: bool = False  # a sharded entry answers it too (web/rank_proxy.py); others get a 404 unloaded
 
     def admits(self, method: str) -> bool:
         """A request with ``method`` to this route goes through the gate: it needs the model loaded."""
@@ -90,15 +91,15 @@ TABLE: dict[str, Route] = {
         Route(MODELS, GET, Api.OPENAI),
         Route(MODELS + "/{model_id:path}", GET, Api.OPENAI),
         Route("/v1/queue/stats", GET, Api.OPENAI, MODEL, upstream=True),
-        _inference(CHAT, streams=True, upstream=True),
+        _inference(CHAT, streams=True, upstream=True, sharded=True),
         _inference(RESPONSES, streams=True, named_events=True, upstream=True),
         _inference("/v1/embeddings", upstream=True),
         _inference("/v1/images/generations", upstream=True),
         _inference("/v1/images/edits", upstream=True),
         _inference(TRANSCRIPTIONS, upstream=True),
-        _inference(COMPLETIONS, streams=True),
-        _inference(MESSAGES, Api.ANTHROPIC, streams=True, named_events=True),
-        _inference(COUNT_TOKENS, Api.ANTHROPIC),
+        _inference(COMPLETIONS, streams=True, sharded=True),
+        _inference(MESSAGES, Api.ANTHROPIC, streams=True, named_events=True, sharded=True),
+        _inference(COUNT_TOKENS, Api.ANTHROPIC, sharded=True),
         Route("/metrics", GET, Api.PROBE, CONTROLLER),
         Route("/openapi.json", GET, Api.PROBE),
         Route("/docs", GET, Api.PROBE),
