@@ -21,7 +21,6 @@ import yaml
 
 from mlx_hub.engine.patches.transformers_imports import torch_free
 
-from .helpers import free_port, free_range
 from .test_cli import cli, kill_leftover_daemon, runtime
 from .test_structured_answers import SCHEMA, assert_matches_schema
 
@@ -36,36 +35,32 @@ def libraries(pid: int) -> set[str]:
     return set(re.findall(r"site-packages/([A-Za-z0-9_]+)", Path(f"/proc/{pid}/maps").read_text()))
 
 
-async def answer_with_torch(entry: dict[str, Any], asked: dict[str, Any], logs: Path) -> str | None:
+async def answer_with_torch(config: dict[str, Any], asked: dict[str, Any]) -> str | None:
     """The same request to the same model in a hub inside this test process, whose transformers has torch."""
     from mlx_hub import Hub
 
-    config = {
-        "port": free_port(),
-        "model_starting_port": free_range(),
-        "log_path": str(logs),
-        "models": [entry],
-    }
-    async with Hub.from_config({"host": "127.0.0.1", **config}) as hub:
-        port = hub.slots[entry["name"]].port
+    async with Hub.from_config(config) as hub:
+        port = hub.slots[config["models"][0]["name"]].port
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         reply = await client.chat.completions.create(**asked, temperature=0)
         return reply.choices[0].message.content
 
 
 def test_a_text_hub_leaves_torch_to_its_core(
-    tmp_path: Path, tiny_qwen: Path, tiny_embedder: Path, tiny_whisper: Path, speech: Path, tiny_vlm: Path
+    hub_config,
+    tmp_path: Path,
+    tiny_qwen: Path,
+    tiny_embedder: Path,
+    tiny_whisper: Path,
+    speech: Path,
+    tiny_vlm: Path,
 ) -> None:
-    doc: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": free_port(),
-        "model_starting_port": free_range(),
-        "log_path": str(tmp_path / "logs"),
-        "models": [
+    doc: dict[str, Any] = hub_config(
+        [
             {"name": "m", "model_path": str(tiny_qwen), "default": True, "context_length": 2048},
             {"name": "embed", "model_path": str(tiny_embedder), "model_type": "embeddings", "default": True},
-        ],
-    }
+        ]
+    )
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     files = {"logs": tmp_path / "logs"}
@@ -75,9 +70,8 @@ def test_a_text_hub_leaves_torch_to_its_core(
         info = runtime(files["logs"])
         assert info is not None
         lean = libraries(info["pid"])
-        assert "tokenizers" in lean and not lean & {"sklearn", "scipy"}, (
-            lean
-        )  # with the patch off: both there
+        # With the patch off, scikit-learn's and scipy's libraries are both mapped.
+        assert "tokenizers" in lean and not lean & {"sklearn", "scipy"}, lean
         assert "transformers runs without torch in this process" in (files["logs"] / "hub.log").read_text()
 
         url = f"http://127.0.0.1:{doc['port']}/v1"
@@ -92,9 +86,8 @@ def test_a_text_hub_leaves_torch_to_its_core(
         assert_matches_schema(reply.choices[0].message.content or "")  # outlines' constraint, torch-free
         asked = {"model": "m", "messages": [{"role": "user", "content": "Name a city."}], "max_tokens": 12}
         lean_answer = client.chat.completions.create(**asked, temperature=0).choices[0].message.content
-        assert lean_answer == asyncio.run(
-            answer_with_torch(doc["models"][0], asked, tmp_path / "logs-here")
-        )  # same tokens, same text
+        with_torch = hub_config(doc["models"][:1], log_path=str(tmp_path / "logs-here"))
+        assert lean_answer == asyncio.run(answer_with_torch(with_torch, asked))  # same tokens, same text
         vectors = client.embeddings.create(model="embed", input=["hello world", "paris"])
         assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 0
 
